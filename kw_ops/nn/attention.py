@@ -1,0 +1,109 @@
+"""Attention of one KW layer (SPEC §3): GAP -> fc1 -> norm -> ReLU -> fc2 -> CAF -> temperature blend.
+
+τ (`temperature`) and β (`beta`) are buffers, so they travel with state_dict, `.to()` and dtype casts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import CAF_EPS, MIN_HIDDEN, MIN_NONLOCAL_BASIS, KWConfig
+from .planning import ZERO_CELL
+
+__all__ = ["KWAttention"]
+
+
+def _normalise(z: torch.Tensor, function: str) -> torch.Tensor:
+    """Attention function over the last dim (n cells + the zero cell)."""
+    if function == "caf":
+        return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+    if function == "softmax":
+        return z.softmax(dim=-1)
+    if function == "sigmoid":
+        return z.sigmoid()
+    return z.clamp_min(0) / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)  # relu_l1
+
+
+class KWAttention(nn.Module):
+    """Attentions α [B, m, n] of one layer's m mixtures over the n cells of its warehouse.
+
+    in_channels: channels pooled from the layer's input; m, n: mixtures and warehouse cells;
+    beta: the cell of each mixture at τ = 1 (-1: zero cell); start: the layer's first cell
+    (used by the non-local basis); config: the warehouse's KWConfig.
+    """
+
+    def __init__(self, in_channels: int, m: int, n: int, beta, start: int, config: KWConfig,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.m, self.n, self.start = m, n, start
+        self.function = config.attention
+        self.norm_kind = config.norm
+        hidden = max(int(in_channels * config.reduction), MIN_HIDDEN)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=config.norm != "batch", **factory)
+        if config.norm == "batch":
+            self.norm1 = nn.BatchNorm1d(hidden, **factory)
+        elif config.norm == "layer":
+            self.norm1 = nn.LayerNorm(hidden, **factory)
+        else:
+            self.norm1 = nn.Identity()
+        self.num_local = self.num_basis = None
+        if config.nonlocal_basis_ratio < 1:
+            self.num_local = int(config.budget * m)
+            num_nonlocal = n - self.num_local
+            if num_nonlocal <= 0:
+                raise ValueError(f"KWAttention: the non-local basis needs cells outside the layer's own {self.num_local}"
+                                 f" of n={n}; use nonlocal_basis_ratio=1 for this warehouse")
+            self.num_basis = max(int(num_nonlocal * config.nonlocal_basis_ratio), MIN_NONLOCAL_BASIS)
+            self.fc2 = nn.Linear(hidden, (self.num_local + self.num_basis + 1) * m, bias=False, **factory)
+            self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False, **factory)
+            self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **factory))
+        else:
+            self.fc2 = nn.Linear(hidden, m * (n + 1), bias=True, **factory)
+        one_hot = torch.zeros(m, n + 1, **factory)
+        columns = torch.tensor([n if cell == ZERO_CELL else cell for cell in beta], dtype=torch.long)
+        one_hot[torch.arange(m), columns] = 1
+        self.register_buffer("beta", one_hot)
+        self.register_buffer("temperature", torch.zeros((), **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in (self.fc1, self.fc2, getattr(self, "fc3", None)):
+            if layer is not None:
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        if isinstance(self.norm1, (nn.BatchNorm1d, nn.LayerNorm)):
+            self.norm1.reset_parameters()
+        if self.num_basis is not None:
+            nn.init.zeros_(self.basis_bias)
+
+    def extra_repr(self) -> str:
+        text = f"m={self.m}, n={self.n}, function={self.function!r}"
+        return text + (f", nonlocal_basis={self.num_basis}" if self.num_basis is not None else "")
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(hidden)
+        if self.num_basis is None:
+            return z.view(-1, self.m, self.n + 1)
+        z = z.view(-1, self.num_local + self.num_basis + 1)
+        local, basis, zero = z[:, : self.num_local], z[:, self.num_local : -1], z[:, -1:]
+        nonlocal_ = self.fc3(basis)
+        z = torch.cat([nonlocal_[:, : self.start], local, nonlocal_[:, self.start :], zero], dim=1)
+        return (z.view(-1, self.m * (self.n + 1)) + self.basis_bias).view(-1, self.m, self.n + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, *size] -> α [B, m, n] (zero-cell column dropped)."""
+        if self.training and self.norm_kind == "batch" and x.shape[0] == 1:
+            raise ValueError(
+                "KWAttention: BatchNorm1d in the KW attention cannot train on a batch of 1 sample. Train with "
+                "batch >= 2, call model.eval() for inference, or build the model with KWConfig(norm='layer') "
+                "or KWConfig(norm='none'), which can train on one sample."
+            )
+        pooled = x.flatten(2).mean(dim=-1)
+        hidden = F.relu(self.norm1(self.fc1(pooled)))
+        alpha = _normalise(self._logits(hidden), self.function)
+        tau = self.temperature
+        alpha = (1 - tau) * alpha + tau * self.beta
+        return alpha[..., : self.n]

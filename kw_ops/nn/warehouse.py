@@ -1,0 +1,142 @@
+"""A warehouse: the cells shared by the KW layers that join it, planned as layers join.
+
+Each KW layer registers its warehouse as a submodule, so `parameters()` yields the cells once
+(and optimizers, DDP, `.to()` and `deepcopy` see one shared tensor) while `state_dict` holds
+them under every member, as PyTorch does for any shared module.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from ..config import KWConfig
+from .planning import LayerPlan, PlanningError, WarehousePlan, WeightShape, plan_warehouse
+
+__all__ = ["Warehouse"]
+
+
+class Warehouse(nn.Module):
+    """Cells [n, c_out, c_in, *cell_k] shared by the KW layers bound to it.
+
+    Layers join in construction order and are handed cells in that order (SPEC §4); every join
+    re-plans the warehouse (cell shape, n, β) and re-initialises it and its members' attention.
+    `kw_ops.convert` and `kw_ops.assign_cells(model)` put members into module registration
+    order, the order of the authors' code. Build big networks inside `planning_deferred()` to
+    plan once.
+
+    >>> wh = Warehouse("stage1", KWConfig(budget=1))
+    >>> from kw_ops import KWConv2d
+    >>> a, b = KWConv2d(64, 64, 3, padding=1, warehouse=wh), KWConv2d(64, 128, 1, warehouse=wh)
+    >>> tuple(wh.cells.shape)   # cells of 64x64: m = 9 + 2
+    (11, 64, 64, 1, 1)
+    """
+
+    def __init__(self, name: str = "warehouse", config: KWConfig | None = None, *, device=None, dtype=None):
+        super().__init__()
+        if config is not None and not isinstance(config, KWConfig):
+            raise TypeError(f"Warehouse {name!r}: config must be a KWConfig, got {type(config).__name__}")
+        self.name = name
+        self.config = config or KWConfig()
+        self.cells = nn.Parameter(torch.empty(0, device=device, dtype=dtype))
+        self._members: list[nn.Module] = []
+        self._plan: WarehousePlan | None = None
+        self._deferred = 0
+
+    # -- membership and planning -------------------------------------------------------------
+    @property
+    def members(self) -> tuple[nn.Module, ...]:
+        """The KW layers bound to this warehouse, in cell order."""
+        return tuple(self._members)
+
+    @property
+    def plan(self) -> WarehousePlan:
+        if self._plan is None:
+            raise PlanningError(f"warehouse {self.name!r} has no layers yet")
+        return self._plan
+
+    def join(self, layer: nn.Module) -> None:
+        """Bind a KW layer (called by the layer's constructor); re-plans unless deferred."""
+        self._members.append(layer)
+        if not self._deferred:
+            self.replan()
+
+    @contextlib.contextmanager
+    def planning_deferred(self):
+        """Join many layers, plan once on exit."""
+        self._deferred += 1
+        try:
+            yield self
+        finally:
+            self._deferred -= 1
+            if not self._deferred and self._members:
+                self.replan()
+
+    def reorder(self, order: list[nn.Module]) -> None:
+        """Hand out cells in the given order of members (e.g. module registration order) and re-plan."""
+        if sorted(map(id, order)) != sorted(map(id, self._members)):
+            raise ValueError(f"warehouse {self.name!r}: reorder() needs exactly its members")
+        if [id(m) for m in order] != [id(m) for m in self._members] or self._plan is None:
+            self._members = list(order)
+            self.replan()
+
+    def replan(self) -> None:
+        """Plan cells for the current members and re-initialise the warehouse and their attention."""
+        shapes = [layer.weight_shape(i) for i, layer in enumerate(self._members)]
+        self._plan = plan_warehouse(self.name, shapes, self.config)
+        tau = next((m.attention.temperature.item() for m in self._members if hasattr(m, "attention")), 0.0)
+        cells = self.cells
+        self.cells = nn.Parameter(torch.empty(self._plan.shape, device=cells.device, dtype=cells.dtype),
+                                  requires_grad=cells.requires_grad)
+        for layer, layer_plan in zip(self._members, self._plan.layers):
+            layer._bind(layer_plan, self._plan)
+            layer.attention.temperature.fill_(tau)
+        self.reset_parameters()
+
+    def check_complete(self) -> None:
+        """Raise PlanningError unless every cell is assigned exactly once (SPEC §4)."""
+        self.plan.check_complete()
+
+    def layer_plan(self, layer: nn.Module) -> LayerPlan:
+        for member, layer_plan in zip(self._members, self.plan.layers):
+            if member is layer:
+                return layer_plan
+        raise ValueError(f"warehouse {self.name!r}: layer is not a member")
+
+    # -- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_slice(self, layer_plan: LayerPlan) -> None:
+        """Kaiming-normal (fan_out, relu) on one layer's cells viewed as [cells * c_out, c_in, *cell_k]."""
+        end = min(layer_plan.start + layer_plan.consumed, self.cells.shape[0])
+        if end > layer_plan.start:
+            block = self.cells[layer_plan.start:end]
+            nn.init.kaiming_normal_(block.view(-1, *block.shape[2:]), mode="fan_out", nonlinearity="relu")
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self._plan is None:
+            return
+        self.cells.zero_()  # cells no slice claims (an incomplete plan) stay zero
+        for layer_plan in self._plan.layers:
+            self.init_slice(layer_plan)
+
+    # -- torch.nn.Module plumbing -------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=channels_last) refuses 5-D tensors and would restride 4-D ones;
+        # cells have no memory format, so conversions see them as [n, c_out, rest].
+        def flat(t):
+            if t.dim() < 3:
+                return fn(t)
+            return fn(t.flatten(2)).unflatten(2, t.shape[2:])
+
+        return super()._apply(flat, recurse)
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.cells.shape) if self._plan is not None else "unplanned"
+        return f"name={self.name!r}, cells={shape}, budget={self.config.budget}, layers={len(self._members)}"
+
+    def __repr__(self):  # members print their warehouse; keep it one line
+        return f"Warehouse({self.extra_repr()})"
+
+
