@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,13 +53,12 @@ class KWAttention(nn.Module):
         self.num_local = self.num_basis = None
         if config.nonlocal_basis_ratio < 1:
             self.num_local = int(config.budget * m)
-            num_nonlocal = n - self.num_local
-            if num_nonlocal <= 0:
-                raise ValueError(f"KWAttention: the non-local basis needs cells outside the layer's own {self.num_local}"
-                                 f" of n={n}; use nonlocal_basis_ratio=1 for this warehouse")
+            num_nonlocal = n - self.num_local  # 0 while the layer is alone in its warehouse
             self.num_basis = max(int(num_nonlocal * config.nonlocal_basis_ratio), MIN_NONLOCAL_BASIS)
             self.fc2 = nn.Linear(hidden, (self.num_local + self.num_basis + 1) * m, bias=False, **factory)
-            self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False, **factory)
+            with warnings.catch_warnings():  # an empty fc3 while the layer is alone is fine
+                warnings.simplefilter("ignore", UserWarning)
+                self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False, **factory)
             self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **factory))
         else:
             self.fc2 = nn.Linear(hidden, m * (n + 1), bias=True, **factory)
@@ -70,7 +71,7 @@ class KWAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         for layer in (self.fc1, self.fc2, getattr(self, "fc3", None)):
-            if layer is not None:
+            if layer is not None and layer.weight.numel():
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)

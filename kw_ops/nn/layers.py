@@ -56,8 +56,8 @@ class KWLayer(nn.Module):
             warehouse = Warehouse("private", warehouse, device=device, dtype=dtype)
         if not isinstance(warehouse, Warehouse):
             raise TypeError(f"{name}: warehouse must be a Warehouse, a KWConfig or None, got {type(warehouse).__name__}")
+        warehouse.adopt_factory(device, dtype, who=name)
         self.warehouse = warehouse
-        self._factory = {"device": device, "dtype": dtype}
         warehouse.join(self)
 
     # -- geometry ---------------------------------------------------------------------------
@@ -143,14 +143,15 @@ class KWLayer(nn.Module):
         self._check_input(x)
         self.warehouse.check_complete()
         cells, bias = self.warehouse.cells, self.bias
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and x.dtype != cells.dtype:
+            raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's {cells.dtype}; "
+                            f"cast the input or the model (model.to(dtype))")
         attn = self.attention(x)
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
             x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        elif x.dtype != cells.dtype:
-            raise TypeError(f"{type(self).__name__}: input dtype {x.dtype} differs from the layer's {cells.dtype}; "
-                            f"cast the input or the model (model.to(dtype))")
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pre_pad, mode=mode)

@@ -56,11 +56,28 @@ class Warehouse(nn.Module):
             raise PlanningError(f"warehouse {self.name!r} has no layers yet")
         return self._plan
 
+    def adopt_factory(self, device, dtype, who: str) -> None:
+        """An empty warehouse takes its first member's device/dtype; later members must match."""
+        cells = self.cells
+        device = torch.device(device) if device is not None else cells.device
+        dtype = dtype or cells.dtype
+        same_device = device.type == cells.device.type and device.index in (None, cells.device.index)
+        if same_device and dtype == cells.dtype:
+            return
+        if self._members:
+            raise ValueError(f"{who}: device/dtype {device}/{dtype} differ from warehouse {self.name!r}'s "
+                             f"{cells.device}/{cells.dtype}")
+        self.cells = nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=cells.requires_grad)
+
     def join(self, layer: nn.Module) -> None:
         """Bind a KW layer (called by the layer's constructor); re-plans unless deferred."""
         self._members.append(layer)
         if not self._deferred:
-            self.replan()
+            try:
+                self.replan()
+            except PlanningError:
+                self._members.pop()  # the warehouse stays as it was
+                raise
 
     @contextlib.contextmanager
     def planning_deferred(self):

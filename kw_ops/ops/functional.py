@@ -103,9 +103,13 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     >>> kw_conv(x, attn, wh, out_channels=8, kernel_size=3, padding=1).shape
     torch.Size([2, 8, 5, 5])
     """
-    dims = x.dim() - 2 if isinstance(kernel_size, int) else len(kernel_size)
+    if isinstance(kernel_size, int):
+        dims = warehouse.dim() - 3 if isinstance(warehouse, torch.Tensor) else -1
+    else:
+        dims = len(kernel_size)
     if dims not in (1, 2, 3):
-        raise ValueError(f"kw_conv: x must be 3-D, 4-D or 5-D ([B, C, *size]), got shape {tuple(x.shape)}")
+        raise ValueError(f"kw_conv: warehouse must be [n, c_out, c_in, *cell_k] with 1-3 cell dims, got "
+                         f"{tuple(warehouse.shape) if isinstance(warehouse, torch.Tensor) else type(warehouse).__name__}")
     kernel_size = normalize_tuple(kernel_size, dims, "kernel_size")
     stride = normalize_tuple(stride, dims, "stride")
     padding = normalize_tuple(padding, dims, "padding")

@@ -1,0 +1,44 @@
+"""Brute-force float64 references: explicit loops over samples, mixtures and cells (SPEC §2-§3)."""
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kw_ops.config import CAF_EPS
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def kernels_loop(attn, warehouse, out_channels, in_per_group, kernel_size):
+    """W [B, O, I, *k] built cell by cell: mixture j = (s*GO + go)*GI + gi, s row-major over the kernel grid."""
+    attn, warehouse = attn.double(), warehouse.double()
+    batch, m, n = attn.shape
+    _, c_out, c_in, *cell_k = warehouse.shape
+    grid_sizes = [k // c for k, c in zip(kernel_size, cell_k)]
+    go_count, gi_count = out_channels // c_out, in_per_group // c_in
+    weight = torch.zeros(batch, out_channels, in_per_group, *kernel_size, dtype=torch.float64)
+    for b in range(batch):
+        for s, cell_pos in enumerate(itertools.product(*map(range, grid_sizes))):
+            for go in range(go_count):
+                for gi in range(gi_count):
+                    j = (s * go_count + go) * gi_count + gi
+                    mixed = sum(attn[b, j, k] * warehouse[k] for k in range(n))
+                    spatial = tuple(slice(p * c, (p + 1) * c) for p, c in zip(cell_pos, cell_k))
+                    weight[(b, slice(go * c_out, (go + 1) * c_out), slice(gi * c_in, (gi + 1) * c_in), *spatial)] = mixed
+    assert m == math.prod(grid_sizes) * go_count * gi_count
+    return weight
+
+
+def kw_conv_loop(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
+    """y [B, O, *out] from one float64 convolution per sample with the looped kernels."""
+    weight = kernels_loop(attn, warehouse, out_channels, x.shape[1] // groups, kernel_size)
+    conv = CONV[x.dim() - 2]
+    rows = [conv(x[b : b + 1].double(), weight[b], None if bias is None else bias.double(), stride, padding, dilation,
+                 groups) for b in range(x.shape[0])]
+    return torch.cat(rows)
+
+
+def caf(z):
+    """Contrasting-driven attention over the last dim, written out."""
+    return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)

@@ -1,0 +1,367 @@
+"""KW layers against float64 loop references; torch-layer behaviour; clear errors."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kw_ops
+from kw_ops import KWConfig, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse
+from kw_ops.nn.planning import ZERO_CELL
+from oracle import CONV, caf, kw_conv_loop
+
+DT = torch.float64
+
+CASES = {
+    # id: (layer class, in, out, kernel, kwargs, input spatial size)
+    "1d-k3-s2": (KWConv1d, 6, 4, 3, dict(stride=2, padding=1), (9,)),
+    "2d-k3-pad-dil": (KWConv2d, 6, 4, 3, dict(padding=(2, 1), dilation=(2, 1)), (7, 6)),
+    "2d-k1-s2-nobias": (KWConv2d, 8, 6, 1, dict(stride=2, bias=False), (5, 5)),
+    "2d-groups2": (KWConv2d, 6, 4, 3, dict(groups=2, padding=1), (5, 4)),
+    "2d-depthwise": (KWConv2d, 6, 6, 3, dict(groups=6, padding=1, stride=2), (6, 5)),
+    "2d-same-even-k": (KWConv2d, 5, 3, (2, 3), dict(padding="same"), (5, 6)),
+    "2d-valid-prime": (KWConv2d, 7, 5, 3, dict(padding="valid"), (5, 7)),
+    "3d-k3": (KWConv3d, 4, 6, 3, dict(padding=1, stride=(1, 2, 1)), (3, 4, 3)),
+}
+
+
+def _layer(case, config=KWConfig(), **extra):
+    cls, cin, cout, k, kwargs, size = CASES[case]
+    layer = cls(cin, cout, k, **kwargs, warehouse=Warehouse("w", config), dtype=DT, **extra)
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.normal_()
+    return layer, torch.randn(3, cin, *size, dtype=DT)
+
+
+def _static_padding(layer, x):
+    """The input padded as the layer pads it, and the int padding left for the conv."""
+    if layer._pre_pad is not None:
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        return F.pad(x, layer._pre_pad, mode=mode), layer._conv_padding
+    return x, layer._conv_padding
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("preset", ["kw1x", "kw4x", "kw1d2x"])
+def test_layer_matches_float64_loop(case, preset):
+    try:
+        layer, x = _layer(case, KWConfig.preset(preset))
+        layer.warehouse.check_complete()
+    except kw_ops.PlanningError as error:  # odd channels cannot be halved, or β cannot be one-to-one
+        cls, cin, cout, k, kwargs, size = CASES[case]
+        assert preset == "kw1d2x" and (cin % 2 or cout % 2 or cin // kwargs.get("groups", 1) % 2), error
+        return
+    layer.eval()
+    kw_ops.set_temperature(layer, 0.3)
+    attn = layer.attention(x)
+    padded, padding = _static_padding(layer, x)
+    expected = kw_conv_loop(padded, attn, layer.warehouse.cells, layer.bias, layer.out_channels, layer.kernel_size,
+                            layer.stride, padding, layer.dilation, layer.groups)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("formulation", ["grouped", "gemm"])
+@pytest.mark.parametrize("spatial_partition", [True, False])
+def test_op_formulations_match_loop(formulation, spatial_partition):
+    x = torch.randn(3, 6, 7, 5, dtype=DT).to(memory_format=torch.channels_last)
+    cell = (1, 1) if spatial_partition else (3, 3)
+    warehouse = torch.randn(5, 2, 3, *cell, dtype=DT)
+    m = (9 if spatial_partition else 1) * 4 * 2
+    attn = torch.randn(3, m, 5, dtype=DT)
+    bias = torch.randn(8, dtype=DT)
+    y = kw_ops.ops.kw_conv(x, attn, warehouse, bias, out_channels=8, kernel_size=3, stride=(2, 1), padding=1,
+                           dilation=(1, 2), formulation=formulation)
+    expected = kw_conv_loop(x, attn, warehouse, bias, 8, (3, 3), (2, 1), (1, 1), (1, 2), 1)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_is_caf_then_temperature_blend():
+    layer, x = _layer("2d-groups2")
+    layer.eval()
+    kw_ops.set_temperature(layer, 0.25)
+    att = layer.attention
+    hidden = F.relu(att.norm1(att.fc1(x.mean(dim=(2, 3)))))
+    z = att.fc2(hidden).view(3, layer.m, -1)
+    n = layer.warehouse.cells.shape[0]
+    beta = torch.zeros(layer.m, n + 1, dtype=DT)
+    for j, cell in enumerate(layer.layer_plan.beta):
+        beta[j, n if cell == ZERO_CELL else cell] = 1
+    expected = (0.75 * caf(z) + 0.25 * beta)[..., :n]
+    torch.testing.assert_close(att(x), expected)
+
+
+@pytest.mark.parametrize("function", ["softmax", "sigmoid", "relu_l1"])
+def test_alternative_attention_functions(function):
+    layer, x = _layer("2d-k1-s2-nobias", KWConfig(attention=function))
+    layer.eval()
+    att = layer.attention
+    z = att.fc2(F.relu(att.norm1(att.fc1(x.mean(dim=(2, 3)))))).view(3, layer.m, -1)
+    expected = {"softmax": z.softmax(-1), "sigmoid": z.sigmoid(), "relu_l1": z.clamp_min(0) / (z.abs().sum(-1, True) + 1e-3)}
+    torch.testing.assert_close(att(x), expected[function][..., :-1])
+
+
+def test_nonlocal_basis_rebuilds_rows_around_the_layer_slice():
+    wh = Warehouse("w", KWConfig(budget=0.5, nonlocal_basis_ratio=1 / 16))
+    first = KWConv2d(8, 8, 3, padding=1, warehouse=wh, dtype=DT)
+    layer = KWConv2d(8, 8, 3, padding=1, warehouse=wh, dtype=DT)
+    att = layer.attention
+    with torch.no_grad():
+        att.basis_bias.normal_()
+    layer.eval()
+    x = torch.randn(2, 8, 4, 4, dtype=DT)
+    n, m, own = wh.cells.shape[0], layer.m, att.num_local
+    assert (n, m, own, att.num_basis, layer.layer_plan.start) == (9, 9, 4, 16, first.layer_plan.consumed)
+    z = att.fc2(F.relu(att.norm1(att.fc1(x.mean(dim=(2, 3)))))).view(2 * m, -1)
+    start = layer.layer_plan.start
+    nonlocal_ = att.fc3(z[:, own:-1])
+    rows = torch.cat([nonlocal_[:, :start], z[:, :own], nonlocal_[:, start:], z[:, -1:]], 1).view(2, m, n + 1)
+    rows = rows + att.basis_bias.view(m, n + 1)
+    torch.testing.assert_close(att(x), caf(rows)[..., :n])
+
+
+@pytest.mark.parametrize("preset", ["kw1x", "kw2x", "kw4x", "kw1d2x"])
+def test_temperature_one_is_the_static_conv_of_the_assigned_cells(preset):
+    wh = Warehouse("w", KWConfig.preset(preset))
+    layers = [KWConv2d(8, 8, 3, padding=1, bias=False, warehouse=wh, dtype=DT),
+              KWConv2d(8, 16, 3, stride=2, bias=False, warehouse=wh, dtype=DT)]
+    cells = wh.cells
+    for layer in layers:
+        kw_ops.set_temperature(layer, 1.0)
+        layer.eval()
+        c_out, c_in = cells.shape[1:3]
+        s_count, go_count, gi_count = layer.grid
+        weight = torch.zeros(layer.out_channels, layer.in_channels, 3, 3, dtype=DT)
+        for j, cell in enumerate(layer.layer_plan.beta):
+            s, rest = divmod(j, go_count * gi_count)
+            go, gi = divmod(rest, gi_count)
+            if cell != ZERO_CELL:
+                weight[go * c_out:(go + 1) * c_out, gi * c_in:(gi + 1) * c_in, s // 3, s % 3] = cells[cell, :, :, 0, 0]
+        x = torch.randn(2, 8, 6, 6, dtype=DT)
+        expected = F.conv2d(x, weight, None, layer.stride, layer._conv_padding)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kwlinear_is_a_kernel_1_conv_over_tokens():
+    layer = KWLinear(6, 5, warehouse=KWConfig(budget=2), dtype=DT).eval()
+    x = torch.randn(2, 4, 3, 6, dtype=DT)
+    tokens = x.reshape(2, -1, 6).transpose(1, 2)
+    attn = layer.attention(tokens)
+    expected = kw_conv_loop(tokens, attn, layer.warehouse.cells, layer.bias, 5, (1,), (1,), (0,), (1,), 1)
+    torch.testing.assert_close(layer(x), expected.transpose(1, 2).reshape(2, 4, 3, 5))
+    assert layer(torch.randn(3, 6, dtype=DT)).shape == (3, 5)
+
+
+def test_padding_modes_like_nn_conv2d():
+    for mode in ("reflect", "replicate", "circular"):
+        layer = KWConv2d(4, 4, 3, padding=1, padding_mode=mode, bias=False, dtype=DT).eval()
+        kw_ops.set_temperature(layer, 1.0)  # = the static conv of its cells (b = 1, one warehouse)
+        cells = layer.warehouse.cells[:, :, :, 0, 0]  # [9, 4, 4], s-major
+        static = nn.Conv2d(4, 4, 3, padding=1, padding_mode=mode, bias=False, dtype=DT)
+        with torch.no_grad():
+            static.weight.copy_(cells.permute(1, 2, 0).reshape(4, 4, 3, 3))
+        x = torch.randn(2, 4, 5, 6, dtype=DT)
+        torch.testing.assert_close(layer(x), static(x))
+
+
+def test_batch_sizes_zero_one_and_unbatched():
+    layer, x = _layer("2d-groups2")
+    layer.eval()
+    assert layer(x[:0]).shape == (0, 4, 5, 4)
+    torch.testing.assert_close(layer(x[:1]), layer(x)[:1])
+    torch.testing.assert_close(layer(x[0]), layer(x)[0])
+
+
+def test_channels_last_input_and_module():
+    layer, x = _layer("2d-k3-pad-dil")
+    layer.eval()
+    expected = layer(x)
+    layer.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x.to(memory_format=torch.channels_last)), expected)
+
+
+def test_gradcheck_through_layer():
+    layer = KWConv2d(4, 4, 3, stride=2, padding=1, groups=2, warehouse=KWConfig(budget=2), dtype=DT).eval()
+    kw_ops.set_temperature(layer, 0.4)
+    x = torch.randn(2, 4, 5, 5, dtype=DT, requires_grad=True)
+    params = (layer.warehouse.cells, layer.attention.fc2.weight, layer.bias)
+
+    def run(x, cells, fc2, bias):
+        with torch.nn.utils.stateless._reparametrize_module(
+            layer, {"warehouse.cells": cells, "attention.fc2.weight": fc2, "bias": bias}
+        ):
+            return layer(x)
+
+    assert torch.autograd.gradcheck(run, (x, *[p.detach().requires_grad_() for p in params]))
+
+
+def test_state_dict_round_trip_keeps_temperature_and_beta():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 16, 3))
+    make = lambda: kw_ops.convert(copy.deepcopy(net), KWConfig.preset("kw1d2x"),
+                                  sharing=lambda n, m: "s" if n != "0" else None)
+    model, fresh = make(), make()
+    kw_ops.set_temperature(model, 0.6)
+    model.eval(), fresh.eval()
+    state = model.state_dict()
+    assert {"2.attention.temperature", "2.attention.beta", "2.warehouse.cells"} <= set(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    assert kw_ops.get_temperature(fresh) == pytest.approx(0.6)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # the shared warehouse is still one tensor after loading
+    assert fresh[2].warehouse.cells is fresh[3].warehouse.cells
+
+
+def test_deepcopy_pickle_and_dtype_casts():
+    net = kw_ops.convert(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3)), sharing=lambda n, m: "s")
+    net.eval()
+    x = torch.randn(2, 4, 8, 8)
+    twin = copy.deepcopy(net)
+    assert twin[0].warehouse is twin[1].warehouse and twin[0].warehouse is not net[0].warehouse
+    torch.testing.assert_close(twin(x), net(x))
+    restored = pickle.loads(pickle.dumps(net))
+    torch.testing.assert_close(restored(x), net(x))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        cast = copy.deepcopy(net).to(dtype)
+        assert {p.dtype for p in cast.parameters()} == {dtype}
+        assert {b.dtype for b in cast.buffers() if b.is_floating_point()} == {dtype}
+        if dtype != torch.float16:  # fp16 conv on CPU needs a recent build
+            assert cast(x.to(dtype)).dtype == dtype
+
+
+def test_factory_kwargs_and_reset_parameters():
+    layer = KWConv2d(4, 8, 3, device="cpu", dtype=DT)
+    assert {p.dtype for p in layer.parameters()} == {DT}
+    before = layer.warehouse.cells.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.warehouse.cells)
+    assert "warehouse='private', m=9" in repr(layer)
+
+
+def test_batch_one_training_with_batchnorm_says_what_to_do():
+    layer = KWConv2d(4, 4, 3)
+    with pytest.raises(ValueError, match=r"batch of 1.*model.eval\(\).*norm='layer'"):
+        layer(torch.randn(1, 4, 5, 5))
+    layer.eval()(torch.randn(1, 4, 5, 5))
+    for norm in ("layer", "none"):
+        layer = KWConv2d(4, 4, 3, warehouse=KWConfig(norm=norm)).train()
+        layer(torch.randn(1, 4, 5, 5)).sum().backward()
+        assert layer.attention.fc1.bias is not None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.randn(2, 5, 6, 6), "expected 4 input channels, got 5"),
+    (torch.randn(2, 4, 6, 6, 1), "4-D"),
+    (torch.ones(2, 4, 6, 6, dtype=torch.int64), "floating point"),
+    (torch.randn(2, 4, 6, 6, dtype=DT), "input dtype torch.float64 differs"),
+])
+def test_bad_input_gets_a_clear_error(bad, message):
+    layer = KWConv2d(4, 4, 3).eval()
+    with pytest.raises((ValueError, TypeError), match=message):
+        layer(bad)
+
+
+def test_bad_construction_gets_a_clear_error():
+    with pytest.raises(ValueError, match="divisible by groups=4"):
+        KWConv2d(6, 8, 3, groups=4)
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        KWConv2d(4, 4, 3, stride=2, padding="same")
+    with pytest.raises(TypeError, match="warehouse must be a Warehouse"):
+        KWConv2d(4, 4, 3, warehouse="stage1")
+    wh = Warehouse("s", KWConfig(out_ratio=0.5))
+    KWConv2d(4, 18, 1, warehouse=wh)  # cells of 9 outputs
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 's': layer .* cannot be cut into cells of 4 x 4"):
+        KWConv2d(4, 27, 1, warehouse=wh)  # gcd 9 -> cells of int(4.5) = 4 outputs, which 9 is not a multiple of
+    assert len(wh.members) == 1 and tuple(wh.cells.shape) == (2, 9, 4, 1, 1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attn", torch.randn(2, 5, 4), r"attn must be \[B, m, n\] = \[2, 9, 4\]"),
+    ("warehouse", torch.randn(4, 3, 4, 1, 1), "cannot be tiled by cells"),
+    ("bias", torch.randn(3), r"bias must be \[4\]"),
+    ("x", torch.randn(2, 4, 5), "x must be"),
+])
+def test_op_rejects_mismatched_shapes(field, value, message):
+    args = dict(x=torch.randn(2, 4, 5, 5), attn=torch.randn(2, 9, 4), warehouse=torch.randn(4, 4, 4, 1, 1),
+                bias=torch.randn(4))
+    args[field] = value
+    with pytest.raises(ValueError, match=message):
+        kw_ops.ops.kw_conv(args["x"], args["attn"], args["warehouse"], args["bias"], out_channels=4, kernel_size=3)
+
+
+def test_cells_follow_module_order_not_construction_order():
+    class Block(nn.Module):  # downsample built first, registered last (as in torchvision's ResNet)
+        def __init__(self):
+            super().__init__()
+            down = nn.Conv2d(8, 16, 1)
+            self.conv1 = nn.Conv2d(8, 16, 3)
+            self.down = down
+
+    model = kw_ops.convert(Block(), sharing=lambda n, m: "s")
+    assert model.conv1.layer_plan.start == 0 and model.down.layer_plan.start == model.conv1.m
+    wh = Warehouse("direct")
+    down = KWConv2d(8, 16, 1, warehouse=wh)
+    conv1 = KWConv2d(8, 16, 3, warehouse=wh)
+    assert down.layer_plan.start == 0  # direct construction: the order layers join
+    block = nn.Module()
+    block.conv1, block.down = conv1, down
+    kw_ops.assign_cells(block)
+    assert conv1.layer_plan.start == 0 and down.layer_plan.start == conv1.m
+
+
+def test_convert_overrides_and_errors():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1))
+    model = kw_ops.convert(net, KWConfig(), sharing=lambda n, m: {"0": None, "1": "a", "2": "b"}[n],
+                           overrides={"b": {"budget": 4}})
+    assert [w.cells.shape[0] for w in kw_ops.warehouses(model)] == [9, 4]
+    assert isinstance(model[0], nn.Conv2d)
+    with pytest.raises(ValueError, match="overrides name warehouses no layer joins"):
+        kw_ops.convert(nn.Sequential(nn.Conv2d(3, 8, 3)), overrides={"nope": {"budget": 2}})
+    assert "warehouse 0 'a': cells 8x8x1x1, n=9" in kw_ops.describe(model)
+
+
+def test_schedule_follows_the_paper_formula():
+    schedule = kw_ops.TemperatureSchedule(iters_per_epoch=10, epochs=2)
+    layer = KWConv2d(4, 4, 3)
+    taus = [schedule.step(layer) for _ in range(22)]
+    assert taus[0] == pytest.approx(19 / 20) and taus[9] == pytest.approx(0.5) and taus[19:] == [0.0] * 3
+    assert kw_ops.get_temperature(layer) == 0.0
+    with pytest.raises(ValueError, match="tau must be in"):
+        kw_ops.set_temperature(layer, 1.5)
+
+
+def test_training_a_small_kw_net_with_the_schedule_and_reload():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 16, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    for budget in (0.25, 0.5, 1, 2, 4):
+        model = kw_ops.convert(copy.deepcopy(net), KWConfig(budget=budget, in_ratio=0.5, out_ratio=0.5)
+                               if budget < 1 else KWConfig(budget=budget),
+                               sharing=lambda n, m: "body" if n in ("2", "4") else None)
+        x, target = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        schedule = kw_ops.TemperatureSchedule(iters_per_epoch=5, epochs=1)
+        losses = []
+        for _ in range(8):
+            schedule.step(model)
+            loss = F.cross_entropy(model(x), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], (budget, losses)
+        assert kw_ops.get_temperature(model) == 0.0
+        model.eval()
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        buffer.seek(0)
+        fresh = kw_ops.convert(copy.deepcopy(net), model[2].warehouse.config, sharing=lambda n, m: "body" if n in ("2", "4") else None)
+        fresh.load_state_dict(torch.load(buffer))
+        fresh.eval()
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
