@@ -1,0 +1,53 @@
+"""Command line: `python -m kw_ops {info, demo, describe MODEL}`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import info
+
+
+def _describe(args) -> int:
+    try:
+        from . import models
+    except ImportError as error:
+        print(f"kw_ops describe: the model presets are not available ({error})", file=sys.stderr)
+        return 2
+    if args.model not in models.list_models():
+        print(f"kw_ops describe: unknown model {args.model!r}; known: {', '.join(models.list_models())}",
+              file=sys.stderr)
+        return 2
+    from .nn import describe
+
+    print(describe(models.create(args.model)))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(batch=args.batch, size=args.size, steps=args.steps)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kw_ops", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions and which op backends can run here")
+    demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")
+    demo.add_argument("--batch", type=int, default=8)
+    demo.add_argument("--size", type=int, default=32, help="input resolution")
+    demo.add_argument("--steps", type=int, default=10, help="training steps per budget")
+    describe = commands.add_parser("describe", help="warehouse table of a registered model preset")
+    describe.add_argument("model")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print(info.report())
+        return 0
+    if args.command == "demo":
+        return _demo(args)
+    return _describe(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
