@@ -11,7 +11,7 @@ def _describe(args) -> int:
     try:
         from . import models
     except ImportError as error:
-        print(f"kw_ops describe: the model presets are not available ({error})", file=sys.stderr)
+        print(f"kw_ops describe {args.model}: the model presets are not available ({error})", file=sys.stderr)
         return 2
     if args.model not in models.list_models():
         print(f"kw_ops describe: unknown model {args.model!r}; known: {', '.join(models.list_models())}",
