@@ -1,4 +1,4 @@
-"""Command line: `python -m kw_ops {info, demo, describe MODEL}`."""
+"""Command line: `python -m kw_ops {bench, info, demo, describe MODEL}`."""
 from __future__ import annotations
 
 import argparse
@@ -31,8 +31,15 @@ def _demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .benchmarking.model_bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kw_ops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("bench", help="images/s, training step and memory of static/DY-Conv/ODConv/KW networks "
+                        "(python -m kw_ops bench --help)")
     commands.add_parser("info", help="versions and which op backends can run here")
     demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")
     demo.add_argument("--batch", type=int, default=8)

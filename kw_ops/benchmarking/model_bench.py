@@ -1,0 +1,334 @@
+"""`python -m kw_ops bench`: images/s, training step time, peak memory and parameters of static,
+DY-Conv, ODConv and KW networks (released formulation and kw_ops) on this device, side by side in
+one run: the paper's Tables 12 and 16 on your machine."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import models
+from ..nn.describe import count_parameters
+from .measure import cuda_peak_mb, inference_seconds, make_inputs, peak_rss_mb, train_step_seconds
+from .released import released_formulation
+
+DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenetv2_100")
+#: the paper's KW budgets per backbone (Tables 1-4); the quick default runs 1x and 4x
+PAPER_BUDGETS = {"resnet18": ("1d4x", "1d2x", "1x", "2x", "4x"), "resnet50": ("1d2x", "1x", "4x"),
+                 "mobilenetv2_100": ("1d2x", "1x", "4x"), "mobilenetv2_050": ("1d2x", "1x", "4x"),
+                 "convnext_tiny": ("1x",)}
+QUICK_BUDGETS = ("1x", "4x")
+BASELINES = (("DY-Conv (4x)", "dy4x"), ("ODConv (4x)", "od4x"))
+CSV_FIELDS = ("date", "git_sha", "device", "torch", "triton", "model", "method", "status", "reason", "params",
+              "batch", "train_batch", "size", "amp", "channels_last", "threads", "infer_images_per_s",
+              "train_step_ms", "infer_peak_mb", "train_peak_mb", "memory_kind")
+
+
+@dataclasses.dataclass
+class Settings:
+    device: str
+    batch: int
+    train_batch: int
+    size: int
+    iters: int
+    warmup: int
+    amp: str | None
+    channels_last: bool
+    memory: bool
+
+
+def quick_settings(device: str) -> Settings:
+    if device == "cuda":
+        return Settings(device, 32, 16, 224, 10, 3, "bf16", True, True)
+    return Settings(device, 4, 2, 64, 5, 2, None, False, True)
+
+
+def full_settings(device: str) -> Settings:
+    if device == "cuda":  # Table 12: batch 100 at 224x224
+        return Settings(device, 100, 64, 224, 30, 5, "bf16", True, True)
+    return Settings(device, 8, 8, 224, 5, 2, None, False, True)
+
+
+@dataclasses.dataclass
+class Method:
+    label: str
+    model_name: str | None      # registry name; None: not available here
+    released: bool = False       # run KW layers in the released formulation
+    reason: str = ""
+
+
+def methods_for(model: str, budgets) -> list[Method]:
+    """The rows of one backbone: static, baselines, and each KW budget released vs kw_ops."""
+    known = set(models.list_models())
+    rows = [Method("static", model)]
+    for label, suffix in BASELINES:
+        name = f"{model}_{suffix}"
+        rows.append(Method(label, name) if name in known else Method(label, None, reason=f"no preset {name!r}"))
+    for budget in budgets:
+        name = f"{model}_kw{budget}"
+        label = f"KW ({budget.replace('1d', '1/')})"
+        if name not in known:
+            reason = f"the paper trains no {budget} {model}" if budget not in PAPER_BUDGETS.get(model, ()) else \
+                f"no preset {name!r}"
+            rows += [Method(f"{label} released", None, True, reason), Method(f"{label} kw_ops", None, False, reason)]
+        else:
+            rows += [Method(f"{label} released", name, True), Method(f"{label} kw_ops", name)]
+    return rows
+
+
+def _environment() -> dict:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "git_sha": sha,
+            "torch": torch.__version__, "triton": triton_version}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _build(name: str, settings: Settings):
+    model = models.create(name).to(settings.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _measure(method: Method, model, settings: Settings, xs, ys, train_xs, train_ys) -> dict:
+    context = released_formulation(model) if method.released else _null()
+    with context:
+        infer = inference_seconds(model, xs, settings.device, settings.amp, settings.warmup, settings.iters)
+        train = train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, settings.warmup,
+                                   settings.iters)
+    return {"infer_images_per_s": settings.batch / infer, "train_step_ms": train * 1e3}
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def memory_probe(name: str, released: bool, settings: Settings) -> dict:
+    """Peak memory of inference and of training for one method (run in a fresh process on CPU)."""
+    model = _build(name, settings)
+    xs, _ = make_inputs(settings.batch, settings.size, settings.device, settings.channels_last, count=1)
+    train_xs, train_ys = make_inputs(settings.train_batch, settings.size, settings.device, settings.channels_last,
+                                     count=1)
+    context = released_formulation(model) if released else _null()
+    result = {}
+    with context:
+        if settings.device == "cuda":
+            result["infer_peak_mb"] = cuda_peak_mb(
+                lambda: inference_seconds(model, xs, settings.device, settings.amp, 0, 1), settings.device)
+            result["train_peak_mb"] = cuda_peak_mb(
+                lambda: train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, 0, 1),
+                settings.device)
+            result["memory_kind"] = "CUDA allocator peak above the model"
+        else:
+            inference_seconds(model, xs, settings.device, settings.amp, 0, 1)
+            result["infer_peak_mb"] = peak_rss_mb()
+            train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, 0, 1)
+            result["train_peak_mb"] = peak_rss_mb()
+            result["memory_kind"] = "peak RSS of a fresh process (model + one step)"
+    return result
+
+
+def _cpu_memory(name: str, released: bool, settings: Settings) -> dict:
+    command = [sys.executable, "-m", "kw_ops.benchmarking.model_bench", "--probe", name,
+               "--probe-settings", json.dumps(dataclasses.asdict(settings))] + (["--released"] if released else [])
+    out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "memory probe failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 24
+    filled = width * done // max(total, 1)
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}", end="", file=sys.stderr,
+          flush=True)
+
+
+def run(model_names, budgets_for, settings: Settings) -> list[dict]:
+    """Measure every method of every model; returns CSV rows (skipped rows carry their reason)."""
+    env = {**_environment(), "device": device_name(settings.device)}
+    plan = [(m, method) for m in model_names for method in methods_for(m, budgets_for(m))]
+    rows, built = [], {}
+    xs, ys = make_inputs(settings.batch, settings.size, settings.device, settings.channels_last)
+    train_xs, train_ys = make_inputs(settings.train_batch, settings.size, settings.device, settings.channels_last)
+    for index, (model_name, method) in enumerate(plan):
+        _progress(index, len(plan), f"{model_name} {method.label}")
+        row = {**env, "model": model_name, "method": method.label, "batch": settings.batch,
+               "train_batch": settings.train_batch, "size": settings.size, "amp": settings.amp or "fp32",
+               "channels_last": settings.channels_last, "threads": torch.get_num_threads()}
+        if method.model_name is None:
+            rows.append({**row, "status": "skipped", "reason": method.reason})
+            continue
+        try:
+            if method.model_name not in built:
+                built.clear()  # keep one model alive at a time
+                built[method.model_name] = _build(method.model_name, settings)
+            model = built[method.model_name]
+            row["params"] = count_parameters(model)
+            row.update(_measure(method, model, settings, xs, ys, train_xs, train_ys))
+            if settings.memory:
+                if settings.device == "cuda":
+                    row.update(memory_probe(method.model_name, method.released, settings))
+                else:
+                    row.update(_cpu_memory(method.model_name, method.released, settings))
+            rows.append({**row, "status": "ok", "reason": ""})
+        except (RuntimeError, NotImplementedError, ValueError) as error:
+            rows.append({**row, "status": "skipped", "reason": f"{type(error).__name__}: {error}"})
+    _progress(len(plan), len(plan), "done")
+    print(file=sys.stderr)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a markdown table with ratios to the static network of the same model."""
+    static = {r["model"]: r for r in rows if r["method"] == "static" and r["status"] == "ok"}
+    lines = ["| model | method | params (M) | infer img/s | vs static | train step ms | vs static | "
+             "infer peak MB | train peak MB | train mem vs static |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||| ")
+            continue
+        base = static.get(r["model"])
+
+        def ratio(key, invert=False):
+            if not base or not r.get(key) or not base.get(key):
+                return "–"
+            value = base[key] / r[key] if invert else r[key] / base[key]
+            return f"{value:.2f}x"
+
+        mem = lambda key: f"{r[key]:.0f}" if r.get(key) is not None else "–"
+        lines.append(f"| {r['model']} | {r['method']} | {r['params'] / 1e6:.2f} | {r['infer_images_per_s']:.1f} | "
+                     f"{ratio('infer_images_per_s')} | {r['train_step_ms']:.1f} | {ratio('train_step_ms')} | "
+                     f"{mem('infer_peak_mb')} | {mem('train_peak_mb')} | {ratio('train_peak_mb')} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
+    """A PNG of images/s and training memory per method from the CSV rows of one run (git sha)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    with csv_path.open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["git_sha"] == git_sha and r["status"] == "ok"]
+    if not rows:
+        return "no plot: no measured rows"
+    run_date = max(r["date"] for r in rows)
+    rows = [r for r in rows if r["date"] == run_date]
+    model_names = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(2, len(model_names), figsize=(5 * len(model_names), 7), squeeze=False)
+    for col, model_name in enumerate(model_names):
+        sub = [r for r in rows if r["model"] == model_name]
+        labels = [r["method"] for r in sub]
+        axes[0][col].barh(labels, [float(r["infer_images_per_s"]) for r in sub], color="tab:blue")
+        axes[0][col].set_title(f"{model_name}: inference images/s")
+        axes[1][col].barh(labels, [float(r["train_peak_mb"] or 0) for r in sub], color="tab:orange")
+        axes[1][col].set_title("training peak memory (MB)")
+        for ax in axes[:, col]:
+            ax.invert_yaxis()
+            ax.tick_params(labelsize=7)
+    fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · {git_sha} · {run_date} UTC", fontsize=9)
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return f"plot: {png_path}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated backbones")
+    parser.add_argument("--budgets", default=None, help="comma-separated KW budgets (default: 1x,4x; --full: the paper's)")
+    parser.add_argument("--full", action="store_true", help="the paper's settings (224x224, batch 100 on GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--iters", type=int)
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the PNG")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-settings", help=argparse.SUPPRESS)
+    parser.add_argument("--released", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(memory_probe(args.probe, args.released, Settings(**json.loads(args.probe_settings)))))
+        return 0
+    settings = full_settings(args.device) if args.full else quick_settings(args.device)
+    for field in ("batch", "size", "iters"):
+        if getattr(args, field):
+            setattr(settings, field, getattr(args, field))
+    if args.batch:
+        settings.train_batch = max(2, min(settings.train_batch, args.batch))
+    if args.amp:
+        settings.amp = None if args.amp == "none" else args.amp
+    settings.memory = not args.no_memory
+    model_names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in model_names if m not in models.list_models()]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {', '.join(models.list_models())}")
+    if args.budgets:
+        budgets_for = lambda m: tuple(args.budgets.split(","))
+    elif args.full:
+        budgets_for = lambda m: PAPER_BUDGETS.get(m, ("1x",))
+    else:
+        budgets_for = lambda m: QUICK_BUDGETS
+    rows = run(model_names, budgets_for, settings)
+    out = Path(args.out)
+    csv_path = out / f"bench_models_{settings.device}.csv"
+    write_csv(rows, csv_path)
+    note = plot(csv_path, out / f"bench_models_{settings.device}.png", rows[0]["git_sha"])
+    print(f"\n{device_name(settings.device)} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · "
+          f"git {rows[0]['git_sha']} · {rows[0]['date']} UTC")
+    print(f"settings: inference batch {settings.batch}, training batch {settings.train_batch}, "
+          f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}, "
+          f"median of {settings.iters} after {settings.warmup} warm-up; memory: "
+          f"{rows[0].get('memory_kind') or next((r.get('memory_kind') for r in rows if r.get('memory_kind')), 'not measured')}"
+          + ("" if args.full else " (quick settings; --full for the paper's)"))
+    print(f"csv: {csv_path}; {note}\n")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
