@@ -13,10 +13,12 @@ from .nn import (
     warehouses,
 )
 
+from . import models  # noqa: E402  (after the layers it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "KWAttention", "KWConfig", "KWConv1d", "KWConv2d", "KWConv3d", "KWLayer", "KWLinear", "PRESETS",
     "PlanningError", "TemperatureSchedule", "Warehouse", "assign_cells", "convert", "count_parameters", "describe",
-    "get_temperature", "ops", "per_layer", "plan_warehouse", "set_temperature", "warehouses",
+    "get_temperature", "models", "ops", "per_layer", "plan_warehouse", "set_temperature", "warehouses",
 ]

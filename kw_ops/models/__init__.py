@@ -1,0 +1,33 @@
+"""The model zoo: static twins with torchvision / reference module names and the paper's KW presets.
+
+    import kw_ops.models
+    kw_ops.models.list_models("resnet18*")   # resnet18, resnet18_kw1d2x, resnet18_kw1d4x, ...
+    model = kw_ops.models.create("resnet18_kw4x", num_classes=100)
+    static = kw_ops.models.create("resnet18")
+    kw = kw_ops.models.recipe("resnet18_kw4x").apply(static)   # the same network
+
+Presets are `static twin + kw_ops.convert(model, config, sharing, overrides)`; their sharing rules
+(`resnet_stage_sharing`, `mobilenetv2_stage_sharing(...)`, `convnext_stage_sharing`) are public
+so they can KW-ify variants of these networks. Register more builders with `@register("name")`.
+"""
+from .convnext import ConvNeXt, ConvNeXtBlock, convnext_stage_sharing, convnext_tiny
+from .layers import DropPath, LayerNorm2d
+from .mobilenetv2 import (
+    MOBILENETV2_KW1D2X_OVERRIDES,
+    InvertedResidual,
+    MobileNetV2,
+    mobilenetv2_050,
+    mobilenetv2_100,
+    mobilenetv2_stage_sharing,
+)
+from .pretrained import load_pretrained, reference_key_map, reference_state_dict
+from .registry import KWRecipe, create, is_model, list_models, recipe, register, register_recipe
+from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet_stage_sharing
+
+__all__ = [
+    "BasicBlock", "Bottleneck", "ConvNeXt", "ConvNeXtBlock", "DropPath", "InvertedResidual", "KWRecipe",
+    "LayerNorm2d", "MOBILENETV2_KW1D2X_OVERRIDES", "MobileNetV2", "ResNet", "convnext_stage_sharing", "convnext_tiny",
+    "create", "is_model", "list_models", "load_pretrained", "mobilenetv2_050", "mobilenetv2_100",
+    "mobilenetv2_stage_sharing", "recipe", "reference_key_map", "reference_state_dict", "register",
+    "register_recipe", "resnet18", "resnet50", "resnet_stage_sharing",
+]
