@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..config import KWConfig
 from ..ops import kw_conv
+from ..ops.export_impl import export_conv, exporting
 from ..ops.functional import normalize_tuple
 from .attention import KWAttention
 from .planning import LayerPlan, WarehousePlan, WeightShape
@@ -155,8 +156,12 @@ class KWLayer(nn.Module):
         if self._pre_pad is not None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, self._pre_pad, mode=mode)
-        y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups)
+        if exporting():  # ONNX / torch.export / tracing: a formulation whose batch stays symbolic
+            y = export_conv(x, attn, cells, bias, self.out_channels, self.kernel_size, self.stride,
+                            self._conv_padding, self.dilation, self.groups)
+        else:
+            y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
+                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups)
         return y.squeeze(0) if unbatched else y
 
 

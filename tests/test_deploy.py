@@ -1,0 +1,87 @@
+"""Deployment: the export formulation, ONNX with a dynamic batch, torch.export, tracing, detection setup."""
+import pytest
+import torch
+import torch.nn as nn
+
+import kw_ops
+from kw_ops.deploy import FrozenBatchNorm1d, export_onnx, prepare_for_detection
+from kw_ops.ops.export_impl import export_conv, export_mode
+from oracle import kw_conv_loop
+
+DT = torch.float64
+
+
+@pytest.mark.parametrize("dims, groups, cell", [(2, 1, 1), (2, 2, 3), (1, 3, 1), (3, 1, 1), (2, 6, 1)])
+def test_export_formulation_matches_loop(dims, groups, cell):
+    kernel = (3,) * dims
+    x = torch.randn(2, 6, *([7] * dims), dtype=DT)
+    c_in = 1 if groups >= 3 else 3
+    warehouse = torch.randn(4, 2, c_in, *([cell] * dims), dtype=DT)
+    m = (3 ** dims if cell == 1 else 1) * 3 * (6 // groups // c_in)
+    attn = torch.randn(2, m, 4, dtype=DT)
+    bias = torch.randn(6, dtype=DT)
+    stride, padding, dilation = (2,) + (1,) * (dims - 1), (1,) * dims, (1,) * (dims - 1) + (2,)
+    y = export_conv(x, attn, warehouse, bias, 6, kernel, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, kw_conv_loop(x, attn, warehouse, bias, 6, kernel, stride, padding, dilation, groups))
+
+
+def _small_kw_net():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    model = kw_ops.convert(net, kw_ops.KWConfig(budget=2), sharing=lambda n, m: {"3": "a", "5": "b", "8": "c"}.get(n))
+    kw_ops.set_temperature(model, 0.3)
+    return model.eval()
+
+
+def test_layers_use_the_export_formulation_when_exporting():
+    model = _small_kw_net()
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad(), export_mode():
+        exported = model(x)
+    torch.testing.assert_close(exported, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_with_dynamic_batch_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _small_kw_net()
+    path = export_onnx(model, torch.randn(2, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 12, 12)
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_and_tracing_keep_the_batch_dynamic():
+    model = _small_kw_net()
+    with torch.no_grad(), export_mode():
+        program = torch.export.export(model, (torch.randn(2, 3, 12, 12),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+        traced = torch.jit.trace(model, torch.randn(2, 3, 12, 12), check_trace=False)
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 12, 12)
+        with torch.no_grad():
+            expected = model(x)
+            torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_for_detection_freezes_norm_and_drops_beta():
+    model = _small_kw_net()
+    x = torch.randn(4, 3, 12, 12)
+    prepare_for_detection(model)
+    attention = model[3].attention
+    assert isinstance(attention.norm1, FrozenBatchNorm1d)
+    assert float(attention.temperature) == 0 and not attention.beta.any()
+    model.train()
+    before = attention.norm1.running_mean.clone()
+    model(x).sum().backward()
+    assert torch.equal(before, attention.norm1.running_mean)  # statistics stay frozen in train mode
+    model.train()(x[:1])  # a frozen norm trains on one sample too
+    state = model.state_dict()
+    fresh = prepare_for_detection(_small_kw_net())
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
