@@ -12,7 +12,7 @@ def test_rows_have_fields_and_skips_have_reasons():
                         memory=False)
     rows = model_bench.run(["resnet18"], lambda m: ("1x", "3x"), settings)
     by_method = {r["method"]: r for r in rows}
-    for method in ("static", "KW (1x) released", "KW (1x) kw_ops"):
+    for method in ("static", "KW (1x) released", "KW (1x) kw_ops", "ODConv (4x) released", "DY-Conv (4x) kw_ops"):
         row = by_method[method]
         assert row["status"] == "ok", row
         assert row["infer_images_per_s"] > 0 and row["train_step_ms"] > 0 and row["params"] > 0

@@ -4,6 +4,7 @@ one run: the paper's Tables 12 and 16 on your machine."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import models
+from ..baselines import set_baseline_formulation
 from ..nn.describe import count_parameters
 from .measure import cuda_peak_mb, inference_seconds, make_inputs, peak_rss_mb, train_step_seconds
 from .released import released_formulation
@@ -28,6 +30,8 @@ PAPER_BUDGETS = {"resnet18": ("1d4x", "1d2x", "1x", "2x", "4x"), "resnet50": ("1
                  "convnext_tiny": ("1x",)}
 QUICK_BUDGETS = ("1x", "4x")
 BASELINES = (("DY-Conv (4x)", "dy4x"), ("ODConv (4x)", "od4x"))
+#: second word of a method label: the released codes' formulation, or ours
+RELEASED, FAST = "released", "kw_ops"
 CSV_FIELDS = ("date", "git_sha", "device", "torch", "triton", "model", "method", "status", "reason", "params",
               "batch", "train_batch", "size", "amp", "channels_last", "threads", "infer_images_per_s",
               "train_step_ms", "infer_peak_mb", "train_peak_mb", "memory_kind")
@@ -72,16 +76,19 @@ def methods_for(model: str, budgets) -> list[Method]:
     rows = [Method("static", model)]
     for label, suffix in BASELINES:
         name = f"{model}_{suffix}"
-        rows.append(Method(label, name) if name in known else Method(label, None, reason=f"no preset {name!r}"))
+        for released in (True, False):
+            full = f"{label} {RELEASED if released else FAST}"
+            rows.append(Method(full, name, released) if name in known else
+                        Method(full, None, released, reason=f"no preset {name!r}"))
     for budget in budgets:
         name = f"{model}_kw{budget}"
         label = f"KW ({budget.replace('1d', '1/')})"
         if name not in known:
             reason = f"the paper trains no {budget} {model}" if budget not in PAPER_BUDGETS.get(model, ()) else \
                 f"no preset {name!r}"
-            rows += [Method(f"{label} released", None, True, reason), Method(f"{label} kw_ops", None, False, reason)]
+            rows += [Method(f"{label} {RELEASED}", None, True, reason), Method(f"{label} {FAST}", None, False, reason)]
         else:
-            rows += [Method(f"{label} released", name, True), Method(f"{label} kw_ops", name)]
+            rows += [Method(f"{label} {RELEASED}", name, True), Method(f"{label} {FAST}", name)]
     return rows
 
 
@@ -113,21 +120,26 @@ def _build(name: str, settings: Settings):
     return model
 
 
+@contextlib.contextmanager
+def formulation(model, released: bool):
+    """Inside the block, KW, DY-Conv and ODConv layers run as the released codes compute them."""
+    if not released:
+        yield model
+        return
+    set_baseline_formulation(model, "released")
+    try:
+        with released_formulation(model):
+            yield model
+    finally:
+        set_baseline_formulation(model, "fast")
+
+
 def _measure(method: Method, model, settings: Settings, xs, ys, train_xs, train_ys) -> dict:
-    context = released_formulation(model) if method.released else _null()
-    with context:
+    with formulation(model, method.released):
         infer = inference_seconds(model, xs, settings.device, settings.amp, settings.warmup, settings.iters)
         train = train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, settings.warmup,
                                    settings.iters)
     return {"infer_images_per_s": settings.batch / infer, "train_step_ms": train * 1e3}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def memory_probe(name: str, released: bool, settings: Settings) -> dict:
@@ -136,9 +148,8 @@ def memory_probe(name: str, released: bool, settings: Settings) -> dict:
     xs, _ = make_inputs(settings.batch, settings.size, settings.device, settings.channels_last, count=1)
     train_xs, train_ys = make_inputs(settings.train_batch, settings.size, settings.device, settings.channels_last,
                                      count=1)
-    context = released_formulation(model) if released else _null()
     result = {}
-    with context:
+    with formulation(model, released):
         if settings.device == "cuda":
             result["infer_peak_mb"] = cuda_peak_mb(
                 lambda: inference_seconds(model, xs, settings.device, settings.amp, 0, 1), settings.device)
