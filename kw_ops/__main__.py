@@ -1,4 +1,4 @@
-"""Command line: `python -m kw_ops {bench, info, demo, describe MODEL}`."""
+"""Command line: `python -m kw_ops {bench, train, attention-map, info, demo, describe MODEL}`."""
 from __future__ import annotations
 
 import argparse
@@ -36,10 +36,22 @@ def main(argv=None) -> int:
         from .benchmarking.model_bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["train"]:
+        from .train.__main__ import main as train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["attention-map"]:
+        from .attention_map import main as attention_map_main
+
+        return attention_map_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kw_ops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("bench", help="images/s, training step and memory of static/DY-Conv/ODConv/KW networks "
                         "(python -m kw_ops bench --help)")
+    commands.add_parser("train", help="train a registered model on an ImageFolder with the paper's recipes "
+                        "(python -m kw_ops train --help)")
+    commands.add_parser("attention-map", help="mean attentions per warehouse over a dataset as a PNG "
+                        "(python -m kw_ops attention-map --help)")
     commands.add_parser("info", help="versions and which op backends can run here")
     demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")
     demo.add_argument("--batch", type=int, default=8)

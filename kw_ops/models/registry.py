@@ -27,7 +27,7 @@ __all__ = ["KWRecipe", "register", "register_recipe", "create", "list_models", "
            "PLUGIN_MODULES"]
 
 #: Modules that register more builders; imported (if present) before the first lookup.
-PLUGIN_MODULES = ("kw_ops.baselines",)
+PLUGIN_MODULES = ("kw_ops.baselines", "kw_ops.train.tiny")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _RECIPES: dict[str, KWRecipe] = {}

@@ -1,0 +1,56 @@
+"""Checkpoints that resume a run exactly: model, optimizer, LR scheduler, GradScaler, τ schedule,
+position (epoch, batches done in it, global step), best top-1 and the RNG states.
+
+Data order and augmentation are functions of (seed, epoch, index) (see `data.py`), so the position
+is enough to rebuild the data stream; the RNG states cover dropout / drop-path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+
+import torch
+
+__all__ = ["Position", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run stands: `epoch` (0-based, the one in progress), `batches` done in it, `step` global."""
+
+    epoch: int = 0
+    batches: int = 0
+    step: int = 0
+    best_top1: float = -1.0
+
+
+def rng_state() -> dict:
+    """RNG states of torch (CPU and every CUDA device) and Python's `random`."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state) -> None:
+    """torch.save(state) to `path` atomically (write then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint` (it holds Python objects: only load your own)."""
+    return torch.load(path, map_location=map_location, weights_only=False)

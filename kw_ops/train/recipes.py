@@ -1,0 +1,116 @@
+"""The paper's training setups (Appendix A.1) as data, and the optimizer / LR schedule they build.
+
+    recipe = get_recipe("resnet", epochs=10, lr=0.05)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_lr_scheduler(optimizer, recipe, iters_per_epoch=len(loader))   # step it every iteration
+
+Temperature epochs follow SPEC §5 (20 for ResNet and ConvNeXt, 15 for MobileNetV2); the paper's
+appendix says 10 for the traditional ResNet and MobileNetV2 setups: pass `temp_epochs=10` for those.
+The 'convnext' recipe keeps AdamW, the cosine schedule, warmup and label smoothing of the advanced
+setup; RandAugment, mixup, cutmix and random erasing are not implemented here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Recipe", "RECIPES", "get_recipe", "param_groups", "build_optimizer", "build_lr_scheduler", "lr_factor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One training setup. `batch_size` is per process (the global batch is batch_size x world size).
+
+    optimizer: 'sgd' (with momentum, Nesterov off) or 'adamw' (with `betas`).
+    schedule:  'step' (x step_gamma every step_epochs epochs) or 'cosine' (to zero at the last
+               iteration), both after `warmup_epochs` of linear warmup; evaluated per iteration.
+    temp_epochs: epochs over which τ falls linearly from 1 to 0 (SPEC §5).
+    """
+
+    name: str
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    epochs: int = 100
+    batch_size: int = 256
+    schedule: str = "step"
+    step_epochs: int = 30
+    step_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    temp_epochs: float = 20.0
+    label_smoothing: float = 0.0
+    image_size: int = 224
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"Recipe {self.name!r}: optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"Recipe {self.name!r}: schedule must be 'step' or 'cosine', got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.temp_epochs < 0 or self.image_size < 1:
+            raise ValueError(f"Recipe {self.name!r}: need epochs >= 1, batch_size >= 1, lr > 0, temp_epochs >= 0 "
+                             f"and image_size >= 1, got {self.epochs}, {self.batch_size}, {self.lr}, "
+                             f"{self.temp_epochs}, {self.image_size}")
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with some fields changed; None values are ignored (unset command-line overrides)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+RECIPES = {
+    # ResNet, traditional strategy: SGD 0.1, momentum 0.9, wd 1e-4, 100 epochs, x0.1 every 30.
+    "resnet": Recipe("resnet"),
+    # MobileNetV2: SGD 0.1, wd 4e-5, 150 epochs, cosine.
+    "mobilenetv2": Recipe("mobilenetv2", weight_decay=4e-5, epochs=150, schedule="cosine", temp_epochs=15),
+    # ResNet / ConvNeXt, advanced strategy (ConvNeXt's): AdamW 4e-3, wd 0.05, 300 epochs, batch 4096,
+    # cosine after 20 warmup epochs, label smoothing 0.1.
+    "convnext": Recipe("convnext", optimizer="adamw", lr=4e-3, weight_decay=0.05, epochs=300, batch_size=4096,
+                       schedule="cosine", warmup_epochs=20, label_smoothing=0.1),
+}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    """A named recipe with overrides (None values ignored): `get_recipe('resnet', epochs=2)`."""
+    if name not in RECIPES:
+        raise ValueError(f"get_recipe: unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name].replace(**overrides)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weight decay on tensors of 2+ dims (weights, warehouse cells), none on 1-D ones
+    (biases, norm weights, scalars). Shared tensors (warehouse cells) appear once."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD or AdamW of the recipe over `param_groups(model, recipe.weight_decay)`."""
+    groups = param_groups(model, recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum)
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=recipe.betas)
+
+
+def lr_factor(iteration: int, recipe: Recipe, iters_per_epoch: int) -> float:
+    """Multiplier of the base LR at the 0-based iteration (linear warmup, then step or cosine)."""
+    warmup = int(recipe.warmup_epochs * iters_per_epoch)
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    if recipe.schedule == "step":
+        return recipe.step_gamma ** ((iteration // iters_per_epoch) // recipe.step_epochs)
+    total = recipe.epochs * iters_per_epoch
+    progress = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
+                       iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration LambdaLR of `lr_factor` (call `step()` after every optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, recipe, iters_per_epoch))

@@ -1,0 +1,103 @@
+"""Mean attention maps per warehouse (kw_ops.attention_map) on a generated ImageFolder: shapes and
+member order, what τ and CAF imply for the rows, and the PNG written by `python -m kw_ops attention-map`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import kw_ops
+from kw_ops.attention_map import collect_attention, main, plot_attention
+from kw_ops.train import build_model
+from kw_ops.train.data import ImageFolder, write_synthetic_image_folder
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: means of float64 sums of float32 attentions
+MEAN_TOLERANCE = {"atol": 1e-6, "rtol": 1e-6}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return str(write_synthetic_image_folder(tmp_path_factory.mktemp("images")))
+
+
+def _loader(data):
+    return DataLoader(ImageFolder(data, "val", 16, train=False), batch_size=5)
+
+
+def _maps(model, data, tau):
+    kw_ops.set_temperature(model, tau)
+    return collect_attention(model, _loader(data))
+
+
+@pytest.mark.parametrize("name", ["tiny_kw1d2x", "tiny_kw1x", "tiny_kw2x"])
+def test_shapes_follow_the_warehouses_in_member_order(data, name):
+    model = build_model(name, 3)
+    maps = _maps(model, data, 0.0)
+    assert [m.name for m in maps] == [w.name for w in kw_ops.warehouses(model)]
+    for item, warehouse in zip(maps, kw_ops.warehouses(model)):
+        assert item.mean.shape == (sum(member.m for member in warehouse.members), warehouse.cells.shape[0])
+        assert [m for _, m in item.layers] == [member.m for member in warehouse.members]
+        assert [path for path, _ in item.layers] == [member._name for member in warehouse.members]
+        assert item.samples == 12
+
+
+@pytest.mark.parametrize("name", ["tiny_kw1d2x", "tiny_kw1x", "tiny_kw2x"])
+def test_tau_one_gives_beta_one_mixture_per_cell(data, name):
+    """τ = 1: α = β exactly; a row sums to 1 (its cell) or 0 (zero cell); no cell serves two mixtures,
+    and min(n, Σm) cells serve one (b >= 1: every mixture; b < 1: every cell)."""
+    model = build_model(name, 3)
+    for item, warehouse in zip(_maps(model, data, 1.0), kw_ops.warehouses(model)):
+        beta = torch.cat([member.attention.beta[:, :-1] for member in warehouse.members]).double()
+        assert torch.equal(item.mean, beta)
+        assert set(item.mean.sum(dim=1).tolist()) <= {0.0, 1.0}
+        columns = item.mean.sum(dim=0)
+        assert set(columns.tolist()) <= {0.0, 1.0}
+        assert columns.sum() == min(item.mean.shape)
+
+
+def test_caf_rows_and_the_temperature_blend(data):
+    """τ = 0: CAF rows have Σ|α| < 1 (the zero cell and ε take the rest). τ = 0.5 blends linearly with β
+    for the first KW layer (its input does not depend on τ; later layers see features that do)."""
+    model = build_model("tiny_kw1x", 3)
+    free, half = _maps(model, data, 0.0), _maps(model, data, 0.5)
+    assert all((item.mean.abs().sum(dim=1) < 1).all() for item in free)
+    first = kw_ops.warehouses(model)[0].members[0]
+    rows = slice(0, first.m)
+    beta = first.attention.beta[:, :-1].double()
+    torch.testing.assert_close(half[0].mean[rows], 0.5 * free[0].mean[rows] + 0.5 * beta, **MEAN_TOLERANCE)
+
+
+def test_collect_restores_training_mode_and_removes_hooks(data):
+    model = build_model("tiny_kw1x", 3).train()
+    collect_attention(model, _loader(data), max_batches=1)
+    assert model.training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_plot_writes_a_png(data, tmp_path):
+    path = plot_attention(_maps(build_model("tiny_kw1d2x", 3), data, 0.0), tmp_path / "maps" / "a.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_main_with_a_checkpoint(data, tmp_path):
+    """A state_dict wrapped with its classes: the model is built for that many classes."""
+    model = build_model("tiny_kw1x", 5)
+    torch.save({"model": model.state_dict(), "classes": list("abcde")}, tmp_path / "ckpt.pt")
+    out = tmp_path / "map.png"
+    assert main(["--model", "tiny_kw1x", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data", data,
+                 "--image-size", "16", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_command_line(data, tmp_path):
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "kw_ops", "attention-map", "--model", "tiny_kw2x", "--data", data,
+                             "--image-size", "16", "--out", str(out)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == PNG_MAGIC and "2 warehouses" in result.stdout
