@@ -1,11 +1,15 @@
-"""Test setup: the Triton interpreter before any `import triton`, one thread, GPU tests skipped without CUDA."""
+"""Test setup: without CUDA, the Triton interpreter (set before any `import triton`); GPU tests
+skipped without CUDA; one OpenMP thread."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,345 @@
+"""Launchers of the Triton KW kernels, with the normalised arguments of `kw_conv_torch` (twin signatures).
+
+    kw_conv_triton_forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation,
+                           groups) -> y
+    kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding,
+                            dilation, groups) -> (dx, dattn, dwarehouse, dbias)
+
+Two modes for the forward and the input gradient (`choose_mode`, by the cost model of DESIGN.md):
+- "fused": one kernel per sample mixes each weight tile in registers and consumes it at once; the
+  per-sample kernels never reach device memory, but a tile is re-mixed (2·n FLOPs per weight element,
+  CUDA cores) for every position tile of the sample: right for late stages (few positions).
+- "two_phase": per chunk of samples (at most KERNEL_CHUNK_BYTES of kernels) the mixing GEMM on tensor
+  cores writes the per-sample kernels, then the conv kernel reads them: right for early stages.
+The weight gradient is computed per chunk of samples (at most KERNEL_CHUNK_BYTES of per-sample gradients,
+in the op's dtype like the torch path), contracted into dattn (split-K GEMM) and dE (GEMM, fp32 sum over
+chunks): never B × the layer's weights in memory.
+
+fp32 dots use TF32 by default (as Triton, and as cuDNN convolutions in PyTorch by default); set
+KW_OPS_TRITON_FP32_PRECISION=ieee (or tf32x3) or pass input_precision= for full fp32. Outputs are fresh
+contiguous tensors (dx too), as in the torch path; inputs may have any strides (channels_last included).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .capability import not_supported_reasons
+from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
+from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
+
+__all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
+
+MODES = ("fused", "two_phase")
+MODE_ENV = "KW_OPS_TRITON_MODE"
+FP32_PRECISION_ENV = "KW_OPS_TRITON_FP32_PRECISION"
+DEFAULT_FP32_PRECISION = "tf32"
+_PRECISIONS = ("tf32", "tf32x3", "ieee")
+# Per-sample kernels (two-phase) or per-sample weight gradients held at once: a chunk of samples.
+KERNEL_CHUNK_BYTES = 256 << 20
+# Cost-model constants of `choose_mode` (H100 SXM orders of magnitude; benchmarks/gpu_check.py measures them).
+CUDA_CORE_FLOPS = 50e12       # fp32 FMA rate of the in-register mixing
+TENSOR_CORE_FLOPS = 600e12    # bf16/fp16 dense rate of the mixing GEMM
+MEMORY_BANDWIDTH = 3.0e12     # bytes/s, per-sample kernels written once and read once
+FUSED_POSITION_TILE = 64      # typical position tile of the conv kernels (a tile is re-mixed once per tile)
+# Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
+SPLIT_K_TARGET_PROGRAMS = 264
+SPLIT_K_MIN_LEN = 512
+SPLIT_K_ALIGN = 128           # a multiple of every BLOCK_K of the matmul configs
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The 2-D geometry of one call (1-D runs with height 1) and its cell grid."""
+    batch: int
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    out_h: int
+    out_w: int
+    n: int
+    c_out: int
+    c_in: int
+    grid_out: int   # GO
+    grid_in: int    # GI
+    cell_numel: int  # CK: 1 (spatial partition) or KH*KW (whole-kernel cells)
+    kh: int
+    kw: int
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    @property
+    def kk(self) -> int:
+        return self.kh * self.kw
+
+    @property
+    def m(self) -> int:
+        return self.kk // self.cell_numel * self.grid_out * self.grid_in
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_channels * self.channels * self.kk
+
+    def conv_args(self):
+        """The shape arguments shared by the conv kernels: C, H, W, O, OH, OW."""
+        return self.channels, self.height, self.width, self.out_channels, self.out_h, self.out_w
+
+    def cell_args(self):
+        return self.c_out, self.c_in, self.grid_out, self.grid_in, self.cell_numel, self.kw, self.kk
+
+    def conv_params(self):
+        return (*self.stride, *self.padding, *self.dilation)
+
+
+def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
+    """1-D calls as 2-D ones with a unit height; warehouse as [n, c_out, c_in, CK]."""
+    n, c_out, c_in = warehouse.shape[:3]
+    cells = warehouse.reshape(n, c_out, c_in, -1)
+    if len(kernel_size) == 1:
+        return (x.unsqueeze(2), cells, (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation))
+    return x, cells, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
+
+
+def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation) -> _Layer:
+    batch, channels, height, width = x4.shape
+    n, c_out, c_in, ck = cells.shape
+    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+           for size, k, s, p, d in zip((height, width), kernel_size, stride, padding, dilation)]
+    return _Layer(batch, channels, height, width, out_channels, out[0], out[1], n, c_out, c_in,
+                  out_channels // c_out, channels // c_in, ck, kernel_size[0], kernel_size[1], stride, padding,
+                  dilation)
+
+
+def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
+    reasons = not_supported_reasons(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation,
+                                    groups)
+    if reasons:
+        raise NotImplementedError("kw_conv: the Triton backend cannot run this call: " + "; ".join(reasons))
+
+
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every output and buffer of the launchers comes from here (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _input_precision(dtype: torch.dtype, override: str | None) -> str:
+    """tl.dot input precision: configurable for fp32 (default tf32), Triton's default otherwise."""
+    if dtype != torch.float32:
+        return DEFAULT_FP32_PRECISION
+    value = override or os.environ.get(FP32_PRECISION_ENV) or DEFAULT_FP32_PRECISION
+    if value not in _PRECISIONS:
+        raise ValueError(f"kw_conv triton: fp32 input precision must be one of {_PRECISIONS}, got {value!r}")
+    return value
+
+
+def _acc_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def choose_mode(positions: int, n: int, element_size: int) -> str:
+    """'fused' or 'two_phase' for a conv kernel over `positions` output (or input, for dx) positions per sample.
+
+    Extra cost per weight element and sample (DESIGN.md cost model): fused re-mixes each weight tile for
+    every position tile on CUDA cores, 2·n·tiles / CUDA_CORE_FLOPS; two-phase mixes once on tensor cores
+    and moves the per-sample kernels through memory, 2·n / TENSOR_CORE_FLOPS + 2·element_size / bandwidth.
+    KW_OPS_TRITON_MODE=fused|two_phase overrides.
+    """
+    forced = os.environ.get(MODE_ENV)
+    if forced:
+        if forced not in MODES:
+            raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {forced!r}")
+        return forced
+    tiles = math.ceil(positions / FUSED_POSITION_TILE)
+    fused = 2 * n * tiles / CUDA_CORE_FLOPS
+    two_phase = 2 * n / TENSOR_CORE_FLOPS + 2 * element_size / MEMORY_BANDWIDTH
+    return "fused" if fused <= two_phase else "two_phase"
+
+
+def _chunk(layer: _Layer, element_size: int) -> int:
+    """Samples per chunk so that their per-sample kernels (or weight gradients) fit KERNEL_CHUNK_BYTES."""
+    return max(1, min(layer.batch, KERNEL_CHUNK_BYTES // max(1, layer.weight_numel * element_size)))
+
+
+def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
+    """Phase 1: per-sample kernels [bc, KK, O, C] of a chunk of samples, in the op's dtype."""
+    bc = attn_chunk.shape[0]
+    weights = _empty((bc, layer.kk, layer.out_channels, layer.channels), cells.dtype, cells.device)
+    rows, cols = bc * layer.m, layer.c_out * layer.c_in * layer.cell_numel
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+    kw_mix_kernel[grid](
+        attn_chunk, cells, weights, rows, cols, layer.n, layer.m, layer.c_out, layer.c_in, layer.grid_out,
+        layer.grid_in, layer.cell_numel, *attn_chunk.stride(), *cells.stride(), *weights.stride(),
+        INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(cells.dtype))
+    return weights
+
+
+def _launch_forward(x4, attn, cells, weights, bias, y4, layer: _Layer, mix: bool, precision: str):
+    batch = x4.shape[0]
+    positions = layer.out_h * layer.out_w
+    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
+                         layer.grid_out * triton.cdiv(layer.c_out, meta["BLOCK_N"]), batch)
+    w = weights if weights is not None else cells
+    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    kw_conv_fwd_kernel[grid](
+        x4, attn, cells, w, bias if bias is not None else cells, y4,
+        *layer.conv_args(), layer.n, *layer.cell_args(),
+        *x4.stride(), *attn.stride(), *cells.stride(), *w_strides, *y4.stride(), *layer.conv_params(),
+        HAS_BIAS=bias is not None, MIX=mix, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+
+
+def _launch_dx(dy4, attn, cells, weights, dx4, layer: _Layer, mix: bool, precision: str):
+    batch = dy4.shape[0]
+    positions = layer.height * layer.width
+    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
+                         layer.grid_in * triton.cdiv(layer.c_in, meta["BLOCK_N"]), batch)
+    w = weights if weights is not None else cells
+    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    kw_conv_dx_kernel[grid](
+        dy4, attn, cells, w, dx4,
+        *layer.conv_args(), layer.n, *layer.cell_args(),
+        *dy4.stride(), *attn.stride(), *cells.stride(), *w_strides, *dx4.stride(), *layer.conv_params(),
+        MIX=mix, ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
+
+
+def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
+    """Per-sample weight gradients of a chunk in cell order: [bc, m, c_out, c_in, CK], the op's dtype."""
+    bc = x4.shape[0]
+    dw = _empty((bc, layer.m, layer.c_out, layer.c_in, layer.cell_numel), x4.dtype, x4.device)
+    grid = lambda meta: (triton.cdiv(layer.c_out, meta["BLOCK_N"]) * triton.cdiv(layer.c_in, meta["BLOCK_K"]),
+                         layer.kk * layer.grid_out * layer.grid_in, bc)
+    kw_conv_wgrad_kernel[grid](
+        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *x4.stride(), *dy4.stride(), *dw.stride(),
+        *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+    return dw
+
+
+def _split_k(M: int, N: int, K: int) -> int:
+    """Length of one K split of `_matmul` (a multiple of SPLIT_K_ALIGN, at least SPLIT_K_MIN_LEN)."""
+    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
+    splits = max(1, min(triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles), triton.cdiv(K, SPLIT_K_MIN_LEN)))
+    return triton.cdiv(triton.cdiv(K, splits), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a [M, K] @ b [K, N] (any strides, one dtype) in fp32 (fp64 for fp64), split over K where M*N is small."""
+    M, K = a.shape
+    N = b.shape[1]
+    split_len = _split_k(M, N, K)
+    splits = triton.cdiv(K, split_len)
+    acc = _acc_torch_dtype(a.dtype)
+    partial = _empty((splits, M, N), acc, a.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+    kw_matmul_kernel[grid](a, b, partial, M, N, K, split_len, *a.stride(), *b.stride(), *partial.stride(),
+                           INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(a.dtype))
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+def _bias_grad(dy4: torch.Tensor) -> torch.Tensor:
+    batch, channels, out_h, out_w = dy4.shape
+    acc = _acc_torch_dtype(dy4.dtype)
+    partial = _empty((batch, channels), acc, dy4.device)
+    block_o = 16 if channels <= 16 else 64
+    kw_bias_grad_kernel[(triton.cdiv(channels, block_o), batch)](
+        dy4, partial, channels, out_w, out_h * out_w, *dy4.stride(), partial.stride(0), ACC_DTYPE=_acc_dtype(dy4.dtype),
+        BLOCK_O=block_o, BLOCK_P=64)
+    return partial.sum(0).to(dy4.dtype)
+
+
+def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                           out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int], groups: int, *, mode: str | None = None,
+                           input_precision: str | None = None) -> torch.Tensor:
+    """KW convolution on the Triton kernels; arguments already checked and normalised (as kw_conv_torch).
+
+    x [B, C_in, *size] (1-D or 2-D, any strides), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k],
+    bias [C_out] or None -> y [B, C_out, *out_size], a fresh contiguous tensor.
+    mode: 'fused' or 'two_phase' (default: `choose_mode`); input_precision: fp32 tl.dot precision.
+    """
+    _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
+    x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    y4 = _empty((layer.batch, out_channels, layer.out_h, layer.out_w), x.dtype, x.device)
+    y = y4.squeeze(2) if x.dim() == 3 else y4
+    if layer.batch == 0:
+        return y
+    precision = _input_precision(x.dtype, input_precision)
+    mode = mode or choose_mode(layer.out_h * layer.out_w, layer.n, x.element_size())
+    if mode == "fused":
+        _launch_forward(x4, attn, cells, None, bias, y4, layer, True, precision)
+        return y
+    if mode != "two_phase":
+        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
+    chunk = _chunk(layer, x.element_size())
+    for b0 in range(0, layer.batch, chunk):
+        b1 = min(layer.batch, b0 + chunk)
+        weights = _mix(attn[b0:b1], cells, layer, precision)
+        _launch_forward(x4[b0:b1], attn[b0:b1], cells, weights, bias, y4[b0:b1], layer, False, precision)
+    return y
+
+
+def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
+                            has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                            padding: Sequence[int], dilation: Sequence[int], groups: int, *,
+                            output_mask: Sequence[bool] = (True, True, True, True), mode: str | None = None,
+                            input_precision: str | None = None):
+    """Gradients of `kw_conv_triton_forward` (kernels recomputed, weight gradients in bounded chunks).
+
+    dy [B, C_out, *out_size] (any strides); output_mask: which of (x, attn, warehouse, bias) need a gradient.
+    -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias);
+    dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse.
+    """
+    _check(x, attn, warehouse, None, out_channels, kernel_size, stride, padding, dilation, groups)
+    need_x, need_attn, need_warehouse, need_bias = output_mask
+    x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
+    dy4 = dy.unsqueeze(2) if dy.dim() == 3 else dy
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    dx = _empty(x.shape, x.dtype, x.device) if need_x else None
+    dattn = _empty(attn.shape, attn.dtype, attn.device) if need_attn else None
+    dcells = torch.zeros(cells.shape, dtype=_acc_torch_dtype(x.dtype), device=x.device) if need_warehouse else None
+    dbias = None
+    if has_bias and need_bias:
+        dbias = _bias_grad(dy4) if layer.batch else dy.new_zeros(out_channels)
+    if layer.batch == 0:
+        if dx is not None:
+            dx.zero_()
+        if dattn is not None:
+            dattn.zero_()
+        return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
+    precision = _input_precision(x.dtype, input_precision)
+    dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
+    mode = mode or choose_mode(layer.height * layer.width, layer.n, x.element_size())
+    if mode not in MODES:
+        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
+    if need_x and mode == "fused":
+        _launch_dx(dy4, attn, cells, None, dx4, layer, True, precision)
+    chunk = _chunk(layer, x.element_size())
+    flat_cells = cells.reshape(layer.n, -1)
+    for b0 in range(0, layer.batch, chunk):
+        b1 = min(layer.batch, b0 + chunk)
+        if need_x and mode == "two_phase":
+            weights = _mix(attn[b0:b1], cells, layer, precision)
+            _launch_dx(dy4[b0:b1], attn[b0:b1], cells, weights, dx4[b0:b1], layer, False, precision)
+            del weights
+        if need_attn or need_warehouse:
+            # per-sample weight gradients of the chunk in cell order, then the two contractions
+            dw = _launch_wgrad(x4[b0:b1], dy4[b0:b1], layer, precision).view((b1 - b0) * layer.m, -1)
+            if need_attn:
+                dattn[b0:b1] = _matmul(dw, flat_cells.t(), precision).view(b1 - b0, layer.m, layer.n)
+            if need_warehouse:
+                attn_rows = attn[b0:b1].reshape((b1 - b0) * layer.m, layer.n)
+                dcells.view(layer.n, -1).add_(_matmul(attn_rows.t(), dw, precision))
+    dwarehouse = dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None
+    return dx, dattn, dwarehouse, dbias
