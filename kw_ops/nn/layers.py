@@ -28,6 +28,8 @@ class KWLayer(nn.Module):
     """
 
     dims: int = 0
+    # KW op backend for this layer ('torch', 'triton', 'cuda'; None: use_backend() / KW_OPS_BACKEND / automatic)
+    backend: str | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, warehouse: Warehouse | KWConfig | None = None,
@@ -161,7 +163,8 @@ class KWLayer(nn.Module):
                             self._conv_padding, self.dilation, self.groups)
         else:
             y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups)
+                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
+                        backend=self.backend)
         return y.squeeze(0) if unbatched else y
 
 

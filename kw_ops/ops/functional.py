@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from .torch_impl import kw_conv_torch
+from .backends import select_backend
+from .op import kw_conv_op
 
 __all__ = ["kw_conv", "normalize_tuple"]
 
@@ -86,7 +87,7 @@ def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
 def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None = None, *,
             out_channels: int, kernel_size: Sequence[int] | int, stride: Sequence[int] | int = 1,
             padding: Sequence[int] | int = 0, dilation: Sequence[int] | int = 1, groups: int = 1,
-            formulation: str | None = None) -> torch.Tensor:
+            formulation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """KernelWarehouse convolution: per-sample kernels mixed from a shared warehouse, then convolved.
 
     x          [B, C_in, *size]              any memory format
@@ -97,7 +98,9 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
 
     Mixture j = (s * GO + go) * GI + gi of sample b fills output block go, input block gi and
     spatial cell s of that sample's kernel (SPEC §2). `formulation` forces 'grouped' or 'gemm'
-    (see kw_ops.ops.torch_impl); the default picks by shape.
+    (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton' or
+    'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
+    kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward).
 
     >>> x, attn, wh = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
     >>> kw_conv(x, attn, wh, out_channels=8, kernel_size=3, padding=1).shape
@@ -117,5 +120,6 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     if formulation is not None and formulation not in ("grouped", "gemm"):
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
-    return kw_conv_torch(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
-                         formulation)
+    name = select_backend(x, attn, warehouse, bias, backend)
+    return kw_conv_op(x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding),
+                      list(dilation), groups, name, formulation or "")

@@ -4,15 +4,25 @@ Per sample b (SPEC §2): the m mixtures w[b, j] = Σ_k attn[b, j, k] · E[k] are
 kernel W_b (mixture j = (s * GO + go) * GI + gi covers output block go, input block gi and
 spatial cell s), then y_b = conv(x_b, W_b) + bias.
 
+Backward (DESIGN.md, "The op"), with dW_b gathered back into cell order [m, cell]:
+
+    dx_b = conv_transpose(dy_b, W_b)      dW_b = conv_weight_grad(x_b, dy_b)
+    dattn[b] = dW_b @ E^T                 dE = Σ_b attn[b]^T @ dW_b          dbias = Σ dy
+
+Only x, attn and E are needed: the per-sample kernels are recomputed in bounded pieces, never
+B × the layer's weights at once.
+
 Two formulations, chosen per layer shape (`choose_formulation`):
 
-- "grouped": one mixing GEMM for all samples, the tiles permuted into [B*O, I, *k] and a single
-  convolution with groups = B * groups. Any groups, including depthwise. Its kernels are
-  written twice (GEMM output + permuted copy), which is cheap where HW' is large and P small.
-- "gemm" (groups = 1): the attention rows and the warehouse are permuted first (both small) so
-  the mixing GEMM writes each sample's kernel once, directly as the [K*I, c_out] matrices a
-  per-sample im2col GEMM consumes; the output comes out channels-last. Wins where HW' is small
-  and the kernels are large (late stages), where the released formulation is slowest.
+- "grouped": samples in chunks of at most `CHUNK_BYTES` of per-sample kernels; per chunk one
+  mixing GEMM, the tiles permuted into [Bc*O, I, *k] and one convolution with groups = Bc * groups
+  (aten.convolution_backward for dx and dW in the backward). Any groups, including depthwise.
+  Best where the convolution dominates (many output positions, small kernels: early stages).
+- "gemm" (groups = 1): im2col of x once ([B, K*I, HW'], small in late stages); output channels in
+  blocks of at most `BLOCK_BYTES` of mixed kernels for all samples, each block mixed, permuted in
+  cache and consumed at once by a batched GEMM (the backward reuses the same blocks for dcols, dW,
+  dattn and dE; col2im gives dx). Best where mixing dominates (few positions, large kernels: late
+  stages, where the released formulation is slowest).
 
 Limits: padding is given as ints (the layers turn 'same'/'valid' into ints or pre-pad); cells
 are either spatially 1 (spatial partition) or the whole kernel.
@@ -25,16 +35,32 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kw_conv_torch", "assemble_kernels", "choose_formulation", "FORMULATIONS"]
+__all__ = ["kw_conv_torch", "kw_conv_backward_torch", "assemble_kernels", "gather_cells", "choose_formulation",
+           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES"]
 
 FORMULATIONS = ("grouped", "gemm")
+# Per-sample kernels materialised at once by the grouped formulation (a chunk of samples).
+CHUNK_BYTES = 32 << 20
+# Mixed kernels of one output-channel block (all samples) in the gemm formulation: about L2-sized.
+BLOCK_BYTES = 2 << 20
+# The gemm formulation is chosen where mixing (2·n·P per sample) is at least this fraction of the
+# convolution (2·HW'·P per sample), i.e. n / HW' >= GEMM_MIX_RATIO (measured on the KW1x ResNet shapes).
+GEMM_MIX_RATIO = 0.2
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _grid(x_channels: int, warehouse: torch.Tensor, out_channels: int, kernel_size: Sequence[int], groups: int):
+    """(S, GO, GI): spatial cells per kernel, output blocks, input blocks of one layer."""
     _, c_out, c_in, *cell_k = warehouse.shape
     in_per_group = x_channels // groups
     return math.prod(kernel_size) // math.prod(cell_k), out_channels // c_out, in_per_group // c_in
+
+
+def _output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> list[int]:
+    return [
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)
+    ]
 
 
 def assemble_kernels(attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, in_per_group: int,
@@ -53,65 +79,219 @@ def assemble_kernels(attn: torch.Tensor, warehouse: torch.Tensor, out_channels: 
     return mixed.permute(0, 2, 4, 3, 5, 1, 6).reshape(batch, out_channels, in_per_group, *kernel_size)
 
 
-def _output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> list[int]:
-    return [
-        (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)
-    ]
+def gather_cells(weight_grad: torch.Tensor, warehouse: torch.Tensor) -> torch.Tensor:
+    """Inverse layout of `assemble_kernels`: [B, O, I, *k] -> [B, m, cell] in mixture order."""
+    batch, out_channels, in_per_group, *kernel_size = weight_grad.shape
+    n, c_out, c_in, *cell_k = warehouse.shape
+    ck = math.prod(cell_k)
+    spatial = math.prod(kernel_size) // ck
+    tiles = weight_grad.reshape(batch, out_channels // c_out, c_out, in_per_group // c_in, c_in, spatial, ck)
+    # [B, GO, c_out, GI, c_in, S, CK] -> [B, S, GO, GI, c_out, c_in, CK]
+    return tiles.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, -1, c_out * c_in * ck)
 
 
-def _grouped(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups):
+# -- grouped formulation ----------------------------------------------------------------------
+def _sample_chunk(batch: int, kernel_numel: int, element_size: int) -> int:
+    return max(1, min(batch, CHUNK_BYTES // max(1, kernel_numel * element_size)))
+
+
+def _grouped_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups):
     batch, channels, *size = x.shape
-    weight = assemble_kernels(attn, warehouse, out_channels, channels // groups, kernel_size)
+    in_per_group = channels // groups
+    out = _output_size(size, kernel_size, stride, padding, dilation)
+    chunk = _sample_chunk(batch, out_channels * in_per_group * math.prod(kernel_size), x.element_size())
     conv = _CONV[len(size)]
-    y = conv(x.reshape(1, batch * channels, *size), weight.reshape(batch * out_channels, *weight.shape[2:]),
-             None, stride, padding, dilation, batch * groups)
-    return y.view(batch, out_channels, *y.shape[2:])
+    if chunk >= batch:  # one chunk: the convolution's output is the result (no copy into y)
+        weight = assemble_kernels(attn, warehouse, out_channels, in_per_group, kernel_size)
+        ys = conv(x.reshape(1, batch * channels, *size),
+                  weight.reshape(batch * out_channels, in_per_group, *kernel_size), None, stride, padding, dilation,
+                  batch * groups)
+        return ys.view(batch, out_channels, *out)
+    y = x.new_empty(batch, out_channels, *out)
+    for b0 in range(0, batch, chunk):
+        b1 = min(batch, b0 + chunk)
+        weight = assemble_kernels(attn[b0:b1], warehouse, out_channels, in_per_group, kernel_size)
+        xs = x[b0:b1].reshape(1, (b1 - b0) * channels, *size)
+        ys = conv(xs, weight.reshape((b1 - b0) * out_channels, in_per_group, *kernel_size), None, stride, padding,
+                  dilation, (b1 - b0) * groups)
+        y[b0:b1] = ys.view(b1 - b0, out_channels, *out)
+    return y
 
 
-def _im2col_channels_last(x, kernel_size, stride, padding, dilation, spatial_major: bool):
-    """Sliding windows of x [B, C, *size] as [B, prod(out), K*C] ((s, c) order) or [B, prod(out), C*K]."""
+def _grouped_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
+                      need_x, need_attn, need_warehouse):
+    batch, channels, *size = x.shape
+    n = warehouse.shape[0]
+    in_per_group = channels // groups
+    dims = len(size)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    dattn = torch.empty_like(attn) if need_attn else None
+    dwarehouse = torch.zeros_like(warehouse) if need_warehouse else None
+    cells = warehouse.reshape(n, -1)
+    need_weight = need_attn or need_warehouse
+    chunk = _sample_chunk(batch, out_channels * in_per_group * math.prod(kernel_size), x.element_size())
+    for b0 in range(0, batch, chunk):
+        b1 = min(batch, b0 + chunk)
+        bc = b1 - b0
+        weight = assemble_kernels(attn[b0:b1], warehouse, out_channels, in_per_group, kernel_size)
+        weight = weight.reshape(bc * out_channels, in_per_group, *kernel_size)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad[b0:b1].reshape(1, bc * out_channels, *grad.shape[2:]), x[b0:b1].reshape(1, bc * channels, *size),
+            weight, None, list(stride), list(padding), list(dilation), False, [0] * dims, bc * groups,
+            [need_x, need_weight, False])
+        if need_x:
+            dx[b0:b1] = grad_x.view(bc, channels, *size)
+        if need_weight:
+            tiles = gather_cells(grad_w.view(bc, out_channels, in_per_group, *kernel_size), warehouse)
+            if need_attn:
+                torch.matmul(tiles, cells.t(), out=dattn[b0:b1])
+            if need_warehouse:
+                dwarehouse.view(n, -1).addmm_(attn[b0:b1].reshape(-1, n).t(), tiles.reshape(-1, cells.shape[1]))
+    return dx, dattn, dwarehouse
+
+
+# -- gemm formulation -------------------------------------------------------------------------
+def _im2col(x, kernel_size, stride, padding, dilation, channel_major: bool):
+    """Sliding windows of x [B, C, *size]: [B, K, C, L] (kernel-major) or [B, C, K, L] (channel-major)."""
     batch, channels, *size = x.shape
     dims = len(size)
-    padded = x.new_zeros(batch, *(s + 2 * p for s, p in zip(size, padding)), channels)
-    inner = tuple(slice(p, p + s) for s, p in zip(size, padding))
-    padded[(slice(None), *inner)] = x.movedim(1, -1)
+    if any(padding):
+        x = F.pad(x, [v for p in reversed(padding) for v in (p, p)])
+    x = x.contiguous()
     out = _output_size(size, kernel_size, stride, padding, dilation)
-    # strides of the padded [B, *padded_size, C] tensor
-    pstrides = padded.stride()
-    windows = padded.as_strided(
-        (batch, *out, *kernel_size, channels),
-        (pstrides[0], *(pstrides[1 + d] * stride[d] for d in range(dims)),
-         *(pstrides[1 + d] * dilation[d] for d in range(dims)), 1),
-    )
-    if not spatial_major:
-        windows = windows.movedim(-1, 1 + dims)
-    return windows.reshape(batch, math.prod(out), -1), out
+    st = x.stride()
+    kernel_strides = [st[2 + d] * dilation[d] for d in range(dims)]
+    out_strides = [st[2 + d] * stride[d] for d in range(dims)]
+    if channel_major:
+        shape, strides = (batch, channels, *kernel_size, *out), (st[0], st[1], *kernel_strides, *out_strides)
+    else:
+        shape, strides = (batch, *kernel_size, channels, *out), (st[0], *kernel_strides, st[1], *out_strides)
+    windows = x.as_strided(shape, strides)
+    k, positions = math.prod(kernel_size), math.prod(out)
+    shape = (batch, channels, k, positions) if channel_major else (batch, k, channels, positions)
+    return windows.reshape(shape).contiguous(), out
 
 
-def _gemm(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation):
-    batch, channels, *size = x.shape
+def _col2im(cols, size, kernel_size, stride, padding, dilation, channel_major: bool):
+    """Adjoint of `_im2col`: sums the windows back into [B, C, *size]."""
+    dims = len(size)
+    batch = cols.shape[0]
+    channels = cols.shape[1] if channel_major else cols.shape[2]
+    out = _output_size(size, kernel_size, stride, padding, dilation)
+    padded = cols.new_zeros(batch, channels, *(s + 2 * p for s, p in zip(size, padding)))
+    for t, offsets in enumerate(_kernel_offsets(kernel_size)):
+        region = tuple(slice(o * d, o * d + st * (n_out - 1) + 1, st)
+                       for o, d, st, n_out in zip(offsets, dilation, stride, out))
+        piece = cols[:, :, t] if channel_major else cols[:, t]
+        padded[(slice(None), slice(None), *region)] += piece.view(batch, channels, *out)
+    inner = tuple(slice(p, p + s) for s, p in zip(size, padding))
+    return padded[(slice(None), slice(None), *inner)]
+
+
+def _kernel_offsets(kernel_size):
+    """Row-major kernel positions: [(0, 0), (0, 1), ...]."""
+    positions = [()]
+    for k in kernel_size:
+        positions = [p + (i,) for p in positions for i in range(k)]
+    return positions
+
+
+def _gemm_layout(x, warehouse, out_channels, kernel_size):
+    """Shared geometry of the gemm formulation and the output-channel block size."""
+    batch, channels = x.shape[:2]
     n, c_out, c_in, *cell_k = warehouse.shape
     spatial, go, gi = _grid(channels, warehouse, out_channels, kernel_size, 1)
-    ck = math.prod(cell_k)
-    # Rows (go, s, gi) and columns (c_in, CK, c_out): the GEMM output for one (b, go) is the
-    # [K*I, c_out] weight matrix in the window order of the im2col below; written once.
-    attn_rows = attn.view(batch, spatial, go, gi, n).transpose(1, 2).reshape(batch * go * spatial * gi, n)
-    cells = warehouse.reshape(n, c_out, c_in * ck).transpose(1, 2).reshape(n, c_in * ck * c_out)
-    weights = torch.mm(attn_rows, cells).view(batch, go, spatial * gi * c_in * ck, c_out)
-    cols, out = _im2col_channels_last(x, kernel_size, stride, padding, dilation, spatial_major=ck == 1)
-    y = torch.matmul(cols.unsqueeze(1), weights)  # [B, GO, HW', c_out]
-    y = y.permute(0, 2, 1, 3).reshape(batch, *out, out_channels)
-    return y.movedim(-1, 1)
+    inner = c_in * math.prod(cell_k)  # one cell row: (q, ck)
+    block = BLOCK_BYTES // max(1, batch * spatial * gi * inner * x.element_size())
+    return n, c_out, spatial, go, gi, inner, max(1, min(c_out, block))
 
 
-def choose_formulation(x_shape: Sequence[int], out_channels: int, kernel_size: Sequence[int], stride, padding,
-                       dilation, groups: int) -> str:
-    """'gemm' where the kernels outweigh the output positions (late stages, groups = 1), else 'grouped'."""
+def _mix_block(attn_go, cells, p0, p1, batch, tiles, inner):
+    """Mixed kernels of output rows p0:p1 of one output block for all samples: [B, rows, S*GI*inner]."""
+    n = cells.shape[0]
+    mixed = torch.mm(attn_go, cells[:, p0:p1].reshape(n, (p1 - p0) * inner))  # rows (b, s, gi), cols (p, q, ck)
+    return mixed.view(batch, tiles, p1 - p0, inner).transpose(1, 2).reshape(batch, p1 - p0, tiles * inner)
+
+
+def _gemm_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation):
+    batch, channels, *size = x.shape
+    n, c_out, spatial, grid_out, grid_in, inner, block = _gemm_layout(x, warehouse, out_channels, kernel_size)
+    channel_major = spatial == 1 and math.prod(kernel_size) > 1
+    cols, out = _im2col(x, kernel_size, stride, padding, dilation, channel_major)
+    cols = cols.view(batch, -1, cols.shape[-1])  # rows (s, gi, q, ck) in both layouts
+    cells = warehouse.reshape(n, c_out, inner)
+    attn_tiles = attn.view(batch, spatial, grid_out, grid_in, n)
+    tiles = spatial * grid_in
+    y = x.new_empty(batch, out_channels, cols.shape[-1])
+    for go in range(grid_out):
+        attn_go = attn_tiles[:, :, go].reshape(batch * tiles, n)
+        for p0 in range(0, c_out, block):
+            p1 = min(c_out, p0 + block)
+            weights = _mix_block(attn_go, cells, p0, p1, batch, tiles, inner)
+            o0 = go * c_out
+            y[:, o0 + p0:o0 + p1] = torch.bmm(weights, cols)
+    return y.view(batch, out_channels, *out)
+
+
+def _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation,
+                   need_x, need_attn, need_warehouse):
+    batch, channels, *size = x.shape
+    n, c_out, spatial, grid_out, grid_in, inner, block = _gemm_layout(x, warehouse, out_channels, kernel_size)
+    channel_major = spatial == 1 and math.prod(kernel_size) > 1
+    cols4, out = _im2col(x, kernel_size, stride, padding, dilation, channel_major)
+    cols = cols4.view(batch, -1, cols4.shape[-1])
+    grad = grad.reshape(batch, out_channels, -1)
+    cells = warehouse.reshape(n, c_out, inner)
+    attn_tiles = attn.view(batch, spatial, grid_out, grid_in, n)
+    tiles = spatial * grid_in
+    dcols = torch.zeros_like(cols) if need_x else None
+    dattn = torch.empty_like(attn_tiles) if need_attn else None
+    dwarehouse = torch.zeros_like(cells) if need_warehouse else None
+    for go in range(grid_out):
+        attn_go = attn_tiles[:, :, go].reshape(batch * tiles, n)
+        dattn_go = attn_go.new_zeros(batch * tiles, n) if need_attn else None
+        for p0 in range(0, c_out, block):
+            p1 = min(c_out, p0 + block)
+            rows = p1 - p0
+            grad_block = grad[:, go * c_out + p0:go * c_out + p1]
+            if need_x:
+                weights = _mix_block(attn_go, cells, p0, p1, batch, tiles, inner)
+                dcols.baddbmm_(weights.transpose(1, 2), grad_block)
+            if need_attn or need_warehouse:
+                # dW for these rows, back in mixing order: rows (b, s, gi), cols (p, q, ck)
+                dw = torch.bmm(grad_block, cols.transpose(1, 2)).view(batch, rows, tiles, inner)
+                dw = dw.transpose(1, 2).reshape(batch * tiles, rows * inner)
+                cells_block = cells[:, p0:p1].reshape(n, rows * inner)
+                if need_attn:
+                    dattn_go.addmm_(dw, cells_block.t())
+                if need_warehouse:
+                    dwarehouse[:, p0:p1] += torch.mm(attn_go.t(), dw).view(n, rows, inner)
+        if need_attn:
+            dattn[:, :, go] = dattn_go.view(batch, spatial, grid_in, n)
+    dx = _col2im(dcols.view_as(cols4), size, kernel_size, stride, padding, dilation, channel_major) \
+        if need_x else None
+    return (dx, dattn.view_as(attn) if need_attn else None,
+            dwarehouse.view_as(warehouse) if need_warehouse else None)
+
+
+# -- entry points -----------------------------------------------------------------------------
+def choose_formulation(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
+                       kernel_size: Sequence[int], stride, padding, dilation, groups: int) -> str:
+    """'gemm' where mixing is a large share of the work (n / HW' >= GEMM_MIX_RATIO) for groups = 1, except
+    1x1 kernels with several output blocks; else 'grouped' (measured on the KW1x ResNet18/50 layer shapes,
+    benchmarks/bench_torch_path.py)."""
+    spatial_cells = math.prod(kernel_size) // math.prod(warehouse_shape[3:])
+    if groups != 1 or (spatial_cells == 1 and warehouse_shape[1] != out_channels):
+        return "grouped"  # 1x1 cells with several output blocks: the grouped conv measured faster
+    positions = math.prod(_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
+    return "gemm" if warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
+
+
+def _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
     if groups != 1:
         return "grouped"
-    positions = math.prod(_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
-    return "gemm" if positions <= out_channels else "grouped"
+    return formulation or choose_formulation(x.shape, warehouse.shape, out_channels, kernel_size, stride, padding,
+                                             dilation, groups)
 
 
 def kw_conv_torch(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
@@ -120,19 +300,45 @@ def kw_conv_torch(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, 
     """KW convolution in pure PyTorch; arguments already checked and normalised (see kw_ops.ops.kw_conv).
 
     x [B, C_in, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [C_out] or None
-    -> y [B, C_out, *out_size]
+    -> y [B, C_out, *out_size] (a fresh contiguous tensor)
     """
-    batch = x.shape[0]
-    if batch == 0:
+    if x.shape[0] == 0:
         out = _output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-        y = x.new_zeros(0, out_channels, *out)
+        return x.new_zeros(0, out_channels, *out)
+    formulation = _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
+                               formulation)
+    if formulation == "gemm":
+        y = _gemm_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation)
     else:
-        formulation = formulation or choose_formulation(x.shape, out_channels, kernel_size, stride, padding,
-                                                        dilation, groups)
-        if formulation == "gemm" and groups == 1:
-            y = _gemm(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation)
-        else:
-            y = _grouped(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
+        y = _grouped_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
     if bias is not None:
-        y = y + bias.view(1, -1, *([1] * (x.dim() - 2)))
+        y += bias.view(1, -1, *([1] * (x.dim() - 2)))
     return y
+
+
+def kw_conv_backward_torch(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
+                           has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                           padding: Sequence[int], dilation: Sequence[int], groups: int,
+                           output_mask: Sequence[bool], formulation: str | None = None):
+    """Gradients of `kw_conv_torch` (hand-written, kernels recomputed in bounded pieces).
+
+    grad [B, C_out, *out_size]; output_mask: which of (x, attn, warehouse, bias) need a gradient.
+    -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias)
+    """
+    need_x, need_attn, need_warehouse, need_bias = output_mask
+    dbias = None
+    if has_bias and need_bias:
+        dbias = grad.sum(dim=[d for d in range(grad.dim()) if d != 1])
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x) if need_x else None, torch.zeros_like(attn) if need_attn else None,
+                torch.zeros_like(warehouse) if need_warehouse else None, dbias)
+    grad = grad.contiguous()
+    formulation = _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
+                               formulation)
+    if formulation == "gemm":
+        dx, dattn, dwarehouse = _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, padding,
+                                               dilation, need_x, need_attn, need_warehouse)
+    else:
+        dx, dattn, dwarehouse = _grouped_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride,
+                                                  padding, dilation, groups, need_x, need_attn, need_warehouse)
+    return dx, dattn, dwarehouse, dbias

@@ -1,0 +1,211 @@
+"""Which implementation runs the KW op: a capability table, the reasons a backend cannot run, the choice.
+
+    torch    pure PyTorch, every device and floating dtype (kw_ops.ops.torch_impl)
+    triton   Triton kernels on CUDA tensors (kw_ops.ops.triton, imported lazily)
+    cuda     the compiled extension kw_ops._C on CUDA tensors
+
+Choice, strongest first: the per-call `backend=` argument (layers: their `backend` attribute), the
+innermost `use_backend(name)` context, the `KW_OPS_BACKEND` environment variable, else automatic
+(`AUTO_ORDER`: the first backend that can run). A forced backend that cannot run raises with every
+reason; an automatic choice that has to skip a fast backend for CUDA tensors warns once per reason set.
+Nothing here imports triton or the extension, or touches the GPU, until asked.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "BackendUnavailableError", "not_supported_reasons",
+           "select_backend", "use_backend", "backend_report", "register_implementation"]
+
+ENV_VAR = "KW_OPS_BACKEND"
+AUTO_ORDER = ("cuda", "triton", "torch")
+_AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run these inputs (the message lists every reason)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the capability table."""
+
+    name: str
+    devices: tuple[str, ...]            # device types it runs on ("*": any)
+    dtypes: tuple[torch.dtype, ...]
+    module: str                         # where its implementation lives (imported on first use)
+    install: str                        # how to get it when missing
+    description: str
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", ("*",), _FLOATS, "kw_ops.ops.torch_impl", "part of kw_ops",
+                     "pure PyTorch (grouped conv / blocked im2col GEMM), every device"),
+    "triton": Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops.ops.triton",
+                      "pip install triton (and a CUDA build of torch)",
+                      "fused mixing + implicit-GEMM conv Triton kernels on CUDA tensors"),
+    "cuda": Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops._C",
+                    "pip install -e . --no-build-isolation on a machine with CUDA torch and nvcc",
+                    "ahead-of-time compiled CUDA kernels (csrc/, the extension kw_ops._C)"),
+}
+
+# name -> (forward, backward) with the signatures of kw_conv_torch / kw_conv_backward_torch.
+_IMPLEMENTATIONS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_implementation(name: str, forward: Callable, backward: Callable) -> None:
+    """Hook for a backend module to provide its twin forward/backward (same normalised arguments as torch)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown KW backend {name!r}; known: {sorted(BACKENDS)}")
+    _IMPLEMENTATIONS[name] = (forward, backward)
+
+
+def implementation(name: str) -> tuple[Callable, Callable]:
+    """(forward, backward) of a backend, importing its module on first use."""
+    if name not in _IMPLEMENTATIONS:
+        if name == "torch":
+            from .torch_impl import kw_conv_backward_torch, kw_conv_torch
+            register_implementation("torch", kw_conv_torch, kw_conv_backward_torch)
+        else:
+            module = importlib.import_module(BACKENDS[name].module)
+            hook = getattr(module, "kw_conv_implementation", None)
+            if hook is None:
+                raise BackendUnavailableError(f"kw_ops backend {name!r}: {BACKENDS[name].module} provides no "
+                                              f"kw_conv_implementation()")
+            register_implementation(name, *hook())
+    return _IMPLEMENTATIONS[name]
+
+
+# -- why a backend cannot run -----------------------------------------------------------------
+def _module_missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _installation_reasons(name: str) -> list[str]:
+    """Reasons that do not depend on the inputs (missing packages, missing build, no GPU)."""
+    backend = BACKENDS[name]
+    reasons = []
+    if name == "triton" and _module_missing("triton"):
+        reasons.append(f"triton is not installed ({backend.install})")
+    if _module_missing(backend.module):
+        if name == "cuda":
+            reasons.append(f"the compiled extension {backend.module} is not built ({backend.install})")
+        else:
+            reasons.append(f"the Triton kernels {backend.module} are not part of this kw_ops installation")
+    elif name not in _IMPLEMENTATIONS and name != "torch" and not _has_hook(backend.module):
+        reasons.append(f"{backend.module} provides no kw_conv_implementation() (not wired into dispatch yet)")
+    return reasons
+
+
+def _has_hook(module: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(module), "kw_conv_implementation")
+    except ImportError:
+        return False
+
+
+def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: torch.Tensor | None = None,
+                          warehouse: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> list[str]:
+    """Every reason `backend` cannot run these tensors (empty: it can). Without tensors: whether it can run here."""
+    if backend not in BACKENDS:
+        return [f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"]
+    spec = BACKENDS[backend]
+    reasons = []
+    tensors = [(label, t) for label, t in (("x", x), ("attn", attn), ("warehouse", warehouse), ("bias", bias))
+               if t is not None]
+    for label, t in tensors:
+        if "*" not in spec.devices and t.device.type not in spec.devices:
+            reasons.append(f"{label} is on {t.device} ({backend} needs {' or '.join(spec.devices)} tensors)")
+        if t.dtype not in spec.dtypes:
+            reasons.append(f"{label} has dtype {t.dtype} ({backend} supports "
+                           f"{', '.join(str(d).replace('torch.', '') for d in spec.dtypes)})")
+    if not tensors and "cuda" in spec.devices and not torch.cuda.is_available():
+        reasons.append(f"no CUDA device here ({backend} needs CUDA tensors)")
+    reasons += _installation_reasons(backend)
+    return reasons
+
+
+# -- choice -----------------------------------------------------------------------------------
+_FORCED: list[str] = []     # stack of use_backend() names
+_WARNED: set[tuple[str, ...]] = set()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend ('torch', 'triton', 'cuda' or 'auto') for kw_conv calls inside the block."""
+    _validate(name, "use_backend")
+    _FORCED.append(name)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+def _validate(name, where: str) -> None:
+    if name != _AUTO and name not in BACKENDS:
+        raise ValueError(f"{where}: unknown KW backend {name!r}; choose one of {', '.join((_AUTO, *BACKENDS))}")
+
+
+def requested_backend(backend: str | None = None) -> tuple[str, str]:
+    """(name or 'auto', where the request came from)."""
+    if backend is not None:
+        _validate(backend, "kw_conv(backend=...)")
+        return backend, "backend= argument"
+    if _FORCED:
+        return _FORCED[-1], "use_backend()"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        _validate(env, ENV_VAR)
+        return env, f"{ENV_VAR}={env}"
+    return _AUTO, "automatic"
+
+
+def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                   backend: str | None = None) -> str:
+    """The backend that runs this call (see the module docstring for the order of precedence)."""
+    name, source = requested_backend(backend)
+    if name != _AUTO:
+        reasons = not_supported_reasons(name, x, attn, warehouse, bias)
+        if reasons:
+            raise BackendUnavailableError(f"kw_ops backend {name!r} ({source}) cannot run this call:\n  - "
+                                          + "\n  - ".join(reasons))
+        return name
+    if x.device.type != "cuda":  # only the torch backend runs off CUDA: no fallback to report
+        return "torch"
+    skipped = []
+    for candidate in AUTO_ORDER:
+        reasons = not_supported_reasons(candidate, x, attn, warehouse, bias)
+        if not reasons:
+            break
+        skipped.append(f"{candidate}: {'; '.join(reasons)}")
+    key = tuple(skipped)
+    if skipped and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"kw_ops: running the KW op with the {candidate!r} backend; skipped " + " | ".join(skipped),
+                      RuntimeWarning, stacklevel=3)
+    return candidate
+
+
+def backend_report() -> list[str]:
+    """Lines for `python -m kw_ops info`: every backend, whether it can run here, and why not."""
+    lines = []
+    name, source = requested_backend()
+    lines.append(f"backend choice: {name} ({source}); automatic order: {' > '.join(AUTO_ORDER)}")
+    for backend in BACKENDS.values():
+        reasons = not_supported_reasons(backend.name)
+        state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
+        dtypes = ", ".join(str(d).replace("torch.", "") for d in backend.dtypes)
+        lines.append(f"{backend.name:7s} {state}  [{backend.description}; devices: {', '.join(backend.devices)}; "
+                     f"dtypes: {dtypes}]")
+    return lines

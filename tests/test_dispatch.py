@@ -1,0 +1,108 @@
+"""Backend choice: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, fallback warning."""
+import warnings
+
+import pytest
+import torch
+
+import kw_ops
+from kw_ops.ops import BackendUnavailableError, backend_report, kw_conv, not_supported_reasons, use_backend
+from kw_ops.ops import backends
+
+
+def _inputs():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
+    return x, attn, warehouse
+
+
+def _call(**kwargs):
+    x, attn, warehouse = _inputs()
+    return kw_conv(x, attn, warehouse, out_channels=8, kernel_size=3, padding=1, **kwargs)
+
+
+def test_torch_backend_runs_everywhere():
+    assert not_supported_reasons("torch", *_inputs()) == []
+    assert _call(backend="torch").shape == (2, 8, 5, 5)
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_forced_backend_that_cannot_run_raises_with_every_reason(name):
+    with pytest.raises(BackendUnavailableError) as info:
+        _call(backend=name)
+    message = str(info.value)
+    for tensor in ("x", "attn", "warehouse"):
+        assert f"{tensor} is on cpu" in message
+    module = backends.BACKENDS[name].module
+    if backends._module_missing(module):
+        assert f"{module}" in message
+    if name == "cuda":
+        assert "kw_ops._C" in message and "pip install" in message
+
+
+def test_env_var_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(BackendUnavailableError, match="KW_OPS_BACKEND=cuda"):
+        _call()
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert _call().shape == (2, 8, 5, 5)
+
+
+def test_unknown_backend_names_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown KW backend 'nope'"):
+        _call(backend="nope")
+    monkeypatch.setenv(backends.ENV_VAR, "nope")
+    with pytest.raises(ValueError, match="KW_OPS_BACKEND"):
+        _call()
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("nope"):
+            pass
+
+
+def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    with use_backend("triton"):
+        with pytest.raises(BackendUnavailableError, match=r"use_backend\(\)"):
+            _call()
+        assert _call(backend="torch").shape == (2, 8, 5, 5)
+        with use_backend("auto"):
+            assert _call().shape == (2, 8, 5, 5)
+    assert _call().shape == (2, 8, 5, 5)
+
+
+def test_layer_backend_attribute_is_passed_to_the_op():
+    layer = kw_ops.KWConv2d(8, 8, 3, padding=1, warehouse=kw_ops.KWConfig())
+    layer.backend = "cuda"
+    with pytest.raises(BackendUnavailableError):
+        layer(torch.randn(2, 8, 5, 5))
+    layer.backend = "torch"
+    assert layer(torch.randn(2, 8, 5, 5)).shape == (2, 8, 5, 5)
+
+
+def test_automatic_choice_on_cpu_is_torch_without_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend(*_inputs(), None) == "torch"
+
+
+class _FakeCudaTensor:
+    """Enough of a tensor for the selection logic: a CUDA device and a dtype."""
+
+    def __init__(self, dtype=torch.float32):
+        self.device, self.dtype = torch.device("cuda", 0), dtype
+
+
+def test_automatic_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(backends, "_WARNED", set())
+    tensors = [_FakeCudaTensor(torch.float64) for _ in range(3)]
+    with pytest.warns(RuntimeWarning, match="'torch' backend; skipped cuda: .*float64"):
+        assert backends.select_backend(*tensors, None, None) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.select_backend(*tensors, None, None) == "torch"
+
+
+def test_backend_report_lists_every_backend():
+    lines = backend_report()
+    assert lines[0].startswith("backend choice:")
+    for name in backends.BACKENDS:
+        assert any(line.startswith(name) for line in lines[1:])
+    assert any(line.startswith("torch") and "available" in line and "unavailable" not in line for line in lines)

@@ -1,0 +1,246 @@
+"""The KW op (torch.ops.kw_ops.kw_conv): forward and every gradient against a float64 loop oracle,
+gradcheck, opcheck, autocast and torch.compile, on CPU."""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kw_ops
+from kw_ops.ops import kw_conv
+from kw_ops.ops.torch_impl import FORMULATIONS
+from oracle import kw_conv_loop
+
+# float64 op vs float64 oracle: only summation order differs.
+TOL_FP64 = {"atol": 1e-10, "rtol": 1e-9}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One layer geometry: x [batch, c_in, *size] through a KW conv with cells [cell_out, cell_in, *cell_k]."""
+
+    batch: int
+    c_in: int
+    c_out: int
+    size: tuple
+    kernel: tuple
+    cell_out: int
+    cell_in: int
+    n: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    bias: bool = True
+    whole_cells: bool = False  # cells = the whole kernel instead of spatial partition (cell kernel 1)
+    channels_last: bool = False
+
+    @property
+    def dims(self):
+        return len(self.size)
+
+    @property
+    def cell_k(self):
+        return self.kernel if self.whole_cells else (1,) * self.dims
+
+    @property
+    def m(self):
+        spatial = math.prod(self.kernel) // math.prod(self.cell_k)
+        return spatial * (self.c_out // self.cell_out) * (self.c_in // self.groups // self.cell_in)
+
+    @property
+    def id(self):
+        text = (f"B{self.batch}-C{self.c_in}-O{self.c_out}-{self.dims}d{'x'.join(map(str, self.size))}"
+                f"-K{'x'.join(map(str, self.kernel))}-cell{self.cell_out}x{self.cell_in}"
+                f"{'-whole' if self.whole_cells else ''}-n{self.n}")
+        for name, value, default in (("s", self.stride, 1), ("p", self.padding, 0), ("d", self.dilation, 1),
+                                     ("g", self.groups, 1)):
+            if value != default:
+                text += f"-{name}{'x'.join(map(str, value)) if isinstance(value, tuple) else value}"
+        if not self.bias:
+            text += "-nobias"
+        if self.channels_last:
+            text += "-cl"
+        return text
+
+    def geometry(self):
+        return {"out_channels": self.c_out, "kernel_size": self.kernel, "stride": self.stride,
+                "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+
+    def tensors(self, dtype=torch.float64):
+        x = torch.randn(self.batch, self.c_in, *self.size, dtype=dtype)
+        if self.channels_last:
+            x = x.to(memory_format=torch.channels_last if self.dims == 2 else torch.channels_last_3d)
+        attn = torch.randn(self.batch, self.m, self.n, dtype=dtype) / self.n
+        warehouse = torch.randn(self.n, self.cell_out, self.cell_in, *self.cell_k, dtype=dtype)
+        bias = torch.randn(self.c_out, dtype=dtype) if self.bias else None
+        return [t.requires_grad_() if t is not None else None for t in (x, attn, warehouse, bias)]
+
+
+CASES = [
+    Case(3, 8, 12, (9, 7), (3, 3), 4, 4, 5, stride=2, padding=1, dilation=2),
+    Case(1, 8, 12, (9, 7), (3, 3), 4, 4, 5, padding=(1, 0), whole_cells=True),
+    Case(3, 8, 8, (6, 5), (3, 3), 8, 8, 4, padding=1, bias=False, channels_last=True),
+    Case(0, 8, 8, (6, 6), (3, 3), 4, 8, 3, padding=1),
+    Case(2, 6, 6, (11,), (3,), 3, 2, 4, padding=1),
+    Case(2, 5, 7, (10,), (5,), 7, 5, 2, stride=3, padding=2, whole_cells=True),
+    Case(2, 4, 6, (4, 5, 3), (3, 3, 1), 3, 2, 4, padding=(1, 1, 0)),
+    Case(2, 2, 2, (3, 4, 3), (2, 2, 2), 2, 2, 3, whole_cells=True, channels_last=True),
+    Case(3, 6, 6, (7, 7), (3, 3), 6, 1, 4, padding=1, groups=6),   # depthwise
+    Case(2, 6, 9, (5, 6), (3, 3), 3, 1, 5, stride=2, padding=1, groups=3),
+    Case(3, 8, 4, (5, 5), (1, 1), 2, 4, 3, stride=2),                # 1x1, several output and input blocks
+    Case(2, 7, 13, (5, 5), (3, 3), 13, 7, 3, padding=1),            # prime channel counts
+    Case(2, 14, 11, (4, 4), (1, 1), 11, 7, 2, bias=False),
+]
+
+
+def _assert_close(actual, expected, what, tol=TOL_FP64):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected.double()).abs()
+    bound = tol["atol"] + tol["rtol"] * expected.double().abs()
+    worst = int((err - bound).argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), expected.shape))
+    assert bool((err <= bound).all()), (f"{what}: worst element {index}: {actual.reshape(-1)[worst].item():.6g} vs "
+                                        f"{expected.reshape(-1)[worst].item():.6g} (|diff| {err.max().item():.3g})")
+
+
+def _oracle(case, x, attn, warehouse, bias):
+    if case.batch == 0:  # the oracle loops over samples; an empty batch has no sample to loop over
+        weight = torch.zeros(case.c_out, case.c_in // case.groups, *case.kernel, dtype=x.dtype)
+        conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+        y = conv[case.dims](x, weight, None, case.stride, case.padding, case.dilation, case.groups)
+        return y + 0 * attn.sum() + 0 * warehouse.sum() + (0 * bias.sum() if bias is not None else 0)
+    return kw_conv_loop(x, attn, warehouse, bias, case.c_out, case.kernel, case.stride, case.padding, case.dilation,
+                        case.groups)
+
+
+@pytest.mark.parametrize("formulation", [None, *FORMULATIONS], ids=lambda f: f or "auto")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_and_gradients_match_loop_oracle(case, formulation):
+    x, attn, warehouse, bias = case.tensors()
+    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
+    expected = _oracle(case, x, attn, warehouse, bias)
+    _assert_close(y, expected, "y")
+    grad = torch.randn_like(expected)
+    inputs = [t for t in (x, attn, warehouse, bias) if t is not None]
+    got = torch.autograd.grad(y, inputs, grad)
+    want = torch.autograd.grad(expected, inputs, grad, allow_unused=True)
+    for name, g, w in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want):
+        _assert_close(g, w if w is not None else torch.zeros_like(g), name)
+
+
+def test_batch_zero_gradients_are_zeros_of_the_right_shape():
+    case = Case(0, 8, 8, (6, 6), (3, 3), 4, 8, 3, padding=1)
+    x, attn, warehouse, bias = case.tensors()
+    y = kw_conv(x, attn, warehouse, bias, **case.geometry())
+    assert y.shape == (0, 8, 6, 6)
+    y.sum().backward()
+    for t in (x, attn, warehouse, bias):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+def test_output_is_fresh_and_contiguous():
+    case = Case(2, 8, 8, (5, 5), (1, 1), 8, 8, 2)
+    x, attn, warehouse, bias = case.tensors()
+    with torch.no_grad():
+        y = kw_conv(x, attn, warehouse, bias, **case.geometry())
+    assert y.is_contiguous()
+    for t in (x, attn, warehouse, bias):
+        assert y.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+
+
+def test_only_requested_gradients_are_computed():
+    case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1)
+    x, attn, warehouse, bias = case.tensors()
+    x.requires_grad_(False)
+    y = kw_conv(x, attn, warehouse, bias, **case.geometry())
+    y.sum().backward()
+    assert x.grad is None and attn.grad is not None and warehouse.grad is not None and bias.grad is not None
+
+
+OPCHECK_CASES = [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]]
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("case", [Case(2, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1),
+                                  Case(2, 4, 4, (4,), (3,), 2, 4, 2, padding=1, whole_cells=True),
+                                  Case(2, 4, 4, (4, 4), (3, 3), 4, 1, 3, padding=1, groups=4)], ids=lambda c: c.id)
+def test_gradcheck(case, formulation):
+    x, attn, warehouse, bias = case.tensors()
+    fn = lambda *ts: kw_conv(*ts, formulation=formulation, **case.geometry())
+    assert torch.autograd.gradcheck(fn, (x, attn, warehouse, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=lambda c: c.id)
+def test_opcheck(case):
+    x, attn, warehouse, bias = case.tensors()
+    args = (x, attn, warehouse, bias, case.c_out, list(_tuple(case.kernel, case.dims)),
+            list(_tuple(case.stride, case.dims)), list(_tuple(case.padding, case.dims)),
+            list(_tuple(case.dilation, case.dims)), case.groups, "torch", "")
+    torch.library.opcheck(torch.ops.kw_ops.kw_conv.default, args)
+
+
+def _tuple(value, dims):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_autocast_cpu_runs_in_the_autocast_dtype(dtype):
+    case = Case(2, 8, 8, (6, 6), (3, 3), 8, 8, 3, padding=1)
+    x, attn, warehouse, bias = case.tensors(torch.float32)
+    expected = kw_conv(x, attn, warehouse, bias, **case.geometry())
+    with torch.autocast("cpu", dtype=dtype):
+        y = kw_conv(x, attn, warehouse, bias, **case.geometry())
+    assert y.dtype == dtype
+    # bf16 rounding of inputs and of the 72-term sums: relative error ~1e-2
+    _assert_close(y, expected, "y (autocast)", {"atol": 5e-2 * expected.abs().max().item(), "rtol": 5e-2})
+    y.float().sum().backward()
+    assert warehouse.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+class _TinyNet(nn.Module):
+    """A KWConv2d layer and a raw kw_conv call (with its own attention parameters) in sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = kw_ops.KWConv2d(4, 8, 3, padding=1, warehouse=kw_ops.KWConfig())
+        self.attn = nn.Linear(8, 9 * 3)
+        self.cells = nn.Parameter(torch.randn(3, 8, 8, 1, 1) * 0.1)
+
+    def forward(self, x):
+        h = self.layer(x)
+        attn = self.attn(h.mean(dim=(2, 3))).view(-1, 9, 3)
+        return kw_conv(h, attn, self.cells, None, out_channels=8, kernel_size=3, padding=1)
+
+
+def test_torch_compile_fullgraph_without_recompiling_per_batch_size():
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _TinyNet().eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=None)
+    with torch.no_grad():
+        for batch in (2, 3, 5, 7):
+            x = torch.randn(batch, 4, 6, 6)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count <= 2, f"compiled {counter.frame_count} times for 4 batch sizes"
+
+
+def test_torch_compile_inductor_training_step():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _TinyNet().train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    x = torch.randn(3, 4, 6, 6)
+    compiled(x).square().mean().backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
