@@ -25,12 +25,16 @@ def test_torch_backend_runs_everywhere():
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_forced_backend_that_cannot_run_raises_with_every_reason(name):
+def test_forced_backend_that_cannot_run_raises_with_every_reason(name, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled Triton, as on a user's machine
     with pytest.raises(BackendUnavailableError) as info:
         _call(backend=name)
     message = str(info.value)
-    for tensor in ("x", "attn", "warehouse"):
-        assert f"{tensor} is on cpu" in message
+    if name == "triton":
+        assert "need CUDA tensors, got cpu" in message
+    else:
+        for tensor in ("x", "attn", "warehouse"):
+            assert f"{tensor} is on cpu" in message
     module = backends.BACKENDS[name].module
     if backends._module_missing(module):
         assert f"{module}" in message
@@ -59,7 +63,7 @@ def test_unknown_backend_names_are_refused(monkeypatch):
 
 def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "torch")
-    with use_backend("triton"):
+    with use_backend("cuda"):
         with pytest.raises(BackendUnavailableError, match=r"use_backend\(\)"):
             _call()
         assert _call(backend="torch").shape == (2, 8, 5, 5)
@@ -106,3 +110,32 @@ def test_backend_report_lists_every_backend():
     for name in backends.BACKENDS:
         assert any(line.startswith(name) for line in lines[1:])
     assert any(line.startswith("torch") and "available" in line and "unavailable" not in line for line in lines)
+
+
+def test_triton_backend_runs_the_op_under_the_interpreter():
+    """The Triton kernels wired behind the registered op (CPU tensors under TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    from kw_ops.ops.triton import interpreting
+
+    if not interpreting():
+        pytest.skip("this CPU test needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    attn = torch.randn(2, 9 * 2, 5, dtype=torch.float64, requires_grad=True)
+    warehouse = torch.randn(5, 8, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        y = kw_ops.ops.kw_conv(x, attn, warehouse, bias, out_channels=8, kernel_size=3, stride=(2, 1), padding=1,
+                               backend=backend)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                    (x, attn, warehouse, bias))
+        outputs[backend] = (y, *grads)
+    for torch_out, triton_out in zip(outputs["torch"], outputs["triton"]):
+        torch.testing.assert_close(triton_out, torch_out, rtol=1e-9, atol=1e-9)
+
+
+def test_forcing_triton_on_a_depthwise_conv_says_why():
+    pytest.importorskip("triton")
+    x, attn, warehouse = torch.randn(2, 4, 5, 5), torch.randn(2, 9, 3), torch.randn(3, 4, 1, 1, 1)
+    with pytest.raises(BackendUnavailableError, match="groups"):
+        kw_ops.ops.kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, groups=4, backend="triton")

@@ -116,10 +116,21 @@ def _has_hook(module: str) -> bool:
 
 
 def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: torch.Tensor | None = None,
-                          warehouse: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> list[str]:
-    """Every reason `backend` cannot run these tensors (empty: it can). Without tensors: whether it can run here."""
+                          warehouse: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                          geometry: dict | None = None) -> list[str]:
+    """Every reason `backend` cannot run these tensors (empty: it can). Without tensors: whether it can run here.
+
+    geometry: the call's normalised out_channels, kernel_size, stride, padding, dilation and groups; with
+    it (and the tensors) the Triton backend also checks the limits of its kernels (and accepts CPU
+    tensors under TRITON_INTERPRET=1, where its kernels are tested).
+    """
     if backend not in BACKENDS:
         return [f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"]
+    if backend == "triton" and geometry is not None and x is not None:
+        from .triton.capability import not_supported_reasons as triton_reasons
+
+        reasons = triton_reasons(x, attn, warehouse, bias, **geometry)
+        return reasons + [r for r in _installation_reasons(backend) if r not in reasons]
     spec = BACKENDS[backend]
     reasons = []
     tensors = [(label, t) for label, t in (("x", x), ("attn", attn), ("warehouse", warehouse), ("bias", bias))
@@ -172,11 +183,11 @@ def requested_backend(backend: str | None = None) -> tuple[str, str]:
 
 
 def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
-                   backend: str | None = None) -> str:
+                   backend: str | None = None, geometry: dict | None = None) -> str:
     """The backend that runs this call (see the module docstring for the order of precedence)."""
     name, source = requested_backend(backend)
     if name != _AUTO:
-        reasons = not_supported_reasons(name, x, attn, warehouse, bias)
+        reasons = not_supported_reasons(name, x, attn, warehouse, bias, geometry)
         if reasons:
             raise BackendUnavailableError(f"kw_ops backend {name!r} ({source}) cannot run this call:\n  - "
                                           + "\n  - ".join(reasons))
@@ -185,7 +196,7 @@ def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
         return "torch"
     skipped = []
     for candidate in AUTO_ORDER:
-        reasons = not_supported_reasons(candidate, x, attn, warehouse, bias)
+        reasons = not_supported_reasons(candidate, x, attn, warehouse, bias, geometry)
         if not reasons:
             break
         skipped.append(f"{candidate}: {'; '.join(reasons)}")

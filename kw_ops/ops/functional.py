@@ -120,6 +120,8 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     if formulation is not None and formulation not in ("grouped", "gemm"):
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
-    name = select_backend(x, attn, warehouse, bias, backend)
+    geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
+                "dilation": dilation, "groups": groups}
+    name = select_backend(x, attn, warehouse, bias, backend, geometry)
     return kw_conv_op(x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding),
                       list(dilation), groups, name, formulation or "")
