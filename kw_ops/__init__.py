@@ -5,15 +5,31 @@
     kw_ops.set_temperature(model, 0.7)
     print(kw_ops.describe(model))
 """
-from . import ops
+from . import (
+    models,  # noqa: E402  (after the layers it builds on)
+    ops,
+)
 from .config import PRESETS, KWConfig
 from .nn import (
-    KWAttention, KWConv1d, KWConv2d, KWConv3d, KWLayer, KWLinear, PlanningError, TemperatureSchedule, Warehouse,
-    assign_cells, convert, count_parameters, describe, get_temperature, per_layer, plan_warehouse, set_temperature,
+    KWAttention,
+    KWConv1d,
+    KWConv2d,
+    KWConv3d,
+    KWLayer,
+    KWLinear,
+    PlanningError,
+    TemperatureSchedule,
+    Warehouse,
+    assign_cells,
+    convert,
+    count_parameters,
+    describe,
+    get_temperature,
+    per_layer,
+    plan_warehouse,
+    set_temperature,
     warehouses,
 )
-
-from . import models  # noqa: E402  (after the layers it builds on)
 
 __version__ = "0.1.0"
 

@@ -71,12 +71,12 @@ class KWConfig:
         """k for b = 1/k: one mixture in k gets a fresh cell, the others the zero cell."""
         return round(1 / self.budget)
 
-    def replace(self, **changes) -> "KWConfig":
+    def replace(self, **changes) -> KWConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def preset(cls, name: str, **changes) -> "KWConfig":
+    def preset(cls, name: str, **changes) -> KWConfig:
         """The paper's named budgets: 'kw1d4x', 'kw1d2x', 'kw1x', 'kw2x', 'kw4x'."""
         if name not in PRESETS:
             raise ValueError(f"KWConfig.preset: unknown preset {name!r}; known: {sorted(PRESETS)}")

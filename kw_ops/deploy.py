@@ -39,7 +39,7 @@ class FrozenBatchNorm1d(nn.Module):
             self.register_buffer(name, torch.full((num_features,), fill))
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm1d) -> "FrozenBatchNorm1d":
+    def from_batchnorm(cls, bn: nn.BatchNorm1d) -> FrozenBatchNorm1d:
         frozen = cls(bn.num_features, bn.eps).to(bn.running_mean.device, bn.running_mean.dtype)
         with torch.no_grad():
             frozen.weight.copy_(bn.weight)

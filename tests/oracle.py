@@ -25,7 +25,8 @@ def kernels_loop(attn, warehouse, out_channels, in_per_group, kernel_size):
                     j = (s * go_count + go) * gi_count + gi
                     mixed = sum(attn[b, j, k] * warehouse[k] for k in range(n))
                     spatial = tuple(slice(p * c, (p + 1) * c) for p, c in zip(cell_pos, cell_k))
-                    weight[(b, slice(go * c_out, (go + 1) * c_out), slice(gi * c_in, (gi + 1) * c_in), *spatial)] = mixed
+                    rows, cols = slice(go * c_out, (go + 1) * c_out), slice(gi * c_in, (gi + 1) * c_in)
+                    weight[(b, rows, cols, *spatial)] = mixed
     assert m == math.prod(grid_sizes) * go_count * gi_count
     return weight
 

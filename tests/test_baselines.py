@@ -11,8 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kw_ops.baselines import (
-    BaselineTemperatureSchedule, DYConv2d, ODConv2d, get_baseline_temperature, mobilenetv2_dyconv_rule,
-    resnet_dyconv_rule, resnet_odconv_rule, set_baseline_formulation, set_baseline_temperature, to_dyconv,
+    BaselineTemperatureSchedule,
+    DYConv2d,
+    ODConv2d,
+    get_baseline_temperature,
+    mobilenetv2_dyconv_rule,
+    resnet_dyconv_rule,
+    resnet_odconv_rule,
+    set_baseline_formulation,
+    set_baseline_temperature,
+    to_dyconv,
     to_odconv,
 )
 
@@ -106,11 +114,11 @@ def od_reference(layer: ODConv2d, x: torch.Tensor) -> torch.Tensor:
     kh, kw = layer.kernel_size
     outputs = []
     for b, xb in enumerate(x):
-        def head(name, fn=torch.sigmoid):
+        def head(name, fn=torch.sigmoid, hb=h[b]):
             key = f"attention.{name}_fc"
             if key + ".weight" not in p:
                 return None
-            return fn((p[key + ".weight"] @ h[b] + p[key + ".bias"]) / T)
+            return fn((p[key + ".weight"] @ hb + p[key + ".bias"]) / T)
         a_c, a_f = head("channel"), head("filter")
         a_s, a_w = head("spatial"), head("kernel", lambda z: torch.softmax(z, dim=0))
         a_s = torch.ones(kh * kw, dtype=torch.float64) if a_s is None else a_s

@@ -2,11 +2,11 @@
 import pytest
 import torch
 import torch.nn as nn
+from oracle import kw_conv_loop
 
 import kw_ops
 from kw_ops.deploy import FrozenBatchNorm1d, export_onnx, prepare_for_detection
 from kw_ops.ops.export_impl import export_conv, export_mode
-from oracle import kw_conv_loop
 
 DT = torch.float64
 

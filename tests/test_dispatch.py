@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import kw_ops
-from kw_ops.ops import BackendUnavailableError, backend_report, kw_conv, not_supported_reasons, use_backend
-from kw_ops.ops import backends
+from kw_ops.ops import BackendUnavailableError, backend_report, backends, kw_conv, not_supported_reasons, use_backend
 
 
 def _inputs():

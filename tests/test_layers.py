@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from oracle import caf, kw_conv_loop
 
 import kw_ops
 from kw_ops import KWConfig, KWConv1d, KWConv2d, KWConv3d, KWLinear, Warehouse
 from kw_ops.nn.planning import ZERO_CELL
-from oracle import CONV, caf, kw_conv_loop
 
 DT = torch.float64
 
@@ -28,9 +28,9 @@ CASES = {
 }
 
 
-def _layer(case, config=KWConfig(), **extra):
+def _layer(case, config=None, **extra):
     cls, cin, cout, k, kwargs, size = CASES[case]
-    layer = cls(cin, cout, k, **kwargs, warehouse=Warehouse("w", config), dtype=DT, **extra)
+    layer = cls(cin, cout, k, **kwargs, warehouse=Warehouse("w", config or KWConfig()), dtype=DT, **extra)
     with torch.no_grad():
         if layer.bias is not None:
             layer.bias.normal_()
@@ -100,7 +100,8 @@ def test_alternative_attention_functions(function):
     layer.eval()
     att = layer.attention
     z = att.fc2(F.relu(att.norm1(att.fc1(x.mean(dim=(2, 3)))))).view(3, layer.m, -1)
-    expected = {"softmax": z.softmax(-1), "sigmoid": z.sigmoid(), "relu_l1": z.clamp_min(0) / (z.abs().sum(-1, True) + 1e-3)}
+    expected = {"softmax": z.softmax(-1), "sigmoid": z.sigmoid(),
+                "relu_l1": z.clamp_min(0) / (z.abs().sum(-1, True) + 1e-3)}
     torch.testing.assert_close(att(x), expected[function][..., :-1])
 
 
@@ -361,7 +362,8 @@ def test_training_a_small_kw_net_with_the_schedule_and_reload():
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         buffer.seek(0)
-        fresh = kw_ops.convert(copy.deepcopy(net), model[2].warehouse.config, sharing=lambda n, m: "body" if n in ("2", "4") else None)
+        fresh = kw_ops.convert(copy.deepcopy(net), model[2].warehouse.config,
+                               sharing=lambda n, m: "body" if n in ("2", "4") else None)
         fresh.load_state_dict(torch.load(buffer))
         fresh.eval()
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn as nn
+from oracle import kw_conv_loop
 
 import kw_ops
 from kw_ops.ops import kw_conv
 from kw_ops.ops.torch_impl import FORMULATIONS
-from oracle import kw_conv_loop
 
 # float64 op vs float64 oracle: only summation order differs.
 TOL_FP64 = {"atol": 1e-10, "rtol": 1e-9}

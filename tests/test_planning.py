@@ -1,6 +1,5 @@
 """Warehouse planning (SPEC §1, §4) on hand-planned layers: cell shapes, m, n, β and refusals."""
 import pytest
-import torch
 import torch.nn as nn
 
 import kw_ops

@@ -9,11 +9,21 @@ Each layer runs the 'released' formulation (per-sample weights + one conv with g
 the authors' code) or a 'fast' pure-PyTorch one (default); benchmarks should say which.
 """
 from .common import (
-    FORMULATIONS, INFERENCE_TEMPERATURE, BaselineConv2d, BaselineTemperatureSchedule, get_baseline_temperature,
-    set_baseline_formulation, set_baseline_temperature,
+    FORMULATIONS,
+    INFERENCE_TEMPERATURE,
+    BaselineConv2d,
+    BaselineTemperatureSchedule,
+    get_baseline_temperature,
+    set_baseline_formulation,
+    set_baseline_temperature,
 )
 from .convert import (
-    RULES, mobilenetv2_dyconv_rule, mobilenetv2_odconv_rule, resnet_dyconv_rule, resnet_odconv_rule, to_dyconv,
+    RULES,
+    mobilenetv2_dyconv_rule,
+    mobilenetv2_odconv_rule,
+    resnet_dyconv_rule,
+    resnet_odconv_rule,
+    to_dyconv,
     to_odconv,
 )
 from .dyconv import DY_HIDDEN_OFFSET, DYAttention, DYConv2d

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.functional import normalize_tuple
+from ..nn.geometry import ConvGeometry
 
 __all__ = [
     "BaselineConv2d", "BaselineTemperatureSchedule", "FORMULATIONS", "INFERENCE_TEMPERATURE",
@@ -27,36 +27,17 @@ ANNEAL_EPOCHS = 10
 #: 'fast': the cheapest pure-PyTorch formulation for the layer (see each layer's `path()`);
 #: 'mix': DY-Conv only, output mixing forced (one dense conv with K·C_out filters, then Σ_k π_k y_k).
 FORMULATIONS = ("fast", "released", "mix")
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-class BaselineConv2d(nn.Module):
+class BaselineConv2d(ConvGeometry):
     """Geometry, checks, padding and temperature of the dynamic-conv baselines (not used directly)."""
 
+    dims = 2
     formulations: tuple[str, ...] = ("fast", "released")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
                  padding_mode: str, formulation: str, factory: dict):
-        super().__init__()
-        name = type(self).__name__
-        for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"{name}: in_channels={in_channels} and out_channels={out_channels} must both be "
-                             f"divisible by groups={groups}")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(f"{name}: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = normalize_tuple(kernel_size, 2, f"{name}.kernel_size")
-        self.stride = normalize_tuple(stride, 2, f"{name}.stride")
-        self.dilation = normalize_tuple(dilation, 2, f"{name}.dilation")
-        if min(self.kernel_size + self.stride + self.dilation) < 1:
-            raise ValueError(f"{name}: kernel_size, stride and dilation must be >= 1, got {self.kernel_size}, "
-                             f"{self.stride}, {self.dilation}")
-        self.padding_mode = padding_mode
-        self.padding = padding if isinstance(padding, str) else normalize_tuple(padding, 2, f"{name}.padding")
-        self._pre_pad, self._conv_padding = self._resolve_padding(padding)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self.formulation = formulation
         self.register_buffer("temperature", torch.tensor(INFERENCE_TEMPERATURE, **factory))
 
@@ -76,67 +57,7 @@ class BaselineConv2d(nn.Module):
         """Elements of one kernel W_k: C_out · C_in/g · kh · kw."""
         return self.out_channels * self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
-    def _resolve_padding(self, padding):
-        """(F.pad amounts applied before the conv or None, the conv's symmetric padding)."""
-        name = type(self).__name__
-        if padding == "valid":
-            amounts = [(0, 0), (0, 0)]
-        elif padding == "same":
-            if self.stride != (1, 1):
-                raise ValueError(f"{name}: padding='same' needs stride 1, got stride={self.stride}")
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            amounts = [(t // 2, t - t // 2) for t in totals]
-        elif isinstance(padding, str):
-            raise ValueError(f"{name}: padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
-        else:
-            pads = normalize_tuple(padding, 2, f"{name}.padding")
-            if min(pads) < 0:
-                raise ValueError(f"{name}: padding must be >= 0, got {pads}")
-            amounts = [(p, p) for p in pads]
-        if self.padding_mode == "zeros" and all(lo == hi for lo, hi in amounts):
-            return None, tuple(lo for lo, _ in amounts)
-        return [amounts[1][0], amounts[1][1], amounts[0][0], amounts[0][1]], (0, 0)  # F.pad: last dim first
-
-    def _geometry_repr(self) -> str:
-        text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            text += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            text += f", dilation={self.dilation}"
-        if self.groups != 1:
-            text += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            text += f", padding_mode={self.padding_mode!r}"
-        return text
-
     # -- forward helpers ----------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Check the input and add a batch dim to unbatched input; returns (x [B, C_in, H, W], unbatched)."""
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: input must be a tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name}: input must be floating point, got {x.dtype}")
-        unbatched = x.dim() == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected input [B, {self.in_channels}, H, W] or unbatched "
-                             f"[{self.in_channels}, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name}: expected {self.in_channels} input channels, got {x.shape[1]} "
-                             f"(input shape {tuple(x.shape)})")
-        if x.dtype != reference.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}: input dtype {x.dtype} differs from the layer's {reference.dtype}; "
-                            f"cast the input or the model (model.to(dtype))")
-        return x, unbatched
-
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the padding the conv itself cannot (asymmetric 'same', non-zero padding modes)."""
-        if self._pre_pad is None:
-            return x
-        return F.pad(x, self._pre_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
-
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self._conv_padding, self.dilation, groups)
 

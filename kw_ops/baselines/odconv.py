@@ -147,7 +147,7 @@ class ODConv2d(BaselineConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] (or unbatched [C_in, H, W]) -> [B, C_out, H', W']."""
-        x, unbatched = self._check(x, self.weight)
+        x, unbatched = self._check_input(x, self.weight)
         batch = x.shape[0]
         if batch == 0:
             y = self._conv(self._pad(x), self.weight[0], self.bias, self.groups)

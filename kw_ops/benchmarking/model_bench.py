@@ -218,6 +218,14 @@ def run(model_names, budgets_for, settings: Settings) -> list[dict]:
     return rows
 
 
+def _ratio(row: dict, base: dict, key: str) -> str:
+    return f"{row[key] / base[key]:.2f}x" if row.get(key) and base.get(key) else "–"
+
+
+def _megabytes(row: dict, key: str) -> str:
+    return f"{row[key]:.0f}" if row.get(key) is not None else "–"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a markdown table with ratios to the static network of the same model."""
     static = {r["model"]: r for r in rows if r["method"] == "static" and r["status"] == "ok"}
@@ -228,18 +236,11 @@ def markdown_table(rows: list[dict]) -> str:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||| ")
             continue
-        base = static.get(r["model"])
-
-        def ratio(key, invert=False):
-            if not base or not r.get(key) or not base.get(key):
-                return "–"
-            value = base[key] / r[key] if invert else r[key] / base[key]
-            return f"{value:.2f}x"
-
-        mem = lambda key: f"{r[key]:.0f}" if r.get(key) is not None else "–"
+        base = static.get(r["model"], {})
         lines.append(f"| {r['model']} | {r['method']} | {r['params'] / 1e6:.2f} | {r['infer_images_per_s']:.1f} | "
-                     f"{ratio('infer_images_per_s')} | {r['train_step_ms']:.1f} | {ratio('train_step_ms')} | "
-                     f"{mem('infer_peak_mb')} | {mem('train_peak_mb')} | {ratio('train_peak_mb')} |")
+                     f"{_ratio(r, base, 'infer_images_per_s')} | {r['train_step_ms']:.1f} | "
+                     f"{_ratio(r, base, 'train_step_ms')} | {_megabytes(r, 'infer_peak_mb')} | "
+                     f"{_megabytes(r, 'train_peak_mb')} | {_ratio(r, base, 'train_peak_mb')} |")
     return "\n".join(lines)
 
 
@@ -289,7 +290,8 @@ def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated backbones")
-    parser.add_argument("--budgets", default=None, help="comma-separated KW budgets (default: 1x,4x; --full: the paper's)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated KW budgets (default: 1x,4x; --full: the paper's)")
     parser.add_argument("--full", action="store_true", help="the paper's settings (224x224, batch 100 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int)
@@ -331,10 +333,10 @@ def main(argv=None) -> int:
     note = plot(csv_path, out / f"bench_models_{settings.device}.png", rows[0]["git_sha"])
     print(f"\n{device_name(settings.device)} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · "
           f"git {rows[0]['git_sha']} · {rows[0]['date']} UTC")
+    memory_kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "not measured")
     print(f"settings: inference batch {settings.batch}, training batch {settings.train_batch}, "
           f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}, "
-          f"median of {settings.iters} after {settings.warmup} warm-up; memory: "
-          f"{rows[0].get('memory_kind') or next((r.get('memory_kind') for r in rows if r.get('memory_kind')), 'not measured')}"
+          f"median of {settings.iters} after {settings.warmup} warm-up; memory: {memory_kind}"
           + ("" if args.full else " (quick settings; --full for the paper's)"))
     print(f"csv: {csv_path}; {note}\n")
     print(markdown_table(rows))

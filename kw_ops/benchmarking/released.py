@@ -15,7 +15,7 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def released_kw_conv(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
-    """x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k] -> [B, O, *out] as the authors compute it."""
+    """x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k] -> [B, O, *out], the authors' way."""
     batch, channels, *size = x.shape
     n, c_out, c_in, *cell_k = warehouse.shape
     spatial = 1

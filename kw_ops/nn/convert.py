@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 import torch.nn as nn
 

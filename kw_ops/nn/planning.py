@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..config import KWConfig
 
@@ -143,7 +143,8 @@ def plan_warehouse(name: str, shapes: Sequence[WeightShape], config: KWConfig) -
                 f"(gcd of the warehouse's out/in channels {gcd_out}/{gcd_in} times out_ratio "
                 f"{config.out_ratio} / in_ratio {config.in_ratio}); pick ratios that divide the gcds"
             )
-        grids.append((math.prod(s.kernel) // math.prod(cell_kernel), s.out_channels // cell_out, s.in_per_group // cell_in))
+        spatial = math.prod(s.kernel) // math.prod(cell_kernel)
+        grids.append((spatial, s.out_channels // cell_out, s.in_per_group // cell_in))
 
     total = sum(math.prod(g) for g in grids)
     n = max(int(config.budget * total), 1)

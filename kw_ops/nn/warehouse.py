@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import KWConfig
-from .planning import LayerPlan, PlanningError, WarehousePlan, WeightShape, plan_warehouse
+from .planning import LayerPlan, PlanningError, WarehousePlan, plan_warehouse
 
 __all__ = ["Warehouse"]
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,7 +33,8 @@ def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
             raise TypeError(f"kw_conv: {name} must be floating point, got {t.dtype}")
     dims = len(kernel_size)
     if x.dim() != dims + 2:
-        raise ValueError(f"kw_conv: x must be [B, C_in, *{dims} spatial dims] ({dims + 2}-D), got shape {tuple(x.shape)}")
+        raise ValueError(f"kw_conv: x must be [B, C_in, *{dims} spatial dims] ({dims + 2}-D), "
+                         f"got shape {tuple(x.shape)}")
     if warehouse.dim() != dims + 3:
         raise ValueError(
             f"kw_conv: warehouse must be [n, c_out, c_in, *{dims} cell dims], got shape {tuple(warehouse.shape)}"
@@ -111,8 +112,8 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     else:
         dims = len(kernel_size)
     if dims not in (1, 2, 3):
-        raise ValueError(f"kw_conv: warehouse must be [n, c_out, c_in, *cell_k] with 1-3 cell dims, got "
-                         f"{tuple(warehouse.shape) if isinstance(warehouse, torch.Tensor) else type(warehouse).__name__}")
+        got = tuple(warehouse.shape) if isinstance(warehouse, torch.Tensor) else type(warehouse).__name__
+        raise ValueError(f"kw_conv: warehouse must be [n, c_out, c_in, *cell_k] with 1-3 cell dims, got {got}")
     kernel_size = normalize_tuple(kernel_size, dims, "kernel_size")
     stride = normalize_tuple(stride, dims, "stride")
     padding = normalize_tuple(padding, dims, "padding")

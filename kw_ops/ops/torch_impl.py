@@ -30,7 +30,7 @@ are either spatially 1 (spatial partition) or the whole kernel.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,6 @@ def _im2col(x, kernel_size, stride, padding, dilation, channel_major: bool):
 
 def _col2im(cols, size, kernel_size, stride, padding, dilation, channel_major: bool):
     """Adjoint of `_im2col`: sums the windows back into [B, C, *size]."""
-    dims = len(size)
     batch = cols.shape[0]
     channels = cols.shape[1] if channel_major else cols.shape[2]
     out = _output_size(size, kernel_size, stride, padding, dilation)
