@@ -244,3 +244,24 @@ def test_torch_compile_inductor_training_step():
     model(x).square().mean().backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("formulation", ["grouped", "gemm"])
+def test_compiled_backward_matches_eager_for_each_formulation(formulation):
+    """The backward op's fake kernel must describe the real gradients (layout included) on every path."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 8, 5, 5, requires_grad=True)
+    attn = torch.randn(3, 18, 4, requires_grad=True)
+    warehouse = torch.randn(4, 8, 4, 1, 1, requires_grad=True)
+
+    def run(x, attn, warehouse):
+        return kw_conv(x, attn, warehouse, None, out_channels=8, kernel_size=3, padding=1, stride=2,
+                       formulation=formulation).square().sum()
+
+    compiled = torch.compile(run, fullgraph=True)
+    got = torch.autograd.grad(compiled(x, attn, warehouse), (x, attn, warehouse))
+    expected = torch.autograd.grad(run(x, attn, warehouse), (x, attn, warehouse))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
