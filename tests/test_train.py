@@ -139,6 +139,13 @@ def test_command_line_smoke(data, tmp_path):
     assert (tmp_path / "last.pt").exists() and len((tmp_path / "log.csv").read_text().splitlines()) == 2
 
 
+def test_command_line_compile(data, tmp_path):
+    result = _command("--model", "tiny_kw1x", "--data", data, "--epochs", "1", "--batch-size", "4", "--image-size",
+                      "16", "--workers", "0", "--max-steps", "2", "--out", str(tmp_path), "--compile", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "last.pt").exists()
+
+
 def test_command_line_unknown_model_is_a_clear_error(data, tmp_path):
     result = _command("--model", "no_such_net", "--data", data, "--out", str(tmp_path))
     assert result.returncode == 2 and "no_such_net" in result.stderr
