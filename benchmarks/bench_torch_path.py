@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 import kw_ops
+from kw_ops.benchmarking.measure import allocator_peak_mb
+from kw_ops.benchmarking.released import released_kw_conv
 from kw_ops.ops import kw_conv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,13 +72,8 @@ def label(shape) -> str:
 # -- providers --------------------------------------------------------------------------------
 def released_conv(x, attn, warehouse, out_channels, kernel, stride, padding):
     """The released formulation: mixing mm, permuted copy into [B*O, I, k, k], conv with groups = B."""
-    batch, channels = x.shape[:2]
-    n, c_out, c_in = warehouse.shape[:3]
-    spatial, go, gi = kernel * kernel, out_channels // c_out, channels // c_in
-    mixed = torch.mm(attn.reshape(-1, n), warehouse.reshape(n, -1)).view(batch, spatial, go, gi, c_out, c_in)
-    weight = mixed.permute(0, 2, 4, 3, 5, 1).reshape(batch * out_channels, channels, kernel, kernel)
-    y = F.conv2d(x.reshape(1, batch * channels, *x.shape[2:]), weight, None, stride, padding, 1, batch)
-    return y.view(batch, out_channels, *y.shape[2:])
+    return released_kw_conv(x, attn, warehouse.view(*warehouse.shape[:3], 1, 1), None, out_channels,
+                            (kernel, kernel), (stride, stride), (padding, padding), (1, 1), 1)
 
 
 def make_case(shape, batch, provider, train):
@@ -119,17 +115,9 @@ def median_ms(fn) -> float:
 
 
 def peak_mb(fn) -> float:
-    """Peak bytes allocated above the starting point during one call (CPU allocator events)."""
+    """Peak bytes allocated above the starting point during one call (CPU allocator events), after a warm-up."""
     fn()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak / 2**20
+    return allocator_peak_mb(fn)
 
 
 def network_case(net, provider, batch, train):

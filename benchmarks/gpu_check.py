@@ -41,8 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kw_ops.models.registry import create  # noqa: E402
-from kw_ops.nn.layers import KWLayer  # noqa: E402
+from kw_ops.benchmarking.layer_shapes import kw_layer_shapes as layer_shapes  # noqa: E402
+from kw_ops.benchmarking.layer_shapes import out_size, shape_text  # noqa: E402
 from kw_ops.ops.torch_impl import kw_conv_backward_torch, kw_conv_torch  # noqa: E402
 from kw_ops.ops.triton import not_supported_reasons  # noqa: E402
 
@@ -113,51 +113,6 @@ def measure_peaks() -> dict:
 
 
 # -- step 3: layers ----------------------------------------------------------------------------------------
-def layer_shapes(model_name: str, resolution: int = 224) -> list[dict]:
-    """Distinct KW layer calls of a model: geometry recorded by forward pre-hooks on a batch-1 CPU forward."""
-    model = create(model_name).eval()
-    seen, layers = {}, []
-
-    def hook(module, inputs):
-        x = inputs[0]
-        size = list(x.shape[2:])
-        if module._pre_pad is not None:  # padding applied before the op: the op sees the padded size
-            for d in range(len(size)):
-                size[-1 - d] += module._pre_pad[2 * d] + module._pre_pad[2 * d + 1]
-        n = module.warehouse.cells.shape[0]
-        cell = tuple(module.warehouse.cells.shape[1:])
-        spec = dict(channels=module.in_channels, out=module.out_channels, size=tuple(size),
-                    kernel=tuple(module.kernel_size), stride=tuple(module.stride),
-                    padding=tuple(module._conv_padding), dilation=tuple(module.dilation), groups=module.groups,
-                    bias=module.bias is not None, n=n, cell=cell, m=module.m)
-        key = tuple(sorted(spec.items()))
-        if key in seen:
-            seen[key]["count"] += 1
-        elif len(spec["kernel"]) == 2:
-            seen[key] = {"layer": name_of[module], "count": 1, **spec}
-            layers.append(seen[key])
-
-    name_of = {m: name for name, m in model.named_modules() if isinstance(m, KWLayer)}
-    handles = [m.register_forward_pre_hook(hook) for m in name_of]
-    with torch.no_grad():
-        model(torch.randn(1, 3, resolution, resolution))
-    for h in handles:
-        h.remove()
-    return layers
-
-
-def out_size(spec):
-    return [(s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip(spec["size"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"])]
-
-
-def shape_text(spec):
-    h, w = spec["size"]
-    text = f"{spec['channels']}->{spec['out']} {spec['kernel'][0]}x{spec['kernel'][1]}/s{spec['stride'][0]} @{h}x{w}"
-    text += f" n={spec['n']} m={spec['m']}"
-    return text + (f" g={spec['groups']}" if spec["groups"] != 1 else "")
-
-
 def roofline(spec, batch, elem, kw: bool, mode: str, peaks) -> tuple[float, float]:
     """(FLOPs, floor ms) of one layer call by the DESIGN.md cost model."""
     oh, ow = out_size(spec)

@@ -1,4 +1,4 @@
-"""Command line: `python -m kw_ops {bench, train, attention-map, info, demo, describe MODEL}`."""
+"""Command line: `python -m kw_ops {bench, bench-op, train, attention-map, info, demo, describe MODEL}`."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,10 @@ def main(argv=None) -> int:
         from .benchmarking.model_bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["bench-op"]:
+        from .benchmarking.op_bench import main as bench_op_main
+
+        return bench_op_main(argv[1:])
     if argv[:1] == ["train"]:
         from .train.__main__ import main as train_main
 
@@ -48,6 +52,8 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("bench", help="images/s, training step and memory of static/DY-Conv/ODConv/KW networks "
                         "(python -m kw_ops bench --help)")
+    commands.add_parser("bench-op", help="the KW op per layer shape vs static conv and the released formulation, "
+                        "against the measured roofline (python -m kw_ops bench-op --help)")
     commands.add_parser("train", help="train a registered model on an ImageFolder with the paper's recipes "
                         "(python -m kw_ops train --help)")
     commands.add_parser("attention-map", help="mean attentions per warehouse over a dataset as a PNG "

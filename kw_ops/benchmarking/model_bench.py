@@ -8,8 +8,6 @@ import contextlib
 import csv
 import dataclasses
 import datetime
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -20,7 +18,7 @@ import torch
 from .. import models
 from ..baselines import set_baseline_formulation
 from ..nn.describe import count_parameters
-from .measure import cuda_peak_mb, inference_seconds, make_inputs, peak_rss_mb, train_step_seconds
+from .measure import inference_seconds, make_inputs, step_peak_mb, train_step_seconds
 from .released import released_formulation
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenetv2_100")
@@ -94,8 +92,12 @@ def methods_for(model: str, budgets) -> list[Method]:
 
 def _environment() -> dict:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[2], timeout=10).stdout.strip() or "unknown"
+        root = Path(__file__).resolve().parents[2]
+        git = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True, cwd=root,
+                                           timeout=10).stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD") or "unknown"
+        if sha != "unknown" and git("status", "--porcelain", "--untracked-files=no"):
+            sha += "+dirty"
     except (OSError, subprocess.SubprocessError):
         sha = "unknown"
     try:
@@ -135,45 +137,25 @@ def formulation(model, released: bool):
 
 
 def _measure(method: Method, model, settings: Settings, xs, ys, train_xs, train_ys) -> dict:
+    device, amp = settings.device, settings.amp
     with formulation(model, method.released):
-        infer = inference_seconds(model, xs, settings.device, settings.amp, settings.warmup, settings.iters)
-        train = train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, settings.warmup,
-                                   settings.iters)
-    return {"infer_images_per_s": settings.batch / infer, "train_step_ms": train * 1e3}
+        infer = inference_seconds(model, xs, device, amp, settings.warmup, settings.iters)
+        row = {"infer_images_per_s": settings.batch / infer}
+        if settings.memory:
+            row["infer_peak_mb"] = step_peak_mb(lambda: inference_seconds(model, xs[:1], device, amp, 0, 1), device)
+        train = train_step_seconds(model, train_xs, train_ys, device, amp, settings.warmup, settings.iters)
+        row["train_step_ms"] = train * 1e3
+        if settings.memory:
+            row["train_peak_mb"] = step_peak_mb(
+                lambda: train_step_seconds(model, train_xs[:1], train_ys[:1], device, amp, 0, 1), device)
+    row["memory_kind"] = memory_kind(device) if settings.memory else "not measured"
+    return row
 
 
-def memory_probe(name: str, released: bool, settings: Settings) -> dict:
-    """Peak memory of inference and of training for one method (run in a fresh process on CPU)."""
-    model = _build(name, settings)
-    xs, _ = make_inputs(settings.batch, settings.size, settings.device, settings.channels_last, count=1)
-    train_xs, train_ys = make_inputs(settings.train_batch, settings.size, settings.device, settings.channels_last,
-                                     count=1)
-    result = {}
-    with formulation(model, released):
-        if settings.device == "cuda":
-            result["infer_peak_mb"] = cuda_peak_mb(
-                lambda: inference_seconds(model, xs, settings.device, settings.amp, 0, 1), settings.device)
-            result["train_peak_mb"] = cuda_peak_mb(
-                lambda: train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, 0, 1),
-                settings.device)
-            result["memory_kind"] = "CUDA allocator peak above the model"
-        else:
-            inference_seconds(model, xs, settings.device, settings.amp, 0, 1)
-            result["infer_peak_mb"] = peak_rss_mb()
-            train_step_seconds(model, train_xs, train_ys, settings.device, settings.amp, 0, 1)
-            result["train_peak_mb"] = peak_rss_mb()
-            result["memory_kind"] = "peak RSS of a fresh process (model + one step)"
-    return result
-
-
-def _cpu_memory(name: str, released: bool, settings: Settings) -> dict:
-    command = [sys.executable, "-m", "kw_ops.benchmarking.model_bench", "--probe", name,
-               "--probe-settings", json.dumps(dataclasses.asdict(settings))] + (["--released"] if released else [])
-    out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "memory probe failed")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def memory_kind(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return "CUDA allocator peak of one step above what was allocated before"
+    return "CPU allocator peak of one step above the start (torch.profiler memory events; oneDNN scratch unseen)"
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -205,11 +187,6 @@ def run(model_names, budgets_for, settings: Settings) -> list[dict]:
             model = built[method.model_name]
             row["params"] = count_parameters(model)
             row.update(_measure(method, model, settings, xs, ys, train_xs, train_ys))
-            if settings.memory:
-                if settings.device == "cuda":
-                    row.update(memory_probe(method.model_name, method.released, settings))
-                else:
-                    row.update(_cpu_memory(method.model_name, method.released, settings))
             rows.append({**row, "status": "ok", "reason": ""})
         except (RuntimeError, NotImplementedError, ValueError) as error:
             rows.append({**row, "status": "skipped", "reason": f"{type(error).__name__}: {error}"})
@@ -300,13 +277,7 @@ def main(argv=None) -> int:
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the PNG")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)
-    parser.add_argument("--probe-settings", help=argparse.SUPPRESS)
-    parser.add_argument("--released", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.probe:
-        print(json.dumps(memory_probe(args.probe, args.released, Settings(**json.loads(args.probe_settings)))))
-        return 0
     settings = full_settings(args.device) if args.full else quick_settings(args.device)
     for field in ("batch", "size", "iters"):
         if getattr(args, field):
