@@ -51,7 +51,7 @@ class Settings:
 def quick_settings(device: str) -> Settings:
     if device == "cuda":
         return Settings(device, 32, 16, 224, 10, 3, "bf16", True, True)
-    return Settings(device, 4, 2, 64, 5, 2, None, False, True)
+    return Settings(device, 4, 2, 64, 3, 1, None, False, True)
 
 
 def full_settings(device: str) -> Settings:
