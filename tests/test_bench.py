@@ -25,7 +25,7 @@ def test_rows_have_fields_and_skips_have_reasons():
 
 def test_cli_writes_csv_with_memory(tmp_path):
     command = [sys.executable, "-m", "kw_ops", "bench", "--models", "resnet18", "--budgets", "1x", "--batch", "2",
-               "--size", "32", "--iters", "1", "--out", str(tmp_path)]
+               "--size", "32", "--iters", "1", "--channels-last", "on", "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| model | method |" in result.stdout and "git " in result.stdout
@@ -34,3 +34,4 @@ def test_cli_writes_csv_with_memory(tmp_path):
     measured = [r for r in rows if r["status"] == "ok"]
     assert {r["method"] for r in measured} >= {"static", "KW (1x) released", "KW (1x) kw_ops"}
     assert all(float(r["train_peak_mb"]) > 0 and r["device"] and r["torch"] for r in measured)
+    assert all(r["channels_last"] == "True" for r in measured)

@@ -51,7 +51,7 @@ class Settings:
 def quick_settings(device: str) -> Settings:
     if device == "cuda":
         return Settings(device, 32, 16, 224, 10, 3, "bf16", True, True)
-    return Settings(device, 4, 2, 64, 3, 1, None, False, True)
+    return Settings(device, 4, 2, 64, 5, 2, None, False, True)
 
 
 def full_settings(device: str) -> Settings:
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int)
     parser.add_argument("--iters", type=int)
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
+    parser.add_argument("--channels-last", choices=("on", "off"), help="default: on for CUDA, off for CPU")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the PNG")
     args = parser.parse_args(argv)
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
     if args.amp:
         settings.amp = None if args.amp == "none" else args.amp
     settings.memory = not args.no_memory
+    if args.channels_last:
+        settings.channels_last = args.channels_last == "on"
     model_names = [m for m in args.models.split(",") if m]
     unknown = [m for m in model_names if m not in models.list_models()]
     if unknown:
