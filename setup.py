@@ -1,7 +1,7 @@
 """Build kw_ops. The CUDA extension kw_ops._C (csrc/) is built only where a CUDA torch and nvcc exist.
 
-Environment: KW_OPS_NO_CUDA=1 skips the extension, KW_OPS_FORCE_CUDA=1 builds it without a visible
-GPU (needs nvcc), MAX_JOBS bounds ninja's parallel jobs.
+Environment: KW_OPS_NO_CUDA=1 skips the extension; MAX_JOBS bounds ninja's parallel jobs. No GPU
+needs to be visible at build time: a CUDA build of torch and nvcc are enough.
 """
 import glob
 import os
