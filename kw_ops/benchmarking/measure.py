@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -68,14 +70,34 @@ def train_step_seconds(model: nn.Module, xs, ys, device, amp=None, warmup=2, ite
     return _median_seconds(step, list(zip(xs, ys)), device, warmup, iters)
 
 
+@contextlib.contextmanager
+def _silent_stderr_fd():
+    """Hide what C++ code writes to file descriptor 2 (the profiler's start/stop lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def allocator_peak_mb(run) -> float:
     """Peak bytes (MiB) the CPU allocator held above the start while `run()` executes, from the memory
     events of torch.profiler (allocations minus frees, in order). Memory oneDNN allocates for itself
     is not seen."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _silent_stderr_fd():
+        prof.__enter__()
+    try:
         run()
+    finally:
+        with _silent_stderr_fd():
+            prof.__exit__(None, None, None)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     current = peak = 0
