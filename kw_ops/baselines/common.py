@@ -36,9 +36,15 @@ class BaselineConv2d(ConvGeometry):
     formulations: tuple[str, ...] = ("fast", "released")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
-                 padding_mode: str, formulation: str, factory: dict):
+                 padding_mode: str, formulation: str, num_kernels: int, factory: dict):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        if not isinstance(num_kernels, int) or isinstance(num_kernels, bool) or num_kernels < 1:
+            raise ValueError(f"{type(self).__name__}: num_kernels must be a positive int, got {num_kernels!r}")
         self.formulation = formulation
+        self.num_kernels = num_kernels
+        # the K kernels W_k: [K, C_out, C_in / groups, kh, kw] (initialised by the subclass)
+        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, *self.kernel_size,
+                                               **factory))
         self.register_buffer("temperature", torch.tensor(INFERENCE_TEMPERATURE, **factory))
 
     # -- settings ---------------------------------------------------------------------------

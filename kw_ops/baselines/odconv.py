@@ -92,12 +92,7 @@ class ODConv2d(BaselineConv2d):
                  padding_mode: str = "zeros", device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
-                         formulation, factory)
-        if not isinstance(num_kernels, int) or isinstance(num_kernels, bool) or num_kernels < 1:
-            raise ValueError(f"ODConv2d: num_kernels must be a positive int, got {num_kernels!r}")
-        self.num_kernels = num_kernels
-        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups, *self.kernel_size,
-                                               **factory))
+                         formulation, num_kernels, factory)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, num_kernels, **factory)
         self.reset_parameters()
