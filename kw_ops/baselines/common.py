@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.geometry import ConvGeometry
+from ..ops.torch_impl import conv_output_size
 
 __all__ = [
     "BaselineConv2d", "BaselineTemperatureSchedule", "FORMULATIONS", "INFERENCE_TEMPERATURE",
@@ -69,10 +70,9 @@ class BaselineConv2d(ConvGeometry):
 
     def _output_size(self, height: int, width: int) -> tuple[int, int]:
         """H', W' of the conv for an (already pre-padded) input of height × width."""
-        size = []
-        for n, k, s, p, d in zip((height, width), self.kernel_size, self.stride, self._conv_padding, self.dilation):
-            size.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
-        return size[0], size[1]
+        out_h, out_w = conv_output_size((height, width), self.kernel_size, self.stride, self._conv_padding,
+                                        self.dilation)
+        return out_h, out_w
 
     def _pointwise_input(self, x: torch.Tensor) -> torch.Tensor:
         """A 1x1 conv's receptive field: the (pre-padded) input zero-padded and subsampled by the stride."""

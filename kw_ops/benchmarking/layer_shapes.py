@@ -10,6 +10,7 @@ import torch
 
 from ..models.registry import create
 from ..nn.layers import KWLayer
+from ..ops.torch_impl import conv_output_size
 
 __all__ = ["kw_layer_shapes", "out_size", "shape_text"]
 
@@ -50,8 +51,7 @@ def kw_layer_shapes(model_name: str, resolution: int = 224) -> list[dict]:
 
 def out_size(spec: dict) -> list[int]:
     """Output spatial size of a spec's convolution."""
-    return [(s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip(spec["size"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"])]
+    return conv_output_size(spec["size"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"])
 
 
 def shape_text(spec: dict) -> str:

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .torch_impl import assemble_kernels
+from .torch_impl import assemble_kernels, conv_output_size
 
 __all__ = ["export_conv", "exporting", "export_mode"]
 
@@ -52,8 +52,7 @@ def export_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bi
     weight = assemble_kernels(attn, warehouse, out_channels, in_per_group, kernel_size)  # [B, O, I, *k]
     weight = weight.reshape(-1, groups, out_per_group, in_per_group, math.prod(kernel_size))
     padded = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)]) if any(padding) else x
-    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
-           for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)]
+    out = conv_output_size(size, kernel_size, stride, padding, dilation)
     y = None
     for offset, position in enumerate(itertools.product(*map(range, kernel_size))):
         window = padded

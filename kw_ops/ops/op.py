@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import implementation
-from .torch_impl import _output_size
+from .torch_impl import conv_output_size
 
 __all__ = ["kw_conv_op", "kw_conv_backward_op"]
 
@@ -33,7 +33,7 @@ def kw_conv_op(x: Tensor, attn: Tensor, warehouse: Tensor, bias: Optional[Tensor
 @kw_conv_op.register_fake
 def _kw_conv_fake(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups, backend,
                   formulation):
-    out = _output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+    out = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     return x.new_empty(x.shape[0], out_channels, *out)
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kw_conv_torch", "kw_conv_backward_torch", "assemble_kernels", "gather_cells", "choose_formulation",
-           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES"]
+           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES", "conv_output_size"]
 
 FORMULATIONS = ("grouped", "gemm")
 # Per-sample kernels materialised at once by the grouped formulation (a chunk of samples).
@@ -56,7 +56,8 @@ def _grid(x_channels: int, warehouse: torch.Tensor, out_channels: int, kernel_si
     return math.prod(kernel_size) // math.prod(cell_k), out_channels // c_out, in_per_group // c_in
 
 
-def _output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> list[int]:
+def conv_output_size(size: Sequence[int], kernel_size, stride, padding, dilation) -> list[int]:
+    """Output spatial size of a convolution with symmetric int padding: one int per spatial dim."""
     return [
         (s + 2 * p - d * (k - 1) - 1) // st + 1
         for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)
@@ -98,7 +99,7 @@ def _sample_chunk(batch: int, kernel_numel: int, element_size: int) -> int:
 def _grouped_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups):
     batch, channels, *size = x.shape
     in_per_group = channels // groups
-    out = _output_size(size, kernel_size, stride, padding, dilation)
+    out = conv_output_size(size, kernel_size, stride, padding, dilation)
     chunk = _sample_chunk(batch, out_channels * in_per_group * math.prod(kernel_size), x.element_size())
     conv = _CONV[len(size)]
     if chunk >= batch:  # one chunk: the convolution's output is the result (no copy into y)
@@ -158,7 +159,7 @@ def _im2col(x, kernel_size, stride, padding, dilation, channel_major: bool):
     if any(padding):
         x = F.pad(x, [v for p in reversed(padding) for v in (p, p)])
     x = x.contiguous()
-    out = _output_size(size, kernel_size, stride, padding, dilation)
+    out = conv_output_size(size, kernel_size, stride, padding, dilation)
     st = x.stride()
     kernel_strides = [st[2 + d] * dilation[d] for d in range(dims)]
     out_strides = [st[2 + d] * stride[d] for d in range(dims)]
@@ -176,7 +177,7 @@ def _col2im(cols, size, kernel_size, stride, padding, dilation, channel_major: b
     """Adjoint of `_im2col`: sums the windows back into [B, C, *size]."""
     batch = cols.shape[0]
     channels = cols.shape[1] if channel_major else cols.shape[2]
-    out = _output_size(size, kernel_size, stride, padding, dilation)
+    out = conv_output_size(size, kernel_size, stride, padding, dilation)
     padded = cols.new_zeros(batch, channels, *(s + 2 * p for s, p in zip(size, padding)))
     for t, offsets in enumerate(_kernel_offsets(kernel_size)):
         region = tuple(slice(o * d, o * d + st * (n_out - 1) + 1, st)
@@ -282,7 +283,7 @@ def choose_formulation(x_shape: Sequence[int], warehouse_shape: Sequence[int], o
     spatial_cells = math.prod(kernel_size) // math.prod(warehouse_shape[3:])
     if groups != 1 or (spatial_cells == 1 and warehouse_shape[1] != out_channels):
         return "grouped"  # 1x1 cells with several output blocks: the grouped conv measured faster
-    positions = math.prod(_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
+    positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
     return "gemm" if warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
 
 
@@ -302,7 +303,7 @@ def kw_conv_torch(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, 
     -> y [B, C_out, *out_size] (a fresh contiguous tensor)
     """
     if x.shape[0] == 0:
-        out = _output_size(x.shape[2:], kernel_size, stride, padding, dilation)
+        out = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
         return x.new_zeros(0, out_channels, *out)
     formulation = _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
                                formulation)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from ..torch_impl import conv_output_size
 from .capability import not_supported_reasons
 from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
@@ -110,8 +111,7 @@ def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
 def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation) -> _Layer:
     batch, channels, height, width = x4.shape
     n, c_out, c_in, ck = cells.shape
-    out = [(size + 2 * p - d * (k - 1) - 1) // s + 1
-           for size, k, s, p, d in zip((height, width), kernel_size, stride, padding, dilation)]
+    out = conv_output_size((height, width), kernel_size, stride, padding, dilation)
     return _Layer(batch, channels, height, width, out_channels, out[0], out[1], n, c_out, c_in,
                   out_channels // c_out, channels // c_in, ck, kernel_size[0], kernel_size[1], stride, padding,
                   dilation)
