@@ -9,8 +9,7 @@ import torch.nn as nn
 from oracle import kw_conv_loop
 
 import kw_ops
-from kw_ops.ops import kw_conv
-from kw_ops.ops.torch_impl import FORMULATIONS
+from kw_ops.ops import backends, kw_conv, torch_impl
 
 # float64 op vs float64 oracle: only summation order differs.
 TOL_FP64 = {"atol": 1e-10, "rtol": 1e-9}
@@ -117,7 +116,7 @@ def _oracle(case, x, attn, warehouse, bias):
                         case.groups)
 
 
-@pytest.mark.parametrize("formulation", [None, *FORMULATIONS], ids=lambda f: f or "auto")
+@pytest.mark.parametrize("formulation", [None, *torch_impl.FORMULATIONS], ids=lambda f: f or "auto")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_and_gradients_match_loop_oracle(case, formulation):
     x, attn, warehouse, bias = case.tensors()
@@ -152,19 +151,32 @@ def test_output_is_fresh_and_contiguous():
         assert y.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
 
 
-def test_only_requested_gradients_are_computed():
-    case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_only_requested_gradients_are_computed(monkeypatch, with_bias):
+    """The output mask that reaches the backend's backward asks only for what autograd needs."""
+    forward, backward = backends.implementation("torch")
+    masks = []
+
+    def spy(*args):
+        masks.append(list(args[11]))
+        return backward(*args)
+
+    monkeypatch.setitem(backends._IMPLEMENTATIONS, "torch", (forward, spy))
+    case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1, bias=with_bias)
     x, attn, warehouse, bias = case.tensors()
     x.requires_grad_(False)
-    y = kw_conv(x, attn, warehouse, bias, **case.geometry())
-    y.sum().backward()
-    assert x.grad is None and attn.grad is not None and warehouse.grad is not None and bias.grad is not None
+    kw_conv(x, attn, warehouse, bias, **case.geometry()).sum().backward()
+    warehouse.grad = None
+    attn.requires_grad_(False)
+    kw_conv(x, attn, warehouse, None, **case.geometry()).sum().backward()
+    assert masks == [[False, True, True, with_bias], [False, False, True, False]]
+    assert warehouse.grad is not None
 
 
 OPCHECK_CASES = [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]]
 
 
-@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("formulation", torch_impl.FORMULATIONS)
 @pytest.mark.parametrize("case", [Case(2, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1),
                                   Case(2, 4, 4, (4,), (3,), 2, 4, 2, padding=1, whole_cells=True),
                                   Case(2, 4, 4, (4, 4), (3, 3), 4, 1, 3, padding=1, groups=4)], ids=lambda c: c.id)
@@ -265,3 +277,35 @@ def test_compiled_backward_matches_eager_for_each_formulation(formulation):
     expected = torch.autograd.grad(run(x, attn, warehouse), (x, attn, warehouse))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+# Pieces forced tiny so that every layer runs in several grouped chunks / gemm blocks, the last one ragged
+# (5 samples in chunks of 2; 5 or 3 output rows per block of output channels in blocks of 2).
+PIECE_CASES = [
+    ("grouped", Case(5, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1, groups=2)),
+    ("grouped", Case(5, 6, 4, (4, 5), (3, 3), 2, 3, 3, padding=1, whole_cells=True)),
+    ("gemm", Case(3, 6, 10, (5, 5), (3, 3), 5, 3, 4, padding=1)),
+    ("gemm", Case(3, 4, 6, (5, 5), (3, 3), 3, 4, 3, padding=1, whole_cells=True)),
+]
+
+
+@pytest.mark.parametrize("formulation, case", PIECE_CASES, ids=[f"{f}-{c.id}" for f, c in PIECE_CASES])
+def test_several_chunks_and_blocks_match_loop_oracle(monkeypatch, formulation, case):
+    x, attn, warehouse, bias = case.tensors()
+    kernel_numel = case.c_out * (case.c_in // case.groups) * math.prod(case.kernel)
+    monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 2 * kernel_numel * x.element_size())
+    block_row_bytes = case.batch * case.m // (case.c_out // case.cell_out) * case.cell_in \
+        * math.prod(case.cell_k) * x.element_size()
+    monkeypatch.setattr(torch_impl, "BLOCK_BYTES", 2 * block_row_bytes)
+    if formulation == "grouped":
+        assert torch_impl._sample_chunk(case.batch, kernel_numel, x.element_size()) == 2
+    else:
+        assert torch_impl._gemm_layout(x, warehouse, case.c_out, case.kernel)[-1] == 2
+    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
+    expected = _oracle(case, x, attn, warehouse, bias)
+    _assert_close(y, expected, "y")
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(y, (x, attn, warehouse, bias), grad)
+    want = torch.autograd.grad(expected, (x, attn, warehouse, bias), grad)
+    for name, g, w in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want):
+        _assert_close(g, w, name)
