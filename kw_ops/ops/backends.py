@@ -211,9 +211,12 @@ def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
 
 def backend_report() -> list[str]:
     """Lines for `python -m kw_ops info`: every backend, whether it can run here, and why not."""
-    lines = []
-    name, source = requested_backend()
-    lines.append(f"backend choice: {name} ({source}); automatic order: {' > '.join(AUTO_ORDER)}")
+    order = " > ".join(AUTO_ORDER)
+    try:
+        name, source = requested_backend()
+        lines = [f"backend choice: {name} ({source}); automatic order: {order}"]
+    except ValueError as error:  # a bad KW_OPS_BACKEND: report it, the op refuses to run until it is fixed
+        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; automatic order: {order}"]
     for backend in BACKENDS.values():
         reasons = not_supported_reasons(backend.name)
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)
