@@ -309,3 +309,49 @@ def test_several_chunks_and_blocks_match_loop_oracle(monkeypatch, formulation, c
     want = torch.autograd.grad(expected, (x, attn, warehouse, bias), grad)
     for name, g, w in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want):
         _assert_close(g, w, name)
+
+
+def _bad_calls():
+    """(id, message, call): wrong arguments through the functional and straight through the registered op."""
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
+    geometry = {"kernel_size": 3, "padding": 1}
+
+    def op(x=x, attn=attn, warehouse=warehouse, bias=None, out_channels=8, kernel_size=(3, 3), stride=(1, 1),
+           padding=(1, 1), dilation=(1, 1), groups=1, backend="torch"):
+        return torch.ops.kw_ops.kw_conv(x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride),
+                                        list(padding), list(dilation), groups, backend, "")
+
+    return [
+        ("meta-bias", r"bias must be on x's device cpu, got meta",
+         lambda: kw_conv(x, attn, warehouse, torch.zeros(8, device="meta"), out_channels=8, **geometry)),
+        ("negative-out-channels", r"out_channels must be >= 1, got -8",
+         lambda: kw_conv(x, attn, warehouse, out_channels=-8, **geometry)),
+        ("zero-out-channels", r"out_channels must be >= 1, got 0",
+         lambda: kw_conv(x, attn, warehouse, out_channels=0, **geometry)),
+        ("zero-kernel", r"kernel_size must be >= 1, got \[0, 3\]",
+         lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(0, 3))),
+        ("4d-warehouse-int-kernel",
+         r"warehouse must be \[n, c_out, c_in, \*2 cell dims\] \(5-D\) for a 2-D convolution, got shape \(4, 8, 8, 1\)",
+         lambda: kw_conv(x, attn, warehouse[..., 0], out_channels=8, **geometry)),
+        ("4d-kernel", r"kernel_size must be an int or 1-3 ints, got \(3, 3, 3, 3\)",
+         lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(3, 3, 3, 3))),
+        ("op-attn-shape", r"attn must be \[B, m, n\] = \[2, 9, 4\] for this layer and warehouse, got \(2, 8, 4\)",
+         lambda: op(attn=attn[:, :8])),
+        ("op-x-rank", r"x must be \[B, C_in, \*2 spatial dims\] \(4-D\) for a 2-D kernel, got shape \(2, 8, 5\)",
+         lambda: op(x=x[..., 0])),
+        ("op-untileable", r"a weight \[8, 6, \[3, 3\]\] cannot be tiled by cells", lambda: op(x=x[:, :6])),
+        ("op-stride-length", r"stride must have 2 entries like kernel_size \[3, 3\], got \[1\]",
+         lambda: op(stride=(1,))),
+        ("op-negative-out-channels", r"out_channels must be >= 1, got -8", lambda: op(out_channels=-8)),
+        ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
+        ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
+        ("op-bogus-backend", r"backend must be one of torch, triton, cuda, got 'bogus'", lambda: op(backend="bogus")),
+    ]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _bad_calls()])
+def test_bad_arguments_are_clear_errors(name):
+    """Each wrong argument names itself, what was expected and what came (functional and direct op call)."""
+    message, call = next((message, call) for n, message, call in _bad_calls() if n == name)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()

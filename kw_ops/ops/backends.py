@@ -71,6 +71,8 @@ def register_implementation(name: str, forward: Callable, backward: Callable) ->
 
 def implementation(name: str) -> tuple[Callable, Callable]:
     """(forward, backward) of a backend, importing its module on first use."""
+    if name not in BACKENDS:
+        raise ValueError(f"kw_conv: backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name not in _IMPLEMENTATIONS:
         if name == "torch":
             from .torch_impl import kw_conv_backward_torch, kw_conv_torch

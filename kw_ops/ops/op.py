@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import implementation
+from .checks import check_kw_conv_args
 from .torch_impl import conv_output_size
 
 __all__ = ["kw_conv_op", "kw_conv_backward_op"]
@@ -25,6 +26,7 @@ __all__ = ["kw_conv_op", "kw_conv_backward_op"]
 def kw_conv_op(x: Tensor, attn: Tensor, warehouse: Tensor, bias: Optional[Tensor], out_channels: int,
                kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                backend: str, formulation: str) -> Tensor:
+    check_kw_conv_args(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     forward, _ = implementation(backend)
     return forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
                    formulation or None)
@@ -33,6 +35,7 @@ def kw_conv_op(x: Tensor, attn: Tensor, warehouse: Tensor, bias: Optional[Tensor
 @kw_conv_op.register_fake
 def _kw_conv_fake(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups, backend,
                   formulation):
+    check_kw_conv_args(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     out = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
     return x.new_empty(x.shape[0], out_channels, *out)
 
