@@ -10,6 +10,8 @@ from oracle import kw_conv_loop
 
 import kw_ops
 from kw_ops.ops import backends, kw_conv, torch_impl
+from kw_ops.ops.export_impl import export_mode
+from kw_ops.ops.torch_impl import output_memory_format
 
 # float64 op vs float64 oracle: only summation order differs.
 TOL_FP64 = {"atol": 1e-10, "rtol": 1e-9}
@@ -123,6 +125,7 @@ def test_forward_and_gradients_match_loop_oracle(case, formulation):
     y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
     expected = _oracle(case, x, attn, warehouse, bias)
     _assert_close(y, expected, "y")
+    assert y.is_contiguous(memory_format=output_memory_format(x)), "y does not keep x's memory format"
     grad = torch.randn_like(expected)
     inputs = [t for t in (x, attn, warehouse, bias) if t is not None]
     got = torch.autograd.grad(y, inputs, grad)
@@ -173,7 +176,7 @@ def test_only_requested_gradients_are_computed(monkeypatch, with_bias):
     assert warehouse.grad is not None
 
 
-OPCHECK_CASES = [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]]
+OPCHECK_CASES = [CASES[0], CASES[1], CASES[2], CASES[4], CASES[6], CASES[7], CASES[8], CASES[10]]
 
 
 @pytest.mark.parametrize("formulation", torch_impl.FORMULATIONS)
@@ -355,3 +358,31 @@ def test_bad_arguments_are_clear_errors(name):
     message, call = next((message, call) for n, message, call in _bad_calls() if n == name)
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "export"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_layer_keeps_channels_last_like_nn_conv(path, dims):
+    """A channels_last model and input give a channels_last output, as nn.Conv2d/3d, on every backend."""
+    if path == "triton":
+        pytest.importorskip("triton")
+        from kw_ops.ops.triton import interpreting
+
+        if dims == 3 or not interpreting():
+            pytest.skip("the Triton kernels run 1-D/2-D convs; on CPU they run under TRITON_INTERPRET=1")
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    layer_type, conv_type = (kw_ops.KWConv2d, nn.Conv2d) if dims == 2 else (kw_ops.KWConv3d, nn.Conv3d)
+    layer = layer_type(4, 6, 3, padding=1, warehouse=kw_ops.KWConfig()).eval()
+    layer.backend = "triton" if path == "triton" else "torch"
+    layer.to(memory_format=fmt)
+    x = torch.randn(2, 4, *(5,) * dims)
+    with torch.no_grad():
+        expected = layer(x)
+        if path == "export":
+            with export_mode():
+                y = layer(x.to(memory_format=fmt))
+        else:
+            y = layer(x.to(memory_format=fmt))
+    assert conv_type(4, 6, 3).to(memory_format=fmt)(x.to(memory_format=fmt)).is_contiguous(memory_format=fmt)
+    assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

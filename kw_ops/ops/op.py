@@ -1,7 +1,7 @@
 """torch.library registration of the KW op: `kw_ops::kw_conv` and its backward `kw_ops::kw_conv_backward`.
 
     kw_conv(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
-            backend, formulation) -> y                                      (a fresh tensor)
+            backend, formulation) -> y          (a fresh tensor, channels_last where x is, as nn.Conv2d)
     kw_conv_backward(grad, x, attn, warehouse, has_bias, <geometry>, output_mask, backend, formulation)
             -> (dx, dattn, dwarehouse, dbias)       an empty [0] tensor where output_mask says "not needed"
 
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import implementation
 from .checks import check_kw_conv_args
-from .torch_impl import conv_output_size
+from .torch_impl import conv_output_size, output_memory_format
 
 __all__ = ["kw_conv_op", "kw_conv_backward_op"]
 
@@ -28,8 +28,9 @@ def kw_conv_op(x: Tensor, attn: Tensor, warehouse: Tensor, bias: Optional[Tensor
                backend: str, formulation: str) -> Tensor:
     check_kw_conv_args(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     forward, _ = implementation(backend)
-    return forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
-                   formulation or None)
+    y = forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
+                formulation or None)
+    return y.contiguous(memory_format=output_memory_format(x))
 
 
 @kw_conv_op.register_fake
@@ -37,7 +38,8 @@ def _kw_conv_fake(x, attn, warehouse, bias, out_channels, kernel_size, stride, p
                   formulation):
     check_kw_conv_args(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     out = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
-    return x.new_empty(x.shape[0], out_channels, *out)
+    return torch.empty(x.shape[0], out_channels, *out, dtype=x.dtype, device=x.device,
+                       memory_format=output_memory_format(x))
 
 
 @torch.library.custom_op("kw_ops::kw_conv_backward", mutates_args=())
