@@ -334,7 +334,7 @@ def _bad_calls():
         ("zero-kernel", r"kernel_size must be >= 1, got \[0, 3\]",
          lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(0, 3))),
         ("4d-warehouse-int-kernel",
-         r"warehouse must be \[n, c_out, c_in, \*2 cell dims\] \(5-D\) for a 2-D convolution, got shape \(4, 8, 8, 1\)",
+         r"one cell dim per spatial dim, got x \(2, 8, 5, 5\) \(2 spatial\) and warehouse \(4, 8, 8, 1\) \(1 cell\)",
          lambda: kw_conv(x, attn, warehouse[..., 0], out_channels=8, **geometry)),
         ("4d-kernel", r"kernel_size must be an int or 1-3 ints, got \(3, 3, 3, 3\)",
          lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(3, 3, 3, 3))),

@@ -7,7 +7,7 @@ import torch
 
 from .backends import select_backend
 from .checks import check_kw_conv_args
-from .op import kw_conv_op
+from .op import KWConvFunction, apply_differentiable, autocast_args, kw_conv_op
 
 __all__ = ["kw_conv", "normalize_tuple"]
 
@@ -41,7 +41,9 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     spatial cell s of that sample's kernel (SPEC §2). `formulation` forces 'grouped' or 'gemm'
     (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton' or
     'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
-    kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward).
+    kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward), to any
+    order (double backward), under torch.func (grad, vjp, jacrev) and torch.vmap (batching rules). The
+    output is channels_last where x is (as nn.Conv2d).
 
     >>> x, attn, wh = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
     >>> kw_conv(x, attn, wh, out_channels=8, kernel_size=3, padding=1).shape
@@ -53,6 +55,10 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
         dims = x.dim() - 2
         if dims not in (1, 2, 3):
             raise ValueError(f"kw_conv: x must be [B, C_in, *size] with 1-3 spatial dims, got shape {tuple(x.shape)}")
+        if isinstance(warehouse, torch.Tensor) and warehouse.dim() - 3 != dims:
+            raise ValueError(f"kw_conv: x must be [B, C_in, *size] and warehouse [n, c_out, c_in, *cell_k] with one "
+                             f"cell dim per spatial dim, got x {tuple(x.shape)} ({dims} spatial) and warehouse "
+                             f"{tuple(warehouse.shape)} ({warehouse.dim() - 3} cell)")
     elif isinstance(kernel_size, (tuple, list)) and 1 <= len(kernel_size) <= 3:
         dims = len(kernel_size)
     else:
@@ -67,5 +73,8 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
     name = select_backend(x, attn, warehouse, bias, backend, geometry)
-    return kw_conv_op(x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding),
-                      list(dilation), groups, name, formulation or "")
+    args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
+            groups, name, formulation or ""]
+    if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does
+        args = autocast_args(x.device.type, args)
+    return apply_differentiable(KWConvFunction, kw_conv_op)(*args)
