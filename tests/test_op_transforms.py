@@ -108,22 +108,20 @@ def no_vmap_fallback():
         torch._C._functorch._set_vmap_fallback_enabled(True)
 
 
-@pytest.mark.parametrize("vmapped", ["x", "x+attn", "warehouse", "all"])
+@pytest.mark.parametrize("vmapped", ["x", "x-at-dim-1", "x+attn", "warehouse", "all"])
 def test_vmap_matches_a_loop(no_vmap_fallback, vmapped):
     case = CASES[0]
-    x, attn, warehouse, bias = (t.detach() for t in case.tensors())
+    args = dict(zip(("x", "attn", "warehouse", "bias"), (t.detach() for t in case.tensors())))
     slices = 3
-    stacked = {"x": torch.randn(slices, *x.shape, dtype=x.dtype), "attn": torch.randn(slices, *attn.shape,
-                                                                                        dtype=x.dtype),
-               "warehouse": torch.randn(slices, *warehouse.shape, dtype=x.dtype),
-               "bias": torch.randn(slices, *bias.shape, dtype=x.dtype)}
-    names = {"x": ["x"], "x+attn": ["x", "attn"], "warehouse": ["warehouse"], "all": list(stacked)}[vmapped]
-    args = {"x": x, "attn": attn, "warehouse": warehouse, "bias": bias}
-    args.update({name: stacked[name] for name in names})
-    in_dims = tuple(0 if name in names else None for name in args)
+    names = {"x": ["x"], "x-at-dim-1": ["x"], "x+attn": ["x", "attn"], "warehouse": ["warehouse"],
+             "all": list(args)}[vmapped]
+    dim = 1 if vmapped == "x-at-dim-1" else 0
+    args.update({name: torch.randn(*args[name].shape[:dim], slices, *args[name].shape[dim:], dtype=torch.float64)
+                 for name in names})
+    in_dims = tuple(dim if name in names else None for name in args)
     fn = _fn(case)
     got = torch.vmap(fn, in_dims=in_dims)(*args.values())
-    expected = torch.stack([fn(*(t[i] if d == 0 else t for t, d in zip(args.values(), in_dims)))
+    expected = torch.stack([fn(*(t.select(d, i) if d is not None else t for t, d in zip(args.values(), in_dims)))
                             for i in range(slices)])
     torch.testing.assert_close(got, expected)
 
@@ -186,3 +184,22 @@ def test_gradient_penalty_training_step_matches_the_export_formulation():
     step()
     optimizer.step()
     assert not torch.equal(layer.warehouse.cells, before)
+
+
+def test_func_grad_and_vmap_over_a_kw_layer(no_vmap_fallback):
+    """torch.func on a KW layer (eval: the attention's BatchNorm reads its running statistics)."""
+    layer = kw_ops.KWConv2d(4, 6, 3, padding=1, warehouse=kw_ops.KWConfig(), dtype=torch.float64).eval()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(params, x):
+        return torch.func.functional_call(layer, params, (x,)).square().sum()
+
+    got = torch.func.grad(loss)(params, x)
+    layer.zero_grad()
+    loss(dict(layer.named_parameters()), x).backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+    per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    for name, g in per_sample.items():
+        torch.testing.assert_close(g.sum(0), got[name], msg=name)
