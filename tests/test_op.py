@@ -160,9 +160,11 @@ def test_only_requested_gradients_are_computed(monkeypatch, with_bias):
     forward, backward = backends.implementation("torch")
     masks = []
 
-    def spy(*args):
-        masks.append(list(args[11]))
-        return backward(*args)
+    def spy(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation, groups,
+            output_mask, formulation=None):
+        masks.append(list(output_mask))
+        return backward(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation,
+                        groups, output_mask, formulation)
 
     monkeypatch.setitem(backends._IMPLEMENTATIONS, "torch", (forward, spy))
     case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1, bias=with_bias)
@@ -283,7 +285,7 @@ def test_compiled_backward_matches_eager_for_each_formulation(formulation):
 
 
 # Pieces forced tiny so that every layer runs in several grouped chunks / gemm blocks, the last one ragged
-# (5 samples in chunks of 2; 5 or 3 output rows per block of output channels in blocks of 2).
+# (5 samples in chunks of 2; output blocks of 5 or 3 rows mixed 2 rows at a time).
 PIECE_CASES = [
     ("grouped", Case(5, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1, groups=2)),
     ("grouped", Case(5, 6, 4, (4, 5), (3, 3), 2, 3, 3, padding=1, whole_cells=True)),
