@@ -1,5 +1,6 @@
 """The KW op under higher-order autograd and torch.func: double backward (gradgradcheck in float64, a
-gradient-penalty training step), torch.func.grad / jacrev against autograd, vmap against a loop."""
+gradient-penalty training step), torch.func.grad / jacrev / jvp / jacfwd / hessian against autograd or
+plain PyTorch, vmap against a loop."""
 import warnings
 
 import pytest
@@ -94,6 +95,34 @@ def test_func_jacrev_of_grad_matches_autograd_hessian():
 
     hessian = torch.func.jacrev(torch.func.grad(loss))(attn)
     torch.testing.assert_close(hessian, torch.autograd.functional.hessian(loss, attn))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_forward_mode_jvp_jacfwd_and_hessian_match_plain_pytorch(case):
+    """Forward mode through both ops: jvp, jacfwd, forward-over-reverse (jvp of grad) and torch.func.hessian,
+    against the export formulation (plain PyTorch ops)."""
+    inputs = tuple(t.detach() for t in case.tensors())
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    geometry = {key: _tuple(value, case.dims) if key not in ("out_channels", "groups") else value
+                for key, value in case.geometry().items()}
+    fn, reference = _fn(case), (lambda *ts: export_conv(*ts, **geometry))
+    torch.testing.assert_close(torch.func.jvp(fn, inputs, tangents)[1],
+                               torch.func.jvp(reference, inputs, tangents)[1])
+    torch.testing.assert_close(torch.func.jacfwd(fn, argnums=2)(*inputs), torch.func.jacrev(fn, argnums=2)(*inputs))
+
+    def grads(f):
+        return lambda *ts: torch.func.grad(lambda *us: f(*us).square().sum(), argnums=(0, 1, 2, 3))(*ts)
+
+    for got, expected in zip(torch.func.jvp(grads(fn), inputs, tangents)[1],
+                             torch.func.jvp(grads(reference), inputs, tangents)[1]):
+        torch.testing.assert_close(got, expected)
+    x, attn, warehouse, bias = inputs
+    attn, warehouse = attn[:1, :, :2].contiguous(), warehouse[:2]  # a small Hessian: [1, m, 2] x [1, m, 2]
+
+    def loss(f):
+        return lambda a: f(x[:1], a, warehouse, bias).square().sum()
+
+    torch.testing.assert_close(torch.func.hessian(loss(fn))(attn), torch.func.hessian(loss(reference))(attn))
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton' or
     'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
     kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward), to any
-    order (double backward), under torch.func (grad, vjp, jacrev) and torch.vmap (batching rules). The
+    order (double backward), under torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian) and torch.vmap. The
     output is channels_last where x is (as nn.Conv2d).
 
     >>> x, attn, wh = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)

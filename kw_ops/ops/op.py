@@ -14,6 +14,7 @@ the warehouse itself is vmapped). `backend` names the implementation chosen by k
 the call; `formulation` is a torch-backend hint ('' = choose by shape). Autocast (CPU and CUDA) casts the
 floating inputs to the autocast dtype and runs the op once in that dtype.
 """
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -85,9 +86,69 @@ def apply_differentiable(function: type, op) -> Callable:
 def _setup_context(ctx, inputs, output):
     x, attn, warehouse, bias, *geometry, backend, formulation = inputs
     ctx.save_for_backward(x, attn, warehouse)
+    ctx.save_for_forward(x, attn, warehouse)
     ctx.has_bias = bias is not None
     ctx.geometry = geometry
     ctx.backend, ctx.formulation = backend, formulation
+    ctx.out_shape = output.shape
+
+
+def _conv(ctx, x, attn, warehouse, bias):
+    """kw_conv with ctx's geometry and backend, itself differentiable."""
+    return apply_differentiable(KWConvFunction, kw_conv_op)(x, attn, warehouse, bias, *ctx.geometry, ctx.backend,
+                                                            ctx.formulation)
+
+
+@dataclass(frozen=True)
+class _BackwardSettings:
+    """The backward op's non-tensor arguments as one opaque value (torch.func's generated vmap rule miscounts
+    list arguments of an autograd.Function when it vmaps its jvp)."""
+
+    has_bias: bool
+    geometry: tuple
+    output_mask: tuple
+    backend: str
+    formulation: str
+
+    def args(self) -> list:
+        return [self.has_bias, *self.geometry, list(self.output_mask), self.backend, self.formulation]
+
+
+def _conv_backward(ctx, grad, x, attn, warehouse, mask, has_bias=False):
+    """kw_conv_backward with ctx's geometry and backend, itself differentiable."""
+    if torch.compiler.is_compiling():
+        return kw_conv_backward_op(grad, x, attn, warehouse, has_bias, *ctx.geometry, mask, ctx.backend,
+                                   ctx.formulation)
+    settings = _BackwardSettings(has_bias, tuple(ctx.geometry), tuple(mask), ctx.backend, ctx.formulation)
+    return KWConvBackwardFunction.apply(grad, x, attn, warehouse, settings)
+
+
+def _mixture_sum(pairs):
+    """([a_1 | a_2 ...], [E_1 ; E_2 ...]) over the pairs whose parts both exist: kw_conv with them is the sum of
+    kw_conv(x, a_i, E_i) (mixing is bilinear); None without a pair."""
+    pairs = [(a, w) for a, w in pairs if a is not None and w is not None]
+    if not pairs:
+        return None
+    return torch.cat([a for a, _ in pairs], dim=-1), torch.cat([w for _, w in pairs], dim=0)
+
+
+def _directional(ctx, x, attn, warehouse, t_x, t_attn, t_warehouse, t_bias, out_shape):
+    """J t, the op's derivative along t (None where every t is None):
+
+        J t = kw_conv(t_x, attn, E) + kw_conv(x, [t_attn | attn], [E ; t_E]) + t_bias
+    """
+    mixed = _mixture_sum(((t_attn, warehouse), (attn, t_warehouse)))
+    terms = []
+    if t_x is not None:
+        terms.append(_conv(ctx, t_x, attn, warehouse, t_bias))
+    if mixed is not None:
+        terms.append(_conv(ctx, x, *mixed, t_bias if t_x is None else None))
+    if not terms and t_bias is not None:
+        terms.append(t_bias.view(1, -1, *([1] * (len(out_shape) - 2))).expand(out_shape))
+    result = None
+    for term in terms:
+        result = term if result is None else result + term
+    return result
 
 
 def _backward(ctx, grad):
@@ -95,18 +156,29 @@ def _backward(ctx, grad):
     mask = _produced(ctx.needs_input_grad[:4], ctx.has_bias)
     if not any(mask):
         return (None,) * 12
-    grads = apply_differentiable(KWConvBackwardFunction, kw_conv_backward_op)(
-        grad, x, attn, warehouse, ctx.has_bias, *ctx.geometry, mask, ctx.backend, ctx.formulation)
+    grads = _conv_backward(ctx, grad, x, attn, warehouse, mask, ctx.has_bias)
     return (*(g if needed else None for g, needed in zip(grads, mask)), *(None,) * 8)
 
 
-def _setup_backward_context(ctx, inputs, output):
-    grad, x, attn, warehouse, has_bias, *geometry, output_mask, backend, formulation = inputs
+def _jvp(ctx, t_x, t_attn, t_warehouse, t_bias, *_):
+    x, attn, warehouse = ctx.saved_tensors
+    tangent = _directional(ctx, x, attn, warehouse, t_x, t_attn, t_warehouse, t_bias, ctx.out_shape)
+    return tangent if tangent is not None else x.new_zeros(ctx.out_shape)
+
+
+def _save_backward_context(ctx, grad, x, attn, warehouse, settings: _BackwardSettings):
     ctx.save_for_backward(grad, x, attn, warehouse)
-    ctx.produced = _produced(output_mask, has_bias)
-    ctx.geometry = geometry
-    ctx.backend, ctx.formulation = backend, formulation
+    ctx.save_for_forward(grad, x, attn, warehouse)
+    ctx.produced = _produced(settings.output_mask, settings.has_bias)
+    ctx.geometry = list(settings.geometry)
+    ctx.backend, ctx.formulation = settings.backend, settings.formulation
     ctx.set_materialize_grads(False)  # an unused gradient stays None: no convolution of zeros
+
+
+def _setup_backward_context(ctx, inputs, output):  # the registered op's flat arguments
+    grad, x, attn, warehouse, has_bias, *geometry, output_mask, backend, formulation = inputs
+    _save_backward_context(ctx, grad, x, attn, warehouse,
+                           _BackwardSettings(has_bias, tuple(geometry), tuple(output_mask), backend, formulation))
 
 
 def _double_backward(ctx, grad_dx, grad_dattn, grad_dwarehouse, grad_dbias):
@@ -125,42 +197,62 @@ def _double_backward(ctx, grad_dx, grad_dattn, grad_dwarehouse, grad_dbias):
     u_x, u_attn, u_warehouse, u_bias = (u if real else None for u, real in
                                         zip((grad_dx, grad_dattn, grad_dwarehouse, grad_dbias), ctx.produced))
     n = warehouse.shape[0]
-    pairs = [pair for pair in ((u_attn, warehouse), (attn, u_warehouse)) if pair[0] is not None and pair[1] is not None]
-    mixed = (torch.cat([a for a, _ in pairs], dim=-1), torch.cat([w for _, w in pairs], dim=0)) if pairs else None
-
-    def conv(x_, attn_, warehouse_, bias_):
-        return apply_differentiable(KWConvFunction, kw_conv_op)(x_, attn_, warehouse_, bias_, *ctx.geometry,
-                                                                ctx.backend, ctx.formulation)
-
-    def conv_backward(x_, attn_, warehouse_, mask):
-        return apply_differentiable(KWConvBackwardFunction, kw_conv_backward_op)(
-            grad, x_, attn_, warehouse_, False, *ctx.geometry, mask, ctx.backend, ctx.formulation)
-
     d_grad = d_x = d_attn = d_warehouse = None
     if need_grad:
-        terms = []
-        if u_x is not None:
-            terms.append(conv(u_x, attn, warehouse, u_bias))
-        if mixed is not None:
-            terms.append(conv(x, *mixed, u_bias if u_x is None else None))
-        if not terms and u_bias is not None:
-            terms.append(u_bias.view(1, -1, *([1] * (grad.dim() - 2))).expand_as(grad))
-        for term in terms:
-            d_grad = term if d_grad is None else d_grad + term
+        d_grad = _directional(ctx, x, attn, warehouse, u_x, u_attn, u_warehouse, u_bias, grad.shape)
+    mixed = _mixture_sum(((u_attn, warehouse), (attn, u_warehouse)))
     if mixed is not None:
         mask = [need_x, need_attn and u_warehouse is not None, need_warehouse and u_attn is not None, False]
         if any(mask):
-            mixed_dx, mixed_dattn, mixed_dwarehouse, _ = conv_backward(x, *mixed, mask)
+            mixed_dx, mixed_dattn, mixed_dwarehouse, _ = _conv_backward(ctx, grad, x, *mixed, mask)
             d_x = mixed_dx if mask[0] else None
             d_attn = mixed_dattn[..., -n:] if mask[1] else None  # the attn block pairs with u_E (last)
             d_warehouse = mixed_dwarehouse[:n] if mask[2] else None  # the E block pairs with u_attn (first)
     if u_x is not None and (need_attn or need_warehouse):
-        _, ux_dattn, ux_dwarehouse, _ = conv_backward(u_x, attn, warehouse, [False, need_attn, need_warehouse, False])
-        if need_attn:
-            d_attn = ux_dattn if d_attn is None else d_attn + ux_dattn
-        if need_warehouse:
-            d_warehouse = ux_dwarehouse if d_warehouse is None else d_warehouse + ux_dwarehouse
+        _, ux_dattn, ux_dwarehouse, _ = _conv_backward(ctx, grad, u_x, attn, warehouse,
+                                                       [False, need_attn, need_warehouse, False])
+        d_attn = _add(d_attn, ux_dattn if need_attn else None)
+        d_warehouse = _add(d_warehouse, ux_dwarehouse if need_warehouse else None)
     return (d_grad, d_x, d_attn, d_warehouse, *(None,) * 10)
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """a + b where None stands for zero."""
+    return b if a is None else a if b is None else a + b
+
+
+def _backward_jvp(ctx, t_grad, t_x, t_attn, t_warehouse, *_):
+    """Tangents of (dx, dattn, dwarehouse, dbias) = backward(g, x, attn, E) along (t_g, t_x, t_attn, t_E).
+
+    The backward is linear in g and in x (dattn, dwarehouse: through the per-sample weight gradient) and
+    bilinear in (attn, E) (dx: through the mixed kernels; dattn = dW E^T; dwarehouse = attn^T dW), so
+
+        backward(t_g, x, attn, E)                        every output
+      + backward(g, t_x, attn, E)                        dattn, dwarehouse
+      + backward(g, x, [t_attn | attn], [E ; t_E])       dx; dattn from the attn block; dwarehouse from the E block
+    """
+    grad, x, attn, warehouse = ctx.saved_tensors
+    need_x, need_attn, need_warehouse, need_bias = ctx.produced
+    n = warehouse.shape[0]
+    tangents = [None] * 4
+    if t_grad is not None:
+        tangents = list(_conv_backward(ctx, t_grad, x, attn, warehouse, ctx.produced, need_bias))
+    if t_x is not None and (need_attn or need_warehouse):
+        _, dattn, dwarehouse, _ = _conv_backward(ctx, grad, t_x, attn, warehouse,
+                                                 [False, need_attn, need_warehouse, False])
+        tangents[1] = _add(tangents[1], dattn if need_attn else None)
+        tangents[2] = _add(tangents[2], dwarehouse if need_warehouse else None)
+    mixed = _mixture_sum(((t_attn, warehouse), (attn, t_warehouse)))
+    if mixed is not None:
+        mask = [need_x, need_attn and t_warehouse is not None, need_warehouse and t_attn is not None, False]
+        if any(mask):
+            dx, dattn, dwarehouse, _ = _conv_backward(ctx, grad, x, *mixed, mask)
+            tangents[0] = _add(tangents[0], dx if mask[0] else None)
+            tangents[1] = _add(tangents[1], dattn[..., -n:] if mask[1] else None)
+            tangents[2] = _add(tangents[2], dwarehouse[:n] if mask[2] else None)
+    shapes = (x.shape, attn.shape, warehouse.shape, grad.shape[1:2])
+    return tuple(t if t is not None and real else grad.new_zeros(shape if real else 0)
+                 for t, real, shape in zip(tangents, ctx.produced, shapes))
 
 
 class KWConvFunction(torch.autograd.Function):
@@ -175,19 +267,28 @@ class KWConvFunction(torch.autograd.Function):
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
+    jvp = staticmethod(_jvp)
 
 
 class KWConvBackwardFunction(torch.autograd.Function):
-    """kw_ops::kw_conv_backward made differentiable (double backward, torch.func over gradients)."""
+    """kw_ops::kw_conv_backward made differentiable (double backward, torch.func over gradients):
+    apply(grad, x, attn, warehouse, settings) with the op's other arguments in a `_BackwardSettings`."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(*args):
-        return kw_conv_backward_op(*args)
+    def forward(grad, x, attn, warehouse, settings):
+        return kw_conv_backward_op(grad, x, attn, warehouse, *settings.args())
 
-    setup_context = staticmethod(_setup_backward_context)
-    backward = staticmethod(_double_backward)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_backward_context(ctx, *inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _double_backward(ctx, *grads)[:5]
+
+    jvp = staticmethod(_backward_jvp)
 
 
 kw_conv_op.register_autograd(_backward, setup_context=_setup_context)
