@@ -7,7 +7,7 @@ import torch
 
 from .backends import select_backend
 from .checks import check_kw_conv_args
-from .op import KWConvFunction, apply_differentiable, autocast_args, kw_conv_op
+from .op import apply_kw_conv, autocast_args
 
 __all__ = ["kw_conv", "normalize_tuple"]
 
@@ -77,4 +77,4 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
             groups, name, formulation or ""]
     if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does
         args = autocast_args(x.device.type, args)
-    return apply_differentiable(KWConvFunction, kw_conv_op)(*args)
+    return apply_kw_conv(*args)

@@ -7,15 +7,16 @@
 
 The autograd formula is hand-written: only x, attn and warehouse are saved; the backend recomputes the
 per-sample kernels in bounded pieces. The backward op is differentiable too (`_double_backward`: the op and
-the backward op again), so any order of backward works. `KWConvFunction` / `KWConvBackwardFunction` carry the
-same formulas as autograd.Functions with setup_context, which torch.func needs (the public `kw_conv` calls
-them); vmap uses the ops' batching rules (the vmapped dim folded into the batch, or one call per slice where
-the warehouse itself is vmapped). `backend` names the implementation chosen by kw_ops.ops.backends before
-the call; `formulation` is a torch-backend hint ('' = choose by shape). Autocast (CPU and CUDA) casts the
-floating inputs to the autocast dtype and runs the op once in that dtype.
+the backward op again), so any order of backward works; both have forward-mode formulas (`_jvp`,
+`_backward_jvp`). `KWConvFunction` / `KWConvBackwardFunction` carry these formulas as autograd.Functions with
+setup_context, which torch.func needs (the public `kw_conv` calls them); vmap uses the ops' batching rules
+(the vmapped dim folded into the batch, or one call per slice where the warehouse itself is vmapped).
+`backend` names the implementation chosen by kw_ops.ops.backends before the call; `formulation` is a
+torch-backend hint ('' = choose by shape). Autocast (CPU and CUDA) casts the floating inputs to the autocast
+dtype and runs the op once in that dtype.
 """
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,7 +25,7 @@ from .backends import implementation
 from .checks import check_kw_conv_args
 from .torch_impl import conv_output_size, output_memory_format
 
-__all__ = ["kw_conv_op", "kw_conv_backward_op", "KWConvFunction", "KWConvBackwardFunction", "apply_differentiable",
+__all__ = ["kw_conv_op", "kw_conv_backward_op", "KWConvFunction", "KWConvBackwardFunction", "apply_kw_conv",
            "autocast_args"]
 
 
@@ -77,10 +78,13 @@ def _produced(output_mask, has_bias: bool) -> list[bool]:
     return [bool(need_x), bool(need_attn), bool(need_warehouse), bool(need_bias and has_bias)]
 
 
-def apply_differentiable(function: type, op) -> Callable:
-    """`function.apply` in eager mode (torch.func needs its setup_context), the registered `op` while torch.compile
-    traces (dynamo cannot trace an autograd.Function applied inside another's backward); both carry one formula."""
-    return op if torch.compiler.is_compiling() else function.apply
+def apply_kw_conv(*args) -> Tensor:
+    """kw_conv_op(*args) through `KWConvFunction` in eager mode (torch.func needs its setup_context), the
+    registered op itself while torch.compile traces (dynamo cannot trace an autograd.Function applied inside
+    another's backward); both carry the same formulas."""
+    if torch.compiler.is_compiling():
+        return kw_conv_op(*args)
+    return KWConvFunction.apply(*args)
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,8 +99,7 @@ def _setup_context(ctx, inputs, output):
 
 def _conv(ctx, x, attn, warehouse, bias):
     """kw_conv with ctx's geometry and backend, itself differentiable."""
-    return apply_differentiable(KWConvFunction, kw_conv_op)(x, attn, warehouse, bias, *ctx.geometry, ctx.backend,
-                                                            ctx.formulation)
+    return apply_kw_conv(x, attn, warehouse, bias, *ctx.geometry, ctx.backend, ctx.formulation)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ class _BackwardSettings:
 
 
 def _conv_backward(ctx, grad, x, attn, warehouse, mask, has_bias=False):
-    """kw_conv_backward with ctx's geometry and backend, itself differentiable."""
+    """kw_conv_backward with ctx's geometry and backend, itself differentiable (see `apply_kw_conv`)."""
     if torch.compiler.is_compiling():
         return kw_conv_backward_op(grad, x, attn, warehouse, has_bias, *ctx.geometry, mask, ctx.backend,
                                    ctx.formulation)
