@@ -3,17 +3,23 @@ per iteration, learning, exact resume, the command line, and one DDP step (2 glo
 to a single-process step on the same global batch."""
 from __future__ import annotations
 
+import csv
 import math
 import os
+import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import kw_ops
-from kw_ops.train import TrainConfig, build_model, get_recipe, lr_factor, param_groups, train
+from kw_ops.train import TrainConfig, build_model, get_recipe, loop, lr_factor, param_groups, train
+from kw_ops.train.__main__ import main as train_main
 from kw_ops.train.checkpoint import load_checkpoint
 from kw_ops.train.data import ImageFolder, write_synthetic_image_folder
 
@@ -36,6 +42,20 @@ def _steps(data, out, **changes) -> tuple[list, dict]:
     records = []
     summary = _train(data, out, on_step=records.append, **changes)
     return records, summary
+
+
+def _steps_drawing(data, out, **changes) -> list[tuple]:
+    """(step, loss, τ, lr, a draw of the global torch RNG, one of Python's) after every step, as dropout would draw."""
+    records = []
+    _train(data, out, on_step=lambda r: records.append((r.step, r.loss, r.tau, r.lr, torch.rand(()).item(),
+                                                        random.random())), **changes)
+    return records
+
+
+def _log(out) -> list[dict]:
+    """The rows of <out>/log.csv without the timing column."""
+    with open(os.path.join(out, "log.csv"), newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(handle)]
 
 
 # -- recipes ---------------------------------------------------------------------------------
@@ -99,19 +119,28 @@ def test_loss_goes_down_and_tau_follows_the_schedule_every_iteration(data, tmp_p
     assert all(float(v) == 0 for k, v in state["model"].items() if k.endswith("attention.temperature"))
     assert state["position"] == {"epoch": 4, "batches": 0, "step": 24, "best_top1": summary["position"]["best_top1"]}
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,step,train_loss,val_loss,top1,top5,lr,tau,images_per_s" and len(rows) == 5
+    assert rows[0] == "model,epoch,step,train_loss,val_loss,top1,top5,lr,tau,images_per_s" and len(rows) == 5
+    assert all(row.startswith("tiny_kw1x,") for row in rows[1:])
     assert (tmp_path / "best.pt").exists()
 
 
-@pytest.mark.parametrize("stop", [6, 8], ids=["stop-at-epoch-end", "stop-mid-epoch"])
-def test_resume_continues_exactly(data, tmp_path, stop):
+@pytest.mark.parametrize("stop, position, logged", [
+    (6, (1, 0), [("1", "6"), ("2", "12")]),
+    (8, (1, 2), [("1", "6"), ("2", "8"), ("2", "12")]),
+], ids=["stop-at-epoch-end", "stop-mid-epoch"])
+def test_resume_continues_exactly(data, tmp_path, stop, position, logged):
+    """Steps, losses, τ, lr, the global RNGs' draws and the final state match an uncut run. A stop at an
+    epoch's end completes that epoch (no replayed empty epoch: no extra log row or evaluation)."""
     run = {"recipe": "mobilenetv2", "epochs": 2, "temp_epochs": 1, "lr": 0.05}
-    full, _ = _steps(data, tmp_path / "full", **run)
-    first, _ = _steps(data, tmp_path / "cut", max_steps=stop, **run)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["position"]["step"] == stop
-    rest, _ = _steps(data, tmp_path / "cut", resume="auto", **run)
-    assert [r.step for r in first + rest] == [r.step for r in full]
-    assert [(r.loss, r.tau, r.lr) for r in first + rest] == [(r.loss, r.tau, r.lr) for r in full]
+    full = _steps_drawing(data, tmp_path / "full", **run)
+    first = _steps_drawing(data, tmp_path / "cut", max_steps=stop, **run)
+    cut_position = load_checkpoint(tmp_path / "cut" / "last.pt")["position"]
+    assert (cut_position["epoch"], cut_position["batches"], cut_position["step"]) == (*position, stop)
+    rest = _steps_drawing(data, tmp_path / "cut", resume="auto", **run)
+    assert first + rest == full
+    assert [(row["epoch"], row["step"]) for row in _log(tmp_path / "cut")] == logged
+    if stop == 6:
+        assert _log(tmp_path / "cut") == _log(tmp_path / "full")
     ours = load_checkpoint(tmp_path / "cut" / "last.pt")
     theirs = load_checkpoint(tmp_path / "full" / "last.pt")
     for key, value in theirs["model"].items():
@@ -123,6 +152,166 @@ def test_resume_refuses_another_model(data, tmp_path):
     _train(data, tmp_path, epochs=1, max_steps=1)
     with pytest.raises(ValueError, match="tiny_kw1x"):
         _train(data, tmp_path, epochs=1, model="tiny_kw2x", resume=str(tmp_path / "last.pt"))
+
+
+# -- refusals: nothing good overwritten, one-line errors with exit code 2 ----------------------------
+#: the tiny run on the command line (cases add or override flags after these)
+TINY_ARGS = ["--model", "tiny_kw1x", "--batch-size", "4", "--image-size", "16", "--workers", "0", "--no-progress",
+             "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished one-epoch run of tiny_kw1x (6 steps): last.pt, best.pt and log.csv."""
+    out = tmp_path_factory.mktemp("finished")
+    _train(data, out, epochs=1)
+    return out
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    """A copy of the finished run to try things on."""
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def _snapshot(folder) -> dict:
+    """File name -> (bytes, mtime in ns) of every file in `folder`."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in Path(folder).iterdir()}
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    """`python -m kw_ops train TINY_ARGS ARGS` in this process: (exit code, stderr lines)."""
+    code = train_main([*TINY_ARGS, *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_out_folder_holding_a_run_is_refused_and_kept(data, run_dir, capsys):
+    before = _snapshot(run_dir)
+    code, err = _cli(capsys, "--data", data, "--model", "tiny_kw2x", "--max-steps", "1", "--out", str(run_dir))
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"kw_ops train: {run_dir} holds a run of 'tiny_kw1x' (last.pt, best.pt): pass --resume auto to "
+                      f"continue it, --overwrite to replace it, or another --out")
+    assert _snapshot(run_dir) == before
+
+
+def test_overwrite_replaces_the_run_and_its_log(data, run_dir, capsys):
+    code, err = _cli(capsys, "--data", data, "--model", "tiny_kw2x", "--max-steps", "1", "--out", str(run_dir),
+                     "--overwrite")
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "last.pt")["model_name"] == load_checkpoint(run_dir / "best.pt")["model_name"] \
+        == "tiny_kw2x"
+    assert [(row["model"], row["step"]) for row in _log(run_dir)] == [("tiny_kw2x", "1")]
+
+
+def test_resume_auto_without_last_pt_keeps_best_pt(data, run_dir, capsys):
+    (run_dir / "last.pt").unlink()
+    before = _snapshot(run_dir)
+    code, err = _cli(capsys, "--data", data, "--epochs", "2", "--out", str(run_dir), "--resume", "auto")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"kw_ops train: {run_dir} holds a run of 'tiny_kw1x' (best.pt) but no last.pt to resume "
+                             f"from (starting afresh would overwrite best.pt)")
+    assert _snapshot(run_dir) == before
+
+
+def test_default_out_is_a_new_folder_per_run(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "DEFAULT_OUT_ROOT", tmp_path / "runs")
+    config = TrainConfig(data=data, **TINY, epochs=1, max_steps=1)
+    first, second = (Path(train(config)["out"]) for _ in range(2))
+    assert first != second and first.parent == second.parent == tmp_path / "runs"
+    assert re.fullmatch(r"tiny_kw1x-\d{8}-\d{6}", first.name) and second.name.startswith(first.name[:len("tiny_kw1x-")])
+    assert (first / "last.pt").is_file() and (second / "last.pt").is_file()
+
+
+def test_resume_auto_needs_out(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "--data", data, "--resume", "auto")
+    assert (code, err) == (2, ["kw_ops train: resume='auto' (--resume auto) needs out (--out), the folder of the run "
+                               "to continue"])
+    assert not any(tmp_path.iterdir())
+
+
+def _copy_data(data, tmp_path) -> Path:
+    return Path(shutil.copytree(data, tmp_path / "data"))
+
+
+def _truncated_checkpoint(data, run, tmp_path):
+    path = tmp_path / "truncated.pt"
+    path.write_bytes((run / "last.pt").read_bytes()[:4096])
+    return ["--resume", str(path)], f"{path} is not a readable checkpoint (truncated, or not written by torch.save)"
+
+
+def _image_as_checkpoint(data, run, tmp_path):
+    path = Path(data) / "train" / "class0" / "0.png"
+    return ["--resume", str(path)], f"{path} is not a readable checkpoint"
+
+
+def _state_dict_checkpoint(data, run, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(build_model("tiny_kw1x", 3).state_dict(), path)
+    return ["--resume", str(path)], f"{path} is not a `kw_ops train` checkpoint (a plain state_dict?)"
+
+
+def _other_classes_checkpoint(data, run, tmp_path):
+    path = tmp_path / "four.pt"
+    torch.save({**load_checkpoint(run / "last.pt"), "classes": ["a", "b", "c", "d"]}, path)
+    return ["--resume", str(path)], f"{path} was trained on 4 classes (a, b, c, d), but {data} has 3 (class0, class1, "
+
+
+def _finished_run(data, run, tmp_path):
+    return ["--resume", "auto", "--out", str(run)], "is of a finished run (1 of 1 epochs, step 6): nothing to resume"
+
+
+def _corrupt_image(workers):
+    def case(data, run, tmp_path):
+        root = _copy_data(data, tmp_path)
+        image = root / "train" / "class1" / "3.png"
+        image.write_bytes(image.read_bytes()[:60])
+        return (["--data", str(root), "--epochs", "2", "--resume", "auto", "--out", str(run), "--workers", workers],
+                f"cannot decode image {image}: OSError")
+    return case
+
+
+def _empty_class_folder(data, run, tmp_path):
+    root = _copy_data(data, tmp_path)
+    (root / "train" / "class9").mkdir()
+    return ["--data", str(root)], f"class folders without images under {root / 'train'}: class9"
+
+
+def _class_only_in_val(data, run, tmp_path):
+    root = _copy_data(data, tmp_path)
+    shutil.copytree(root / "val" / "class0", root / "val" / "zebra")
+    return ["--data", str(root)], f"classes only in {root / 'val'}, not in {root / 'train'}: zebra"
+
+
+def _flags(*flags, message):
+    return lambda data, run, tmp_path: (list(flags), message)
+
+
+@pytest.mark.parametrize("case", [
+    _truncated_checkpoint, _image_as_checkpoint, _state_dict_checkpoint, _other_classes_checkpoint, _finished_run,
+    _corrupt_image("0"), _corrupt_image("2"), _empty_class_folder, _class_only_in_val,
+    _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    _flags("--lr", "nan", message="lr (--lr) must be a finite number > 0, got nan"),
+    _flags("--lr", "inf", message="lr (--lr) must be a finite number > 0, got inf"),
+    _flags("--lr", "0", message="lr (--lr) must be a finite number > 0, got 0.0"),
+    _flags("--lr", "-0.1", message="lr (--lr) must be a finite number > 0, got -0.1"),
+    _flags("--max-steps", "0", message="max_steps (--max-steps) must be >= 1, got 0"),
+], ids=["truncated-checkpoint", "image-as-checkpoint", "state-dict", "other-classes", "finished-run",
+        "corrupt-image", "corrupt-image-in-worker", "empty-class-folder", "class-only-in-val", "unknown-device",
+        "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0"])
+def test_bad_input_is_one_line_and_exit_code_2_and_nothing_is_written(data, run_dir, tmp_path, capsys, case):
+    """Each: exit code 2, one line naming what was wrong (after the announcement of the run's folder
+    when training had begun), the existing run's files untouched, no new folder."""
+    args, message = case(data, run_dir, tmp_path)
+    before = _snapshot(run_dir)
+    fresh = tmp_path / "fresh"
+    code, err = _cli(capsys, "--data", data, "--out", str(fresh), *args)
+    assert code == 2 and err and err[-1].startswith("kw_ops train: ") and message in err[-1], err
+    assert len(err) == 1 or (len(err) == 2 and err[0].startswith("tiny_kw1x: log.csv and checkpoints in")), err
+    assert _snapshot(run_dir) == before and not fresh.exists()
 
 
 def _command(*args, env=None, launcher=()):
