@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,18 @@ def test_lr_schedules():
     assert lr_factor(19, cosine, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 20)))
     warm = get_recipe("convnext", epochs=4, warmup_epochs=1)
     assert [lr_factor(i, warm, 4) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("epochs", 0, ">= 1, got 0"), ("batch_size", 0, ">= 1, got 0"), ("lr", math.nan, "> 0, got nan"),
+    ("lr", math.inf, "> 0, got inf"), ("lr", 0.0, "> 0, got 0.0"), ("temp_epochs", -1.0, ">= 0, got -1.0"),
+    ("temp_epochs", math.inf, ">= 0, got inf"), ("image_size", 0, ">= 1, got 0"),
+])
+def test_recipe_refuses_a_bad_number_naming_the_field_and_flag(field, value, expected):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=re.escape(f"Recipe 'resnet': {field} ({flag}) must be a finite number "
+                                                   f"{expected}")):
+        get_recipe("resnet", **{field: value})
 
 
 def test_no_weight_decay_on_biases_and_norms_and_shared_cells_once():
@@ -214,13 +227,16 @@ def test_resume_auto_without_last_pt_keeps_best_pt(data, run_dir, capsys):
 
 
 def test_default_out_is_a_new_folder_per_run(data, tmp_path, monkeypatch):
+    """runs/train/<model>-<local time>, with a suffix for a second run started in the same second."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(loop, "DEFAULT_OUT_ROOT", tmp_path / "runs")
+    frozen, strftime = time.localtime(0), time.strftime
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt, when=frozen: strftime(fmt, when))
     config = TrainConfig(data=data, **TINY, epochs=1, max_steps=1)
-    first, second = (Path(train(config)["out"]) for _ in range(2))
-    assert first != second and first.parent == second.parent == tmp_path / "runs"
-    assert re.fullmatch(r"tiny_kw1x-\d{8}-\d{6}", first.name) and second.name.startswith(first.name[:len("tiny_kw1x-")])
-    assert (first / "last.pt").is_file() and (second / "last.pt").is_file()
+    outs = [Path(train(config)["out"]) for _ in range(2)]
+    stem = f"tiny_kw1x-{strftime('%Y%m%d-%H%M%S', frozen)}"
+    assert outs == [tmp_path / "runs" / stem, tmp_path / "runs" / f"{stem}-2"]
+    assert all((out / "last.pt").is_file() and _log(out)[0]["model"] == "tiny_kw1x" for out in outs)
 
 
 def test_resume_auto_needs_out(data, tmp_path, monkeypatch, capsys):
@@ -262,6 +278,23 @@ def _finished_run(data, run, tmp_path):
     return ["--resume", "auto", "--out", str(run)], "is of a finished run (1 of 1 epochs, step 6): nothing to resume"
 
 
+def _at_max_steps(data, run, tmp_path):
+    return (["--epochs", "2", "--max-steps", "6", "--resume", "auto", "--out", str(run)],
+            "is at step 6, already at --max-steps 6: nothing to resume")
+
+
+def _resume_into_another_models_run(data, run, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({**load_checkpoint(run / "last.pt"), "model_name": "tiny_kw2x"}, path)
+    return (["--model", "tiny_kw2x", "--resume", str(path), "--out", str(run)],
+            f"{run} holds a run of 'tiny_kw1x' (last.pt, best.pt), not of 'tiny_kw2x': pass --overwrite")
+
+
+def _unreadable_run(data, run, tmp_path):
+    (run / "last.pt").write_bytes(b"")
+    return ["--out", str(run)], f"{run} holds a run of an unknown model (last.pt, best.pt): pass --resume auto"
+
+
 def _corrupt_image(workers):
     def case(data, run, tmp_path):
         root = _copy_data(data, tmp_path)
@@ -290,6 +323,7 @@ def _flags(*flags, message):
 
 @pytest.mark.parametrize("case", [
     _truncated_checkpoint, _image_as_checkpoint, _state_dict_checkpoint, _other_classes_checkpoint, _finished_run,
+    _at_max_steps, _resume_into_another_models_run, _unreadable_run,
     _corrupt_image("0"), _corrupt_image("2"), _empty_class_folder, _class_only_in_val,
     _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
     pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
@@ -299,9 +333,13 @@ def _flags(*flags, message):
     _flags("--lr", "0", message="lr (--lr) must be a finite number > 0, got 0.0"),
     _flags("--lr", "-0.1", message="lr (--lr) must be a finite number > 0, got -0.1"),
     _flags("--max-steps", "0", message="max_steps (--max-steps) must be >= 1, got 0"),
+    _flags("--resume", "auto", "--overwrite", message="resume (--resume auto) continues a run and overwrite "
+           "(--overwrite) replaces it: pass one of them"),
 ], ids=["truncated-checkpoint", "image-as-checkpoint", "state-dict", "other-classes", "finished-run",
+        "at-max-steps", "resume-into-another-models-run", "unreadable-run",
         "corrupt-image", "corrupt-image-in-worker", "empty-class-folder", "class-only-in-val", "unknown-device",
-        "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0"])
+        "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0",
+        "resume-and-overwrite"])
 def test_bad_input_is_one_line_and_exit_code_2_and_nothing_is_written(data, run_dir, tmp_path, capsys, case):
     """Each: exit code 2, one line naming what was wrong (after the announcement of the run's folder
     when training had begun), the existing run's files untouched, no new folder."""
