@@ -143,6 +143,7 @@ def _empty_class_folder(tmp_path, data):
 
 
 def _flags(*flags, message):
+    """A case that only adds command-line flags."""
     return lambda tmp_path, data: (list(flags), message)
 
 
@@ -154,6 +155,7 @@ def _flags(*flags, message):
 ], ids=["truncated-checkpoint", "image-as-checkpoint", "tensor-as-checkpoint", "other-classes", "corrupt-image",
         "empty-class-folder", "unknown-device", "cuda-without-cuda"])
 def test_bad_input_is_one_line_and_exit_code_2_and_the_old_png_is_kept(data, tmp_path, capsys, case):
+    """Each: exit code 2, one line naming what was wrong, an existing PNG at --out untouched."""
     args, message = case(tmp_path, data)
     out = tmp_path / "map.png"
     out.write_bytes(PNG_MAGIC + b"an earlier map")

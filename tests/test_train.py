@@ -248,6 +248,7 @@ def test_resume_auto_needs_out(data, tmp_path, monkeypatch, capsys):
 
 
 def _copy_data(data, tmp_path) -> Path:
+    """A copy of the image folder to damage."""
     return Path(shutil.copytree(data, tmp_path / "data"))
 
 
@@ -296,6 +297,7 @@ def _unreadable_run(data, run, tmp_path):
 
 
 def _corrupt_image(workers):
+    """Resume the finished run for a second epoch over data with a truncated PNG, read by `workers` workers."""
     def case(data, run, tmp_path):
         root = _copy_data(data, tmp_path)
         image = root / "train" / "class1" / "3.png"
@@ -318,6 +320,7 @@ def _class_only_in_val(data, run, tmp_path):
 
 
 def _flags(*flags, message):
+    """A case that only adds command-line flags."""
     return lambda data, run, tmp_path: (list(flags), message)
 
 
