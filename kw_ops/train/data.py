@@ -109,10 +109,10 @@ class ImageFolder(Dataset):
                         if path.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.samples:
             raise FileNotFoundError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        if classes is None and self.empty_classes():
-            raise ValueError(f"ImageFolder: class folders without images under {self.root}: "
-                             f"{', '.join(self.empty_classes())} (each class needs an image: "
-                             f"{', '.join(IMAGE_EXTENSIONS)})")
+        empty = self.empty_classes() if classes is None else []
+        if empty:
+            raise ValueError(f"ImageFolder: class folders without images under {self.root}: {', '.join(empty)} "
+                             f"(each class needs an image: {', '.join(IMAGE_EXTENSIONS)})")
         self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
