@@ -291,6 +291,13 @@ def _resume_into_another_models_run(data, run, tmp_path):
             f"{run} holds a run of 'tiny_kw1x' (last.pt, best.pt), not of 'tiny_kw2x': pass --overwrite")
 
 
+def _log_without_model_column(data, run, tmp_path):
+    log = run / "log.csv"
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line.split(",", 1)[1] + "\n" for line in lines))
+    return ["--epochs", "2", "--resume", "auto", "--out", str(run)], f"{log} has the columns epoch,step,train_loss,"
+
+
 def _unreadable_run(data, run, tmp_path):
     (run / "last.pt").write_bytes(b"")
     return ["--out", str(run)], f"{run} holds a run of an unknown model (last.pt, best.pt): pass --resume auto"
@@ -326,7 +333,7 @@ def _flags(*flags, message):
 
 @pytest.mark.parametrize("case", [
     _truncated_checkpoint, _image_as_checkpoint, _state_dict_checkpoint, _other_classes_checkpoint, _finished_run,
-    _at_max_steps, _resume_into_another_models_run, _unreadable_run,
+    _at_max_steps, _resume_into_another_models_run, _unreadable_run, _log_without_model_column,
     _corrupt_image("0"), _corrupt_image("2"), _empty_class_folder, _class_only_in_val,
     _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
     pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
@@ -339,7 +346,7 @@ def _flags(*flags, message):
     _flags("--resume", "auto", "--overwrite", message="resume (--resume auto) continues a run and overwrite "
            "(--overwrite) replaces it: pass one of them"),
 ], ids=["truncated-checkpoint", "image-as-checkpoint", "state-dict", "other-classes", "finished-run",
-        "at-max-steps", "resume-into-another-models-run", "unreadable-run",
+        "at-max-steps", "resume-into-another-models-run", "unreadable-run", "log-without-model-column",
         "corrupt-image", "corrupt-image-in-worker", "empty-class-folder", "class-only-in-val", "unknown-device",
         "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0",
         "resume-and-overwrite"])

@@ -248,15 +248,9 @@ def _recorded_model(path: Path) -> str | None:
     return state.get("model_name") if isinstance(state, dict) else None
 
 
-def _check_out(config: TrainConfig) -> None:
-    """Refuse to write into a folder holding another run's checkpoints (unless `overwrite`), and
-    `resume='auto'` where only best.pt is left (starting afresh would overwrite it). out=None: a new folder."""
-    if config.out is None:
-        return
-    out = Path(config.out)
-    found = [name for name in CHECKPOINT_FILES if (out / name).is_file()]
-    if not found or config.overwrite:
-        return
+def _check_run(config: TrainConfig, out: Path, found: list[str]) -> None:
+    """Refuse to write where `found` checkpoints belong to another run: unless resuming it, never into a run
+    of another model, and not `resume='auto'` where only best.pt is left (starting afresh would overwrite it)."""
     model = _recorded_model(out / found[0])
     holder = f"{out} holds a run of {repr(model) if model else 'an unknown model'} ({', '.join(found)})"
     if config.resume is None:
@@ -266,6 +260,30 @@ def _check_out(config: TrainConfig) -> None:
                          f"--overwrite to start over there, or another --out")
     if model != config.model:
         raise ValueError(f"{holder}, not of {config.model!r}: pass --overwrite to replace it, or another --out")
+
+
+def _check_log(out: Path) -> None:
+    """Refuse to append to a log.csv with other columns than CSV_FIELDS (one written before the model column)."""
+    path = out / LOG_FILE
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        header = tuple(next(csv.reader(handle), ()))
+    if header and header != CSV_FIELDS:
+        raise ValueError(f"{path} has the columns {','.join(header)}, not {','.join(CSV_FIELDS)}: move it away, or "
+                         f"pass another --out")
+
+
+def _check_out(config: TrainConfig) -> None:
+    """Check the run's folder before anything is written (nothing to check for a new folder, out=None, or
+    with `overwrite`): its checkpoints (`_check_run`) and its log (`_check_log`)."""
+    if config.out is None or config.overwrite:
+        return
+    out = Path(config.out)
+    found = [name for name in CHECKPOINT_FILES if (out / name).is_file()]
+    if found:
+        _check_run(config, out, found)
+    _check_log(out)
 
 
 def _new_out(model: str, create: bool) -> Path:
