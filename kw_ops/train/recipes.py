@@ -51,10 +51,17 @@ class Recipe:
             raise ValueError(f"Recipe {self.name!r}: optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"Recipe {self.name!r}: schedule must be 'step' or 'cosine', got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.temp_epochs < 0 or self.image_size < 1:
-            raise ValueError(f"Recipe {self.name!r}: need epochs >= 1, batch_size >= 1, lr > 0, temp_epochs >= 0 "
-                             f"and image_size >= 1, got {self.epochs}, {self.batch_size}, {self.lr}, "
-                             f"{self.temp_epochs}, {self.image_size}")
+        for field, least, strict in (("epochs", 1, False), ("batch_size", 1, False), ("lr", 0, True),
+                                     ("temp_epochs", 0, False), ("image_size", 1, False)):
+            self._check_number(field, least, strict)
+
+    def _check_number(self, field: str, least: float, strict: bool) -> None:
+        """ValueError naming the field (and its command-line flag) unless it is finite and >= (or >) least."""
+        value = getattr(self, field)
+        if not (math.isfinite(value) and (value > least if strict else value >= least)):
+            flag = "--" + field.replace("_", "-")
+            raise ValueError(f"Recipe {self.name!r}: {field} ({flag}) must be a finite number "
+                             f"{'>' if strict else '>='} {least}, got {value}")
 
     def replace(self, **changes) -> Recipe:
         """A copy with some fields changed; None values are ignored (unset command-line overrides)."""
