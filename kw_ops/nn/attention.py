@@ -31,7 +31,8 @@ class KWAttention(nn.Module):
     """Attentions α [B, m, n] of one layer's m mixtures over the n cells of its warehouse.
 
     in_channels: channels pooled from the layer's input; m, n: mixtures and warehouse cells;
-    beta: the cell of each mixture at τ = 1 (-1: zero cell); start: the layer's first cell
+    beta: the cell of each mixture at τ = 1 (-1: zero cell; a tuple: several cells, see
+    KWConfig.init); start: the layer's first cell
     (used by the non-local basis); config: the warehouse's KWConfig.
     """
 
@@ -62,10 +63,15 @@ class KWAttention(nn.Module):
             self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **factory))
         else:
             self.fc2 = nn.Linear(hidden, m * (n + 1), bias=True, **factory)
+        rows, columns = [], []
+        for row, cells in enumerate(beta):
+            for cell in cells if isinstance(cells, tuple) else (cells,):
+                rows.append(row)
+                columns.append(n if cell == ZERO_CELL else cell)
         one_hot = torch.zeros(m, n + 1, **factory)
-        columns = torch.tensor([n if cell == ZERO_CELL else cell for cell in beta], dtype=torch.long)
-        one_hot[torch.arange(m), columns] = 1
+        one_hot[torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)] = 1
         self.register_buffer("beta", one_hot)
+        self.blend = config.init != "none"  # 'none': no β, the temperature plays no part
         self.register_buffer("temperature", torch.zeros((), **factory))
         self.reset_parameters()
 
@@ -105,6 +111,7 @@ class KWAttention(nn.Module):
         pooled = x.flatten(2).mean(dim=-1)
         hidden = F.relu(self.norm1(self.fc1(pooled)))
         alpha = _normalise(self._logits(hidden), self.function)
-        tau = self.temperature
-        alpha = (1 - tau) * alpha + tau * self.beta
+        if self.blend:
+            tau = self.temperature
+            alpha = (1 - tau) * alpha + tau * self.beta
         return alpha[..., : self.n]
