@@ -1,0 +1,100 @@
+"""Search the choices the paper leaves open for the models it trained without releasing a config, by the
+parameter counts it prints; the presets take the choices found here (see their docstrings and the README).
+
+    PYTHONPATH=. python benchmarks/search_paper_counts.py [convnext ...]
+
+Counts are computed from the warehouse plans (`plan_warehouse`, exact) and the attention's parameter
+formula (checked against `KWAttention` below), so a grid of hundreds of variants takes seconds. A line
+ends with '<==' when a variant reproduces every printed count of its question, to two decimals of millions.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch.nn as nn
+
+from kw_ops.config import KWConfig
+from kw_ops.nn.attention import KWAttention
+from kw_ops.nn.planning import WeightShape, plan_warehouse
+
+NORMS = ("layer", "batch")
+
+
+def attention_params(in_channels: int, m: int, n: int, reduction: float, min_hidden: int, norm: str) -> int:
+    """fc1 (+ bias without BatchNorm) + norm affine + fc2 with bias: hidden -> m * (n + 1)."""
+    hidden = max(int(in_channels * reduction), min_hidden)
+    return in_channels * hidden + (hidden if norm != "batch" else 0) + 2 * hidden + (hidden + 1) * m * (n + 1)
+
+
+def check_formula() -> None:
+    for norm, (c, m, n) in itertools.product(NORMS, [(96, 49, 147), (384, 4, 24), (3, 16, 16)]):
+        module = KWAttention(c, m, n, [0] * m, 0, KWConfig(norm=norm))
+        assert sum(p.numel() for p in module.parameters()) == attention_params(c, m, n, 1 / 16, 16, norm), norm
+
+
+def kw_count(static: nn.Module, sharing, config: KWConfig, overrides=None, min_hidden: int = 16) -> int:
+    """Parameters of `static` KW-ified by (sharing, config, overrides): static weights swapped for warehouses,
+    plus one attention per KW layer; biases stay."""
+    overrides = overrides or {}
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, module in static.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            warehouse = sharing(name, module)
+            if warehouse is not None:
+                groups.setdefault(warehouse, []).append((name, module))
+    total = sum(p.numel() for p in static.parameters())
+    for warehouse, layers in groups.items():
+        cfg = config.replace(**overrides.get(warehouse, {}))
+        shapes = [WeightShape(m.weight.shape[0], m.weight.shape[1], tuple(m.weight.shape[2:]) or (1,), name)
+                  for name, m in layers]
+        plan = plan_warehouse(warehouse, shapes, cfg)
+        total += plan.n * math.prod(plan.cell_shape) - sum(m.weight.numel() for _, m in layers)
+        for (_, module), layer in zip(layers, plan.layers):
+            total += attention_params(module.weight.shape[1] * getattr(module, "groups", 1), layer.m, plan.n,
+                                      cfg.reduction, min_hidden, cfg.norm)
+    return total
+
+
+def report(label: str, counts: dict[str, int], printed: dict[str, float]) -> None:
+    hit = all(round(counts[key] / 1e6, 2) == printed[key] for key in printed)
+    text = ", ".join(f"{key} {counts[key] / 1e6:.3f}M" for key in counts)
+    print(f"  {label}: {text}{'  <==' if hit else ''}")
+
+
+def search_convnext() -> None:
+    """ConvNeXt-Tiny KW 1x (32.99M) and 3/4x (24.53M): the third stage split or not, attention reduction,
+    minimum hidden width, norm. The released config (no split, 1/16, 16, LayerNorm) builds 39.37M."""
+    from kw_ops.models import CONVNEXT_KW3D4X_OVERRIDES, convnext_split_stage_sharing, convnext_stage_sharing, create
+
+    print("ConvNeXt-Tiny (Table 2: KW 1x 32.99M, KW 3/4x 24.53M)")
+    static = create("convnext_tiny")
+    printed = {"1x": 32.99, "3/4x": 24.53}
+    sharings = {"released stages": convnext_stage_sharing, "third stage split": convnext_split_stage_sharing}
+    for (label, sharing), reduction, min_hidden, norm in itertools.product(
+            sharings.items(), (1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64), (1, 4, 8, 16, 32), NORMS):
+        config = KWConfig(norm=norm, reduction=reduction)
+        overrides = {k: v for k, v in CONVNEXT_KW3D4X_OVERRIDES.items() if sharing is convnext_split_stage_sharing}
+        counts = {"1x": kw_count(static, sharing, config, min_hidden=min_hidden),
+                  "3/4x": kw_count(static, sharing, config, overrides, min_hidden=min_hidden)}
+        report(f"{label}, reduction 1/{round(1 / reduction)}, min hidden {min_hidden}, {norm}norm", counts, printed)
+
+
+SEARCHES = {"convnext": search_convnext}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("questions", nargs="*", help=f"some of {', '.join(SEARCHES)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.questions) - set(SEARCHES)
+    if unknown:
+        parser.error(f"unknown questions {sorted(unknown)}; known: {', '.join(SEARCHES)}")
+    check_formula()
+    for question in args.questions or SEARCHES:
+        SEARCHES[question]()
+
+
+if __name__ == "__main__":
+    main()

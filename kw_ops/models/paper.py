@@ -1,0 +1,32 @@
+"""The paper's printed figures for the presets kw_ops builds: parameter counts and Table 14's plans.
+
+`PAPER_PARAMS[preset]` = (millions as printed, where); `TABLE14[preset]` = (Σm per warehouse, n per
+warehouse) in warehouse order, for the presets with a Table 14 row. `python -m kw_ops describe NAME`
+and the README's preset table print the measured count beside the paper's.
+"""
+from __future__ import annotations
+
+__all__ = ["PAPER_PARAMS", "TABLE14", "paper_note"]
+
+PAPER_PARAMS: dict[str, tuple[float, str]] = {
+    "convnext_tiny_kw1x": (32.99, "Table 2 (the released config builds 39.37M)"),
+    "convnext_tiny_kw1x_paper": (32.99, "Table 2"),
+    "convnext_tiny_kw3d4x_paper": (24.53, "Table 2"),
+}
+
+_CONVNEXT_1X = (16, 4, 4, 4) + (147, 24) * 6
+TABLE14: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    # Table 14 prints seven (147, 24) pairs; ConvNeXt-Tiny's 18 blocks in stages of 3 make six.
+    "convnext_tiny_kw1x_paper": (_CONVNEXT_1X, _CONVNEXT_1X),
+    "convnext_tiny_kw3d4x_paper": ((16, 4, 4, 4) + (147, 24) * 4 + (147, 96) * 2,
+                                   (16, 4, 4, 4) + (147, 24) * 4 + (147, 48) * 2),
+}
+
+
+def paper_note(name: str, params: int) -> str | None:
+    """'paper: 32.99M (Table 2), measured 32.99M, difference +0.00M' for a preset the paper prints, else None."""
+    if name not in PAPER_PARAMS:
+        return None
+    millions, where = PAPER_PARAMS[name]
+    return (f"paper: {millions:.2f}M ({where}), measured {params / 1e6:.2f}M ({params:,}), "
+            f"difference {params / 1e6 - millions:+.2f}M")
