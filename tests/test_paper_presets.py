@@ -19,8 +19,8 @@ MEASURED = {
 DIFFERENT = {"convnext_tiny_kw1x"}
 #: (batch, input size) small enough for CPU; ConvNeXt needs 32 (three /2 and a /4 stride).
 INPUT = {"convnext": (2, 32)}
-#: Presets whose forward/backward on CPU takes several seconds: still run, marked slow.
-SLOW_FORWARD = {"convnext_tiny_kw1x_paper", "convnext_tiny_kw3d4x_paper"}
+#: Presets that take seconds to build and run on CPU: still run, marked slow.
+SLOW = {"convnext_tiny_kw1x_paper", "convnext_tiny_kw3d4x_paper"}
 
 
 def _input(name: str) -> torch.Tensor:
@@ -28,7 +28,8 @@ def _input(name: str) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 
 
-@pytest.fixture(scope="module", params=sorted(MEASURED))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
+                                        for name in sorted(MEASURED)])
 def built(request):
     return request.param, zoo.create(request.param)
 
@@ -49,10 +50,8 @@ def test_plan_is_table14(built):
     assert tuple(w.plan.n for w in warehouses) == TABLE14[name][1]
 
 
-def test_forward_backward(built, request):
+def test_forward_backward(built):
     name, model = built
-    if name in SLOW_FORWARD:
-        request.applymarker(pytest.mark.slow)
     kw_ops.set_temperature(model, 0.5)
     out = model(_input(name))
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
