@@ -81,7 +81,38 @@ def search_convnext() -> None:
         report(f"{label}, reduction 1/{round(1 / reduction)}, min hidden {min_hidden}, {norm}norm", counts, printed)
 
 
-SEARCHES = {"convnext": search_convnext}
+def deit_sharing(layers: tuple[str, ...], blocks_per_warehouse: int, separate: bool):
+    """Warehouse of blocks.i.{attn.v, attn.proj, mlp.fc1, mlp.fc2}: one per `blocks_per_warehouse` blocks,
+    'attn' and 'mlp' layers in separate warehouses or together."""
+    def sharing(name: str, module: nn.Module) -> str | None:
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in layers:
+            return None
+        group = int(parts[1]) // blocks_per_warehouse
+        return f"{parts[2] if separate else 'block'}{group}"
+    return sharing
+
+
+def search_deit() -> None:
+    """DeiT-Tiny KW 1x 6.39M, 4x 20.44M; DeiT-Small KW 1x 24.36M (3/4x 19.23M in search_deit_small_3d4x):
+    which linears, how many blocks share a warehouse, value and MLP together or apart, reduction, norm."""
+    from kw_ops.models import create
+
+    printed = {"deit_tiny": {"1x": 6.39, "4x": 20.44}, "deit_small": {"1x": 24.36}}
+    for static_name, targets in printed.items():
+        static = create(static_name)
+        print(f"{static_name} (Table 11: {targets}), static {sum(p.numel() for p in static.parameters()):,}")
+        for layers, blocks, separate, reduction, norm in itertools.product(
+                (("v", "fc1", "fc2"), ("v", "proj", "fc1", "fc2")), (1, 2, 3, 4, 6, 12), (False, True),
+                (1 / 4, 1 / 8, 1 / 16, 1 / 32), NORMS):
+            sharing = deit_sharing(layers, blocks, separate)
+            counts = {key: kw_count(static, sharing, KWConfig(budget=int(key[:-1]), reduction=reduction, norm=norm))
+                      for key in targets}
+            report(f"{'+'.join(layers)}, {blocks} blocks/warehouse, {'apart' if separate else 'together'}, "
+                   f"reduction 1/{round(1 / reduction)}, {norm}norm", counts, targets)
+
+
+SEARCHES = {"convnext": search_convnext, "deit": search_deit}
 
 
 def main(argv=None) -> None:

@@ -12,6 +12,12 @@ PAPER_PARAMS: dict[str, tuple[float, str]] = {
     "convnext_tiny_kw1x": (32.99, "Table 2 (the released config builds 39.37M)"),
     "convnext_tiny_kw1x_paper": (32.99, "Table 2"),
     "convnext_tiny_kw3d4x_paper": (24.53, "Table 2"),
+    "deit_tiny": (5.72, "Table 11"),
+    "deit_tiny_kw1x": (6.39, "Table 11"),
+    "deit_tiny_kw4x": (20.44, "Table 11"),
+    "deit_small": (22.06, "Table 11"),
+    "deit_small_kw3d4x": (19.23, "Table 11"),
+    "deit_small_kw1x": (24.36, "Table 11"),
 }
 
 _CONVNEXT_1X = (16, 4, 4, 4) + (147, 24) * 6
