@@ -118,7 +118,30 @@ def search_deit() -> None:
                f"reduction 1/{round(1 / reduction)}, min hidden {min_hidden}, cell ratio {ratio}", counts, printed)
 
 
-SEARCHES = {"convnext": search_convnext, "deit": search_deit}
+def search_kw_star() -> None:
+    """KW* (4x) on MobileNetV2 1.0 (Table 17: 12.51M): mobilenetv2_100_kw4x plus ODConv's input-channel,
+    output-channel and spatial sigmoid heads (hidden + 1 weights per output each); which layers get them
+    (ODConv itself skips channel and output heads on depthwise convs, the spatial head on 1x1 convs)."""
+    import kw_ops
+    from kw_ops.models import create
+
+    model = create("mobilenetv2_100_kw4x")
+    base = kw_ops.count_parameters(model)
+    print("KW* (Table 17: MobileNetV2 1.0 KW*(4x) 12.51M)")
+    for skip_depthwise, skip_pointwise in itertools.product((True, False), repeat=2):
+        extra = 0
+        for layer in (m for m in model.modules() if isinstance(m, kw_ops.KWLayer)):
+            hidden = layer.attention.fc1.out_features
+            depthwise = layer.groups == layer.in_channels == layer.out_channels
+            if not (skip_depthwise and depthwise):
+                extra += (hidden + 1) * (layer.in_channels + layer.out_channels)
+            if not (skip_pointwise and math.prod(layer.kernel_size) == 1):
+                extra += (hidden + 1) * math.prod(layer.kernel_size)
+        report(f"channel/output heads on depthwise {not skip_depthwise}, spatial head on 1x1 {not skip_pointwise}",
+               {"4x": base + extra}, {"4x": 12.51})
+
+
+SEARCHES = {"convnext": search_convnext, "deit": search_deit, "kw_star": search_kw_star}
 
 
 def main(argv=None) -> None:

@@ -43,6 +43,9 @@ class KWConfig:
                   to every mixture, β = 1 everywhere); 'none' (no β, τ ignored); 'many_to_one'
                   (b ≥ 2 integer: mixture j gets b fresh cells); 'one_to_many' (b = 1/k: k
                   consecutive mixtures share one cell, no zero cell).
+    omni:         KW* (Table 17): the attention also computes ODConv's input-channel, output-channel
+                  and spatial attentions (sigmoid heads on the same hidden features) besides the
+                  attention over cells; needs spatial_partition.
     """
 
     budget: float = 1.0
@@ -54,6 +57,7 @@ class KWConfig:
     attention: str = "caf"
     nonlocal_basis_ratio: float = 1.0
     init: str = "one_to_one"
+    omni: bool = False
 
     def __post_init__(self):
         b = self.budget
@@ -69,6 +73,9 @@ class KWConfig:
             raise ValueError(f"KWConfig.norm: expected one of {NORMS}, got {self.norm!r}")
         if self.attention not in ATTENTION_FUNCTIONS:
             raise ValueError(f"KWConfig.attention: expected one of {ATTENTION_FUNCTIONS}, got {self.attention!r}")
+        if self.omni and not self.spatial_partition:
+            raise ValueError("KWConfig.omni (KW*) folds its spatial attention into the attention of the kernel's "
+                             "spatial cells: it needs spatial_partition=True")
         if self.init not in INIT_STRATEGIES:
             raise ValueError(f"KWConfig.init: expected one of {INIT_STRATEGIES}, got {self.init!r}")
         if self.init == "many_to_one" and (b < 2 or b != int(b)):

@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from oracle import kw_conv_loop
+
 import kw_ops
 from kw_ops import KWConfig, PlanningError
 from kw_ops.nn.planning import ZERO_CELL, WeightShape, plan_warehouse
@@ -79,3 +81,24 @@ def test_one_to_many_that_cannot_share_evenly_is_refused():
     conv = kw_ops.KWConv2d(8, 8, 3, warehouse=KWConfig(budget=0.5, init="one_to_many"))  # m = 9: 5 cells, n = 4
     with pytest.raises(PlanningError, match="cannot be assigned one-to-one"):
         conv(torch.randn(2, 8, 5, 5))
+
+
+def test_kw_star_scales_inputs_spatial_cells_and_outputs():
+    conv = kw_ops.KWConv2d(6, 4, 3, padding=1, bias=False, warehouse=KWConfig(budget=2, omni=True)).double().eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    alpha, channel, filter_ = conv.attention.forward_omni(x)
+    assert alpha.shape == (2, 9, conv.warehouse.plan.n) and channel.shape == (2, 6) and filter_.shape == (2, 4)
+    hidden = conv.attention._hidden(x)
+    conv.attention.omni = False  # α of one-dimensional KW, to check the spatial attention scales its rows
+    plain = conv.attention._alpha(hidden)
+    conv.attention.omni = True
+    spatial = torch.sigmoid(conv.attention.spatial_fc(hidden))  # grid (9, 1, 1): mixture j is position j
+    torch.testing.assert_close(alpha, plain * spatial[:, :, None])
+    expected = kw_conv_loop(x * channel[:, :, None, None], alpha, conv.warehouse.cells, None, 4, (3, 3), (1, 1),
+                            (1, 1), (1, 1), 1) * filter_[:, :, None, None]
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_kw_star_needs_spatial_partition():
+    with pytest.raises(ValueError, match="spatial_partition"):
+        KWConfig(omni=True, spatial_partition=False)

@@ -12,6 +12,7 @@ so they can KW-ify variants of these networks. `deit_tiny` / `deit_small` and th
 (`deit_kw_sharing`) and the paper's ConvNeXt plans (`*_paper`) are models the paper trained without a
 released config. Register more builders with `@register("name")`.
 """
+from . import ablations  # noqa: F401  (registers the ablation presets and KW*)
 from .convnext import (
     CONVNEXT_KW3D4X_OVERRIDES,
     ConvNeXt,

@@ -18,6 +18,7 @@ PAPER_PARAMS: dict[str, tuple[float, str]] = {
     "deit_small": (22.06, "Table 11"),
     "deit_small_kw3d4x": (19.23, "Table 11"),
     "deit_small_kw1x": (24.36, "Table 11"),
+    "mobilenetv2_100_kwstar4x": (12.51, "Table 17"),
 }
 
 _CONVNEXT_1X = (16, 4, 4, 4) + (147, 24) * 6
