@@ -141,7 +141,55 @@ def search_kw_star() -> None:
                {"4x": base + extra}, {"4x": 12.51})
 
 
-SEARCHES = {"convnext": search_convnext, "deit": search_deit, "kw_star": search_kw_star}
+def search_ablations() -> None:
+    """Tables 5-7: ResNet18 KW 1x without kernel partition (11.78M), sharing within each layer (11.81M) or
+    without sharing (11.78M); ResNet50 KW 1x sharing across same-dimensioned kernels only (26.95M).
+    Sharing per stage (the 1x preset's), per stage and kernel size, per stage and weight shape, per layer;
+    cells partitioned or whole kernels; for Table 7 also the original stages and the stage's cell shape."""
+    from kw_ops.models import create, resnet_stage_sharing
+    from kw_ops.models.ablations import resnet_layer_sharing, resnet_shape_sharing
+
+    def kernel_sharing(name, module):
+        stage = resnet_stage_sharing(name, module)
+        return None if stage is None else f"{stage}_{module.kernel_size}"
+
+    def original_stage_shape_sharing(name, module):
+        if resnet_stage_sharing(name, module) is None:
+            return None
+        return f"{name.split('.')[0]}_{'x'.join(map(str, module.weight.shape))}"
+
+    rules = {"stage": resnet_stage_sharing, "stage+kernel size": kernel_sharing, "stage+shape": resnet_shape_sharing,
+             "original stage+shape": original_stage_shape_sharing, "layer": resnet_layer_sharing}
+    for static_name, printed in (("resnet18", {"1x": (11.78, 11.81)}), ("resnet50", {"1x": (26.95,)})):
+        static = create(static_name)
+        print(f"{static_name} KW 1x ablations (printed: {printed['1x']})")
+        for (label, rule), partition in itertools.product(rules.items(), (True, False)):
+            try:
+                count = kw_count(static, rule, KWConfig(spatial_partition=partition))
+            except ValueError as error:  # without partition, kernels of a warehouse must agree
+                print(f"  {label}, partition {partition}: not plannable ({str(error)[:60]}...)")
+                continue
+            hit = any(round(count / 1e6, 2) == value for value in printed["1x"])
+            print(f"  {label}, partition {partition}: {count / 1e6:.3f}M{'  <==' if hit else ''}")
+        if static_name == "resnet50":  # stage cells (the 1x preset's gcds) in warehouses split by shape
+            groups: dict[str, list[nn.Module]] = {}
+            for name, module in static.named_modules():
+                if resnet_stage_sharing(name, module) is not None:
+                    groups.setdefault(resnet_stage_sharing(name, module), []).append(module)
+            overrides = {}
+            for name, module in static.named_modules():
+                stage = resnet_stage_sharing(name, module)
+                if stage is not None:
+                    out_gcd = math.gcd(*(m.out_channels for m in groups[stage]))
+                    in_gcd = math.gcd(*(m.in_channels for m in groups[stage]))
+                    overrides[resnet_shape_sharing(name, module)] = {"out_ratio": out_gcd / module.out_channels,
+                                                                    "in_ratio": in_gcd / module.in_channels}
+            count = kw_count(static, resnet_shape_sharing, KWConfig(), overrides)
+            print(f"  stage+shape with the stage's cell shape: {count / 1e6:.3f}M")
+
+
+SEARCHES = {"convnext": search_convnext, "deit": search_deit, "kw_star": search_kw_star,
+            "ablations": search_ablations}
 
 
 def main(argv=None) -> None:

@@ -22,14 +22,28 @@ MEASURED = {
     "deit_small_kw3d4x": 19_585_840,
     "deit_small_kw1x": 24_356_080,
     "mobilenetv2_100_kwstar4x": 12_507_761,
+    "resnet18_kw1x_no_partition": 11_777_580,
+    "resnet18_kw1x_layer_sharing": 11_805_134,
+    "resnet18_kw1x_no_sharing": 11_776_974,
+    "resnet50_kw1x_same_dims": 26_927_702,
+    "resnet18_kw1x_softmax": 11_932_148,
+    "resnet18_kw1x_sigmoid": 11_932_148,
+    "resnet18_kw1x_relu_l1": 11_932_148,
+    "resnet18_kw4x_softmax": 45_862_085,
+    "resnet18_kw1x_init_all_to_one": 11_932_148,
+    "resnet18_kw1x_init_none": 11_932_148,
+    "resnet18_kw4x_init_many_to_one": 45_862_085,
+    "resnet18_kw1d2x_init_one_to_many": 7_431_044,
 }
 #: Presets whose measured count does not round to the paper's printed one (the README explains each).
-DIFFERENT = {"convnext_tiny_kw1x", "deit_tiny_kw1x", "deit_tiny_kw4x", "deit_small", "deit_small_kw3d4x"}
+DIFFERENT = {"convnext_tiny_kw1x", "deit_tiny_kw1x", "deit_tiny_kw4x", "deit_small", "deit_small_kw3d4x",
+             "resnet50_kw1x_same_dims", "resnet18_kw1x_sigmoid", "resnet18_kw1x_relu_l1", "resnet18_kw1x_init_all_to_one"}
 #: (batch, input size) small enough for CPU; ConvNeXt needs 32 (three /2 and a /4 stride).
 INPUT = {"convnext": (2, 32)}
 #: Presets that take seconds to build and run on CPU: still run, marked slow.
 SLOW = {"convnext_tiny_kw1x", "convnext_tiny_kw1x_paper", "convnext_tiny_kw3d4x_paper", "deit_tiny_kw4x",
-        "deit_small_kw1x", "deit_small_kw3d4x"}
+        "deit_small_kw1x", "deit_small_kw3d4x", "resnet18_kw4x_softmax", "resnet18_kw4x_init_many_to_one",
+        "resnet50_kw1x_same_dims", "resnet18_kw1x_sigmoid", "resnet18_kw1x_relu_l1", "resnet18_kw1x_init_all_to_one"}
 
 
 def _input(name: str) -> torch.Tensor:
@@ -81,3 +95,14 @@ def test_deit_resizes_its_position_embedding_and_refuses_partial_patches():
     assert model(torch.randn(2, 3, 48, 64)).shape == (2, 3)
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
         model(torch.randn(2, 3, 40, 32))
+
+
+def test_ablation_plans():
+    no_partition = zoo.create("resnet18_kw1x_no_partition", num_classes=10)
+    assert all(w.plan.cell_shape[2:] == w.members[0].kernel_size for w in kw_ops.warehouses(no_partition))
+    shapes = [{(m.out_channels, m.in_channels, m.kernel_size) for m in w.members} for w in kw_ops.warehouses(no_partition)]
+    assert all(len(s) == 1 for s in shapes) and len(shapes) < 19  # same-shaped kernels of a stage share
+    layer = zoo.create("resnet18_kw1x_layer_sharing", num_classes=10)
+    assert all(len(w.members) == 1 for w in kw_ops.warehouses(layer)) and len(kw_ops.warehouses(layer)) == 19
+    alone = zoo.create("resnet18_kw1x_no_sharing", num_classes=10)
+    assert {(w.plan.n, w.members[0].m) for w in kw_ops.warehouses(alone)} == {(1, 1)}

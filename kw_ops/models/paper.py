@@ -19,6 +19,18 @@ PAPER_PARAMS: dict[str, tuple[float, str]] = {
     "deit_small_kw3d4x": (19.23, "Table 11"),
     "deit_small_kw1x": (24.36, "Table 11"),
     "mobilenetv2_100_kwstar4x": (12.51, "Table 17"),
+    "resnet18_kw1x_no_partition": (11.78, "Table 5"),
+    "resnet18_kw1x_layer_sharing": (11.81, "Table 6"),
+    "resnet18_kw1x_no_sharing": (11.78, "Table 6"),
+    "resnet50_kw1x_same_dims": (26.95, "Table 7"),
+    "resnet18_kw1x_softmax": (11.93, "Table 8"),
+    "resnet18_kw1x_sigmoid": (11.93, "Table 8"),
+    "resnet18_kw1x_relu_l1": (11.93, "Table 8"),
+    "resnet18_kw4x_softmax": (45.86, "Table 10"),
+    "resnet18_kw1x_init_all_to_one": (11.93, "Table 13"),
+    "resnet18_kw1x_init_none": (11.93, "Tables 9, 13"),
+    "resnet18_kw4x_init_many_to_one": (45.86, "Table 13"),
+    "resnet18_kw1d2x_init_one_to_many": (7.43, "Table 13"),
 }
 
 _CONVNEXT_1X = (16, 4, 4, 4) + (147, 24) * 6
