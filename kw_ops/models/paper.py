@@ -47,5 +47,6 @@ def paper_note(name: str, params: int) -> str | None:
     if name not in PAPER_PARAMS:
         return None
     millions, where = PAPER_PARAMS[name]
+    difference = round(round(params / 1e6, 2) - millions, 2) + 0.0  # + 0.0: no "-0.00"
     return (f"paper: {millions:.2f}M ({where}), measured {params / 1e6:.2f}M ({params:,}), "
-            f"difference {params / 1e6 - millions:+.2f}M")
+            f"difference {difference:+.2f}M")
