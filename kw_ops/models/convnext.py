@@ -170,7 +170,7 @@ register_recipe(
     "convnext_tiny_kw3d4x_paper",
     KWRecipe("convnext_tiny", KWConfig(budget=1, norm="layer", reduction=CONVNEXT_PAPER_REDUCTION),
              convnext_split_stage_sharing, CONVNEXT_KW3D4X_OVERRIDES),
-    doc="ConvNeXt-Tiny with KW (3/4x) as the paper trained it (Table 2: 24.53M; this builds 24,531,380; no released config): "
-        "`convnext_tiny_kw1x_paper` with KW (1/2x), half-gcd cells, on the point-wise layers of the last two "
-        "stages.",
+    doc="ConvNeXt-Tiny with KW (3/4x) as the paper trained it (Table 2: 24.53M; this builds 24,531,380; no "
+        "released config): `convnext_tiny_kw1x_paper` with KW (1/2x), half-gcd cells, on the point-wise layers "
+        "of the last two stages.",
 )
