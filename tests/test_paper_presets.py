@@ -8,6 +8,7 @@ import torch
 
 import kw_ops
 import kw_ops.models as zoo
+from kw_ops.baselines import DYConv2d, ODConv2d
 from kw_ops.models.paper import PAPER_PARAMS, TABLE14, paper_note
 
 #: Trainable parameters at 1000 classes, measured; each rounds to the paper's figure unless in DIFFERENT.
@@ -30,6 +31,8 @@ MEASURED = {
     "resnet18_kw1x_sigmoid": 11_932_148,
     "resnet18_kw1x_relu_l1": 11_932_148,
     "resnet18_kw4x_softmax": 45_862_085,
+    "resnet18_dy4x_caf": 45_475_008,
+    "resnet18_od4x_caf": 44_901_640,
     "resnet18_kw1x_init_all_to_one": 11_932_148,
     "resnet18_kw1x_init_none": 11_932_148,
     "resnet18_kw4x_init_many_to_one": 45_862_085,
@@ -37,13 +40,13 @@ MEASURED = {
 }
 #: Presets whose measured count does not round to the paper's printed one (the README explains each).
 DIFFERENT = {"convnext_tiny_kw1x", "deit_tiny_kw1x", "deit_tiny_kw4x", "deit_small", "deit_small_kw3d4x",
-             "resnet50_kw1x_same_dims"}
+             "resnet50_kw1x_same_dims", "resnet18_dy4x_caf"}
 #: Input size small enough for CPU; ConvNeXt needs 32 (three /2 and a /4 stride), DeiT 2 x 2 patches of 16.
 SIZE = 32
 #: Presets that take seconds to build and run on CPU: still run, marked slow.
 SLOW = {"convnext_tiny_kw1x", "convnext_tiny_kw1x_paper", "convnext_tiny_kw3d4x_paper", "deit_tiny_kw4x",
         "deit_small_kw1x", "deit_small_kw3d4x", "resnet18_kw4x_softmax", "resnet18_kw4x_init_many_to_one",
-        "resnet50_kw1x_same_dims", "resnet18_kw1x_sigmoid", "resnet18_kw1x_relu_l1", "resnet18_kw1x_init_all_to_one"}
+        "resnet50_kw1x_same_dims", "resnet18_dy4x_caf", "resnet18_od4x_caf", "resnet18_kw1x_sigmoid", "resnet18_kw1x_relu_l1", "resnet18_kw1x_init_all_to_one"}
 
 
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
@@ -102,3 +105,15 @@ def test_ablation_plans():
     assert all(len(w.members) == 1 for w in kw_ops.warehouses(layer)) and len(kw_ops.warehouses(layer)) == 19
     alone = zoo.create("resnet18_kw1x_no_sharing", num_classes=10)
     assert {(w.plan.n, w.members[0].m) for w in kw_ops.warehouses(alone)} == {(1, 1)}
+
+
+@pytest.mark.parametrize("layer", [DYConv2d, ODConv2d])
+def test_caf_as_the_kernel_attention_of_the_baselines(layer):
+    conv = layer(8, 8, 3, padding=1, num_kernels=4, kernel_function="caf").eval()
+    x = torch.randn(2, 8, 6, 6)
+    pi = conv.attention(x, conv.temperature)
+    pi = pi if layer is DYConv2d else pi[3]
+    assert (pi < 0).any() and torch.all(pi.abs().sum(dim=-1) < 1)  # CAF: signed, Σ|π| < 1 (no softmax)
+    conv(x).sum().backward()
+    with pytest.raises(ValueError, match="kernel_function"):
+        layer(8, 8, 3, kernel_function="sparsemax")

@@ -27,6 +27,8 @@ PAPER_PARAMS: dict[str, tuple[float, str]] = {
     "resnet18_kw1x_sigmoid": (11.93, "Table 8"),
     "resnet18_kw1x_relu_l1": (11.93, "Table 8"),
     "resnet18_kw4x_softmax": (45.86, "Table 10"),
+    "resnet18_dy4x_caf": (45.47, "Table 10 (DY-Conv 4x itself builds 45.48M here, see the README)"),
+    "resnet18_od4x_caf": (44.90, "Table 10"),
     "resnet18_kw1x_init_all_to_one": (11.93, "Table 13"),
     "resnet18_kw1x_init_none": (11.93, "Tables 9, 13"),
     "resnet18_kw4x_init_many_to_one": (45.86, "Table 13"),

@@ -13,13 +13,18 @@ import torch.nn.functional as F
 from ..config import CAF_EPS, MIN_HIDDEN, MIN_NONLOCAL_BASIS, KWConfig
 from .planning import ZERO_CELL
 
-__all__ = ["KWAttention"]
+__all__ = ["KWAttention", "caf"]
+
+
+def caf(z: torch.Tensor) -> torch.Tensor:
+    """The contrasting-driven attention function over the last dim: z / (Σ|z| + ε)."""
+    return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
 
 
 def _normalise(z: torch.Tensor, function: str) -> torch.Tensor:
     """Attention function over the last dim (n cells + the zero cell)."""
     if function == "caf":
-        return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+        return caf(z)
     if function == "softmax":
         return z.softmax(dim=-1)
     if function == "sigmoid":
