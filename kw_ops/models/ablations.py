@@ -10,6 +10,7 @@ benchmarks/search_paper_counts.py (ablations, kw_star); each rule's docstring sa
 | resnet50_kw1x_same_dims | Table 7, 26.95M | a stage's warehouse split by kernel dimensions |
 | resnet18_kw1x_{softmax,sigmoid,relu_l1} | Table 8, 11.93M | the attention function |
 | resnet18_kw4x_softmax | Table 10, 45.86M | the attention function |
+| resnet18_dy4x_caf, resnet18_od4x_caf | Table 10, 45.47M, 44.90M | CAF for the baselines (kw_ops.baselines) |
 | resnet18_kw1x_init_{all_to_one,none} | Table 13 (9), 11.93M | β initialisation |
 | resnet18_kw4x_init_many_to_one | Table 13, 45.86M | 4 cells to each mixture |
 | resnet18_kw1d2x_init_one_to_many | Table 13, 7.43M | 1 cell to 2 mixtures, no zero cell |
