@@ -84,38 +84,48 @@ def search_convnext() -> None:
         report(f"{label}, reduction 1/{round(1 / reduction)}, min hidden {min_hidden}, {norm}norm", counts, printed)
 
 
-def deit_sharing(layers: tuple[str, ...], blocks_per_warehouse: int, separate: bool):
-    """Warehouse of blocks.i.{attn.v, attn.proj, mlp.fc1, mlp.fc2}: one per `blocks_per_warehouse` blocks,
-    'attn' and 'mlp' layers in separate warehouses or together."""
+#: Which KW linears of a DeiT block share a warehouse: layer -> warehouse kind ('|' separates the kinds).
+DEIT_GROUPINGS = {
+    "v,fc1,fc2": {"v": "a", "fc1": "a", "fc2": "a"},
+    "v|fc1,fc2": {"v": "a", "fc1": "b", "fc2": "b"},
+    "v|fc1|fc2": {"v": "a", "fc1": "b", "fc2": "c"},
+    "v,proj,fc1,fc2": {"v": "a", "proj": "a", "fc1": "a", "fc2": "a"},
+    "v,proj|fc1,fc2": {"v": "a", "proj": "a", "fc1": "b", "fc2": "b"},
+    "v,proj|fc1|fc2": {"v": "a", "proj": "a", "fc1": "b", "fc2": "c"},
+    "v|proj|fc1,fc2": {"v": "a", "proj": "b", "fc1": "c", "fc2": "c"},
+    "v|proj|fc1|fc2": {"v": "a", "proj": "b", "fc1": "c", "fc2": "d"},
+}
+
+
+def deit_sharing(kinds: dict[str, str], blocks_per_warehouse: int):
+    """Warehouse of blocks.i.{attn.v, attn.proj, mlp.fc1, mlp.fc2}: its kind, one per `blocks_per_warehouse`."""
     def sharing(name: str, module: nn.Module) -> str | None:
         parts = name.split(".")
-        if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in layers:
+        if len(parts) != 4 or parts[0] != "blocks" or parts[3] not in kinds:
             return None
-        group = int(parts[1]) // blocks_per_warehouse
-        return f"{parts[2] if separate else 'block'}{group}"
+        return f"{kinds[parts[3]]}{int(parts[1]) // blocks_per_warehouse}"
     return sharing
 
 
 def search_deit() -> None:
     """DeiT (Table 11): Tiny KW 1x 6.39M and 4x 20.44M, Small KW 1x 24.36M and 3/4x 19.23M (b = 3/4 on every
-    warehouse): which linears, how many blocks share a warehouse, value and MLP together or apart, reduction,
+    warehouse): which linears and how they group into warehouses, how many blocks share one, reduction,
     minimum hidden width, cell ratio. BatchNorm in the attention (LayerNorm adds ~1k parameters)."""
     from kw_ops.models import create
 
     tiny, small = create("deit_tiny"), create("deit_small")
     printed = {"tiny 1x": 6.39, "tiny 4x": 20.44, "small 1x": 24.36, "small 3/4x": 19.23}
     print(f"DeiT (Table 11: {printed})")
-    for layers, blocks, separate, reduction, min_hidden, ratio in itertools.product(
-            (("v", "fc1", "fc2"), ("v", "proj", "fc1", "fc2")), (1, 2, 3, 4, 6, 12), (False, True),
-            (1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64), (1, 8, 16, 32), (1, 0.5)):
-        sharing = deit_sharing(layers, blocks, separate)
+    for (grouping, kinds), blocks, reduction, min_hidden, ratio in itertools.product(
+            DEIT_GROUPINGS.items(), (1, 2, 3, 4, 6, 12), (1 / 8, 1 / 16, 1 / 32), (1, 8, 16, 32), (1, 0.5)):
+        sharing = deit_sharing(kinds, blocks)
         config = KWConfig(reduction=reduction, in_ratio=ratio, out_ratio=ratio)
         counts = {key: kw_count(tiny if key.startswith("tiny") else small, sharing,
                                 config.replace(budget={"1x": 1, "4x": 4, "3/4x": 0.75}[key.split()[1]]),
                                 min_hidden=min_hidden)
                   for key in printed}
-        report(f"{'+'.join(layers)}, {blocks} blocks/warehouse, {'apart' if separate else 'together'}, "
-               f"reduction 1/{round(1 / reduction)}, min hidden {min_hidden}, cell ratio {ratio}", counts, printed)
+        report(f"{grouping}, {blocks} blocks/warehouse, reduction 1/{round(1 / reduction)}, min hidden "
+               f"{min_hidden}, cell ratio {ratio}", counts, printed)
 
 
 def search_kw_star() -> None:

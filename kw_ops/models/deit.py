@@ -165,12 +165,14 @@ def deit_kw_sharing(name: str, module: nn.Module) -> str | None:
     mlp.fc2}` join warehouse 'blocks{i // 3}'; query, key, patch embedding and head stay static.
 
     The paper names "value and MLP" layers shared "across multiple" blocks. benchmarks/search_paper_counts.py
-    (deit) tried v+fc1+fc2 or v+proj+fc1+fc2, 1, 2, 3, 4, 6 or 12 blocks per warehouse, value and MLP
-    together or apart, reductions 1/4..1/64, minimum hidden 1..32, cell ratios 1 and 1/2: no variant
-    reproduces all of Table 11. This one, with KW's default attention (reduction 1/16, BatchNorm), gives
-    DeiT-Small KW 1x exactly (24.36M) and DeiT-Tiny KW 1x within 0.01M (6.38M vs 6.39M); the projection
-    must be a KW layer for DeiT-Small's count. DeiT-Tiny KW 4x builds 19.98M (paper 20.44M), DeiT-Small
-    KW 3/4x (b = 3/4 everywhere, the paper's b < 1 initialisation) 19.59M (paper 19.23M).
+    (deit) tried v, fc1, fc2 with or without the projection, grouped into one to four warehouse kinds, 1, 2,
+    3, 4, 6 or 12 blocks per warehouse, reductions 1/8..1/32, minimum hidden 1..32, cell ratios 1 and 1/2: no
+    variant reproduces more than two of Table 11's four KW counts. This one, with KW's default attention
+    (reduction 1/16, BatchNorm) and gcd cells as every other 1x preset, gives DeiT-Small KW 1x exactly
+    (24.36M) and DeiT-Tiny KW 1x within 0.01M (6.38M vs 6.39M); DeiT-Tiny KW 4x builds 19.98M (paper
+    20.44M), DeiT-Small KW 3/4x (b = 3/4 everywhere, the paper's b < 1 initialisation) 19.59M (paper
+    19.23M). The variants with two hits (a warehouse per layer kind for 6 blocks) need half-gcd cells at
+    b = 1, unlike every other 1x model of the paper, and miss the other two counts by more (-0.43M, +0.66M).
     """
     parts = name.split(".")
     if (len(parts) != 4 or parts[0] != "blocks" or ".".join(parts[2:]) not in DEIT_KW_LAYERS
