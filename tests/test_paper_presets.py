@@ -117,3 +117,19 @@ def test_caf_as_the_kernel_attention_of_the_baselines(layer):
     conv(x).sum().backward()
     with pytest.raises(ValueError, match="kernel_function"):
         layer(8, 8, 3, kernel_function="sparsemax")
+
+
+def test_the_count_search_counts_as_the_built_models():
+    """benchmarks/search_paper_counts.py chooses presets by counts computed from plans: they must be exact."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "search_paper_counts.py"
+    spec = importlib.util.spec_from_file_location("search_paper_counts", path)
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    search.check_formula()
+    for name, count in (("resnet18_kw1x_layer_sharing", 11_805_134), ("deit_tiny_kw1x", 6_383_536),
+                        ("resnet18_kw1d2x", 7_431_044)):  # the last: half-gcd cells, b = 1/2 (SPEC §7)
+        recipe = zoo.recipe(name)
+        assert search.kw_count(zoo.create(recipe.static), recipe.sharing, recipe.config, recipe.overrides) == count
