@@ -64,6 +64,7 @@ def _log(out) -> list[dict]:
     ("resnet", "sgd", 0.1, 1e-4, 100, "step", 20),
     ("mobilenetv2", "sgd", 0.1, 4e-5, 150, "cosine", 15),
     ("convnext", "adamw", 4e-3, 0.05, 300, "cosine", 20),
+    ("deit", "adamw", 1e-3, 0.05, 300, "cosine", 20),
 ])
 def test_recipes_follow_the_paper_and_spec(name, optimizer, lr, wd, epochs, schedule, temp_epochs):
     recipe = get_recipe(name)
@@ -159,6 +160,11 @@ def test_resume_continues_exactly(data, tmp_path, stop, position, logged):
     for key, value in theirs["model"].items():
         assert torch.equal(ours["model"][key], value), key
     assert ours["position"] == theirs["position"]
+
+
+def test_deit_recipe_trains_a_kw_deit(data, tmp_path):
+    summary = _train(data, tmp_path, model="deit_tiny_kw1x", recipe="deit", epochs=1, max_steps=2, image_size=32)
+    assert summary["position"]["step"] == 2
 
 
 def test_resume_refuses_another_model(data, tmp_path):

@@ -51,7 +51,8 @@ class KWLayer(ConvGeometry):
         cells = self.warehouse.cells
         factory = {"device": cells.device, "dtype": cells.dtype}
         self.attention = KWAttention(self.in_channels, layer_plan.m, plan.n, layer_plan.beta, layer_plan.start,
-                                     self.warehouse.config, **factory)
+                                     self.warehouse.config, **factory, out_channels=self.out_channels,
+                                     spatial=layer_plan.grid[0])
         self.m, self.grid = layer_plan.m, layer_plan.grid
 
     @property
@@ -78,7 +79,11 @@ class KWLayer(ConvGeometry):
         cells, bias = self.warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)
-        attn = self.attention(x)
+        if self.attention.omni:  # KW*: input channels scaled before the conv, output channels after it
+            attn, channel, filter_ = self.attention.forward_omni(x)
+            x = x * channel.view(*channel.shape, *(1,) * self.dims)
+        else:
+            attn = self.attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
             x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
@@ -91,6 +96,8 @@ class KWLayer(ConvGeometry):
             y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
                         stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
                         backend=self.backend)
+        if self.attention.omni:
+            y = y * filter_.view(*filter_.shape, *(1,) * self.dims).to(y.dtype)
         return y.squeeze(0) if unbatched else y
 
 
