@@ -156,6 +156,19 @@ def test_kwlinear_is_a_kernel_1_conv_over_tokens():
     assert layer(torch.randn(3, 6, dtype=DT)).shape == (3, 5)
 
 
+
+def test_kwlinear_takes_empty_and_unbatched_inputs_like_nn_linear():
+    layer = KWLinear(6, 5, warehouse=KWConfig(budget=2), dtype=DT).eval()
+    x = torch.randn(3, 4, 6, dtype=DT)
+    assert layer(x[:0]).shape == (0, 4, 5) and layer(x[:0, 0]).shape == (0, 5)
+    torch.testing.assert_close(layer(x[1, 2]), layer(x[1:2, 2])[0])  # unbatched [in_features] = a batch of one
+    assert layer(x[1, 2]).shape == (5,)
+    empty = x[:0].requires_grad_()
+    layer.train()(empty).sum().backward()
+    assert empty.grad.shape == (0, 4, 6)
+    with pytest.raises(ValueError, match=r"KWLinear: expected input \[B, \.\.\., 6\] or \[6\], got \(\)"):
+        layer(torch.tensor(1.0, dtype=DT))
+
 def test_padding_modes_like_nn_conv2d():
     for mode in ("reflect", "replicate", "circular"):
         layer = KWConv2d(4, 4, 3, padding=1, padding_mode=mode, bias=False, dtype=DT).eval()
