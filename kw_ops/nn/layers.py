@@ -49,11 +49,11 @@ class KWLayer(ConvGeometry):
                            getattr(self, "_name", None) or f"{type(self).__name__}#{index}")
 
     def _bind(self, layer_plan: LayerPlan, plan: WarehousePlan) -> None:
-        """(Re)build the attention for this layer's share of the warehouse (called by the warehouse)."""
+        """(Re)build the attention for this share of the warehouse, in the layer's train/eval mode."""
         cells = self.warehouse.cells
         factory = {"device": cells.device, "dtype": cells.dtype}
         self.attention = KWAttention(self.in_channels, layer_plan.m, plan.n, layer_plan.beta, layer_plan.start,
-                                     self.warehouse.config, **factory)
+                                     self.warehouse.config, **factory).train(self.training)
         self.m, self.grid = layer_plan.m, layer_plan.grid
 
     @property
@@ -77,6 +77,7 @@ class KWLayer(ConvGeometry):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
         self.warehouse.check_complete()
+        self.warehouse.mark_used()
         cells, bias = self.warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)
