@@ -51,6 +51,20 @@ def test_quarter_budget():
     plan.check_complete()
 
 
+
+def test_fractional_budget_times_mixtures_rounds_down():
+    # One 1-D layer, kernel 3, cells 4x4x1: m = 3; b = 1/2 gives b·Σm = 1.5, so n = int(1.5) = 1 (not 2).
+    # β for k = 2: mixture j gets a cell iff j % 2 == (j // 2) % 2: j = 0 only, so the one cell is used once.
+    plan = plan_warehouse("odd", [WeightShape(4, 4, (3,), "x")], KWConfig(budget=0.5))
+    assert plan.shape == (1, 4, 4, 1) and plan.layers[0].beta == (0, ZERO_CELL, ZERO_CELL)
+    plan.check_complete()
+    # One 3x3 layer, m = 9, at b = 1/4: b·Σm = 2.25 -> n = 2; β takes j = 0 and 5 (j % 4 == (j // 4) % 4).
+    plan = plan_warehouse("nine", [WeightShape(4, 4, (3, 3), "y")], KWConfig(budget=0.25))
+    assert plan.n == 2 and [j for j, c in enumerate(plan.layers[0].beta) if c != ZERO_CELL] == [0, 5]
+    plan.check_complete()
+    layer = kw_ops.KWConv1d(4, 4, 3, warehouse=KWConfig(budget=0.5))
+    assert tuple(layer.warehouse.cells.shape) == (1, 4, 4, 1)
+
 def test_incomplete_budget_is_refused_with_the_numbers():
     shapes = [WeightShape(3, 1, (3,), "x"), WeightShape(3, 1, (3,), "y")]  # m = 3 each, b = 1/2
     plan = plan_warehouse("tiny", shapes, KWConfig(budget=0.5))
