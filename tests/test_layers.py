@@ -447,6 +447,16 @@ def test_late_join_warns_then_is_refused_once_the_warehouse_ran():
     assert tuple(deferred.cells.shape) == (11, 8, 8, 1, 1)
 
 
+
+def test_a_compiled_training_step_settles_the_warehouse_through_its_gradients():
+    warehouse = Warehouse("c")
+    layer = KWConv2d(8, 8, 3, warehouse=warehouse)
+    torch.compile(layer, backend="eager", fullgraph=True)(torch.randn(2, 8, 5, 5)).sum().backward()
+    assert warehouse._settled is None  # the compiled forward leaves no flag (it would force a recompile) ...
+    with pytest.raises(kw_ops.PlanningError, match="warehouse 'c' has gradients from a backward: layer KWConv2d#1"):
+        KWConv2d(8, 8, 1, warehouse=warehouse)  # ... but its gradients settle the plan
+
+
 def test_a_warehouse_holding_loaded_weights_refuses_a_new_plan():
     make = lambda: kw_ops.convert(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1)), sharing=lambda n, m: "s")
     model = make()

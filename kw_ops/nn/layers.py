@@ -77,7 +77,8 @@ class KWLayer(ConvGeometry):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
         self.warehouse.check_complete()
-        self.warehouse.mark_used()
+        if not torch.compiler.is_compiling():  # a flag flipped inside a compiled graph would force a recompile
+            self.warehouse.mark_used()
         cells, bias = self.warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)

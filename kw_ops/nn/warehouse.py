@@ -112,11 +112,12 @@ class Warehouse(nn.Module):
             self._replan_replacing("its layers were put in module order")
 
     def _refuse_if_settled(self, what: str) -> None:
-        """Raise PlanningError once a re-plan would wipe cells that ran a forward or were loaded."""
-        if self._settled is not None:
+        """Raise PlanningError once a re-plan would wipe cells that ran a forward, were trained or were loaded."""
+        settled = self._settled or ("has gradients from a backward" if self.cells.grad is not None else None)
+        if settled is not None:
             names = ", ".join(p.name for p in self.plan.layers)
             raise PlanningError(
-                f"warehouse {self.name!r} {self._settled}: {what}, because re-planning would re-initialise the "
+                f"warehouse {self.name!r} {settled}: {what}, because re-planning would re-initialise the "
                 f"cells and attention of its layers ({names}). Build every layer of a warehouse before running or "
                 f"loading it, or give the new layer a warehouse of its own."
             )
@@ -136,7 +137,8 @@ class Warehouse(nn.Module):
                 stacklevel=4)
 
     def mark_used(self) -> None:
-        """Note that the cells ran a forward: from now on the plan may not change (called by KW layers)."""
+        """Note that the cells ran a forward: from now on the plan may not change (called by KW layers'
+        eager forwards; a compiled forward is caught by the gradients it leaves on the cells)."""
         if self._settled is None:
             self._settled = "has run a forward"
 
