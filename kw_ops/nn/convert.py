@@ -39,6 +39,7 @@ def _kw_twin(module: nn.Module, warehouse: Warehouse) -> KWLayer:
         module.dilation, module.groups, module.bias is not None, warehouse=warehouse,
         padding_mode=module.padding_mode, **factory)
 
+
 def warehouses(model: nn.Module) -> list[Warehouse]:
     """The warehouses of a model, in the order their first member is registered."""
     return [m for m in model.modules() if isinstance(m, Warehouse)]
