@@ -38,8 +38,15 @@ def test_half_budget_with_halved_cells():
     assert plan.n == 62
     # j % 2 == (j // 2) % 2 gets a fresh cell: 0, 3, 4, 7, 8, ...
     assert plan.layers[0].beta[:8] == (0, ZERO_CELL, ZERO_CELL, 1, 2, ZERO_CELL, ZERO_CELL, 3)
-    assert [p.consumed for p in plan.layers] == [18, 36, 8]
+    assert [p.consumed for p in plan.layers] == [18, 36, 8] and [p.start for p in plan.layers] == [0, 18, 54]
+    assert plan.layers[1].beta[:4] == (18, ZERO_CELL, ZERO_CELL, 19)
     plan.check_complete()
+
+
+def test_in_and_out_ratios_cut_their_own_sides():
+    plan = plan_warehouse("s", STAGE, KWConfig(in_ratio=0.5, out_ratio=0.25))
+    assert plan.cell_shape == (16, 32, 1, 1)  # out: gcd 64 x 0.25, in: gcd 64 x 0.5
+    assert [p.grid for p in plan.layers] == [(9, 4, 2), (9, 8, 2), (1, 8, 4)]
 
 
 def test_quarter_budget():
