@@ -349,6 +349,7 @@ def test_convert_overrides_and_errors():
 
 
 
+@pytest.mark.filterwarnings("ignore:convert. the KW layers. attention:UserWarning")  # small nets: attention-heavy
 def test_convert_turns_every_alias_of_a_conv_into_one_kw_layer():
     shared = nn.Conv2d(8, 8, 3, padding=1)
     net = nn.Sequential(nn.Conv2d(3, 8, 3), shared, nn.ReLU(), shared)
@@ -478,6 +479,7 @@ def test_schedule_follows_the_paper_formula():
         kw_ops.set_temperature(layer, 1.5)
 
 
+@pytest.mark.filterwarnings("ignore:convert. the KW layers. attention:UserWarning")  # small nets: attention-heavy
 def test_training_a_small_kw_net_with_the_schedule_and_reload():
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),

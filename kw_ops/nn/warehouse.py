@@ -80,8 +80,8 @@ class Warehouse(nn.Module):
         Refused (PlanningError) once the warehouse has run a forward or holds loaded weights.
         """
         shape = layer.weight_shape(len(self._members))
-        joining = f"layer {shape.name} (weight [{shape.out_channels}, {shape.in_per_group}, " \
-                  f"{', '.join(map(str, shape.kernel))}])"
+        joining = (f"layer {shape.name} (weight [{shape.out_channels}, {shape.in_per_group}, "
+                   f"{', '.join(map(str, shape.kernel))}])")
         self._refuse_if_settled(f"{joining} cannot join it")
         self._members.append(layer)
         if not self._deferred:
