@@ -7,10 +7,10 @@
    format with every kernel launch intercepted (kw_ops.benchmarking.triton_capture): the specialisations Triton
    would compile (signature with i32 / i64 integers, integers equal to 1 made constant, 16-divisibility and
    alignment attributes, constexprs, num_warps / num_stages of each autotune config). Nothing executes.
-3. Specialisations that share kernel, dtype, config and constexprs (they differ only in which integers are
-   divisible by 16) are compiled once, the one most calls request (--all compiles every one), for sm_90 with
-   Triton's compiler and ptxas; cuobjdump reads registers and stack frame, Triton the shared memory;
-   occupancy from the compute capability 9.0 limits.
+3. Specialisations that share kernel, dtype, config and switches (constexpr flags, dtypes, precision: they
+   differ in which integers are 1 or divisible by 16) are compiled once, the one most calls request (--all:
+   every one), for sm_90 with Triton's compiler and ptxas; cuobjdump reads registers and stack frame, Triton
+   the shared memory; occupancy from the compute capability 9.0 limits.
 Exit status 1 when a compile fails, a config cannot launch (shared memory), or a bf16/fp16 kernel spills.
 """
 from __future__ import annotations
@@ -50,29 +50,35 @@ def distinct_specs(models) -> list[tuple[str, dict]]:
     return [(",".join(models), spec) for spec, models in found.values()]
 
 
-def group(launches: dict) -> dict:
-    """(kernel, dtype, config, constexprs) -> [(Launch, calls)], most requested first."""
+def switches(launch) -> tuple:
+    """The constexprs that select code (flags, dtypes, precision): everything but integers and the config's tiles."""
+    return tuple((k, str(v)) for k, v in launch.constexprs if type(v) is not int)
+
+
+def group(launches: dict, every: bool) -> dict:
+    """(kernel, dtype, config, switches) -> [(Launch, calls)], most requested first; with `every`, one group
+    per specialisation."""
     groups = collections.defaultdict(list)
     for launch, calls in launches.items():
-        groups[(launch.kernel, launch.dtype, launch.config, tuple((k, str(v)) for k, v in launch.constexprs))].append(
-            (launch, calls))
+        key = (launch.kernel, launch.dtype, launch.config, switches(launch))
+        groups[key + ((launch.signature, launch.constexprs, launch.attrs),) if every else key].append((launch, calls))
     return {key: sorted(members, key=lambda m: -len(m[1])) for key, members in groups.items()}
 
 
-def compile_all(groups: dict, every: bool, arch: int) -> list[dict]:
+def compile_all(groups: dict, arch: int) -> list[dict]:
+    """Compile the most requested specialisation of each group."""
     rows = []
-    todo = [(key, members) for key, members in sorted(groups.items())]
+    todo = sorted(groups.items(), key=lambda kv: str(kv[0]))
     for i, (key, members) in enumerate(todo):
-        kernel, dtype, config, _ = key
-        chosen = members if every else members[:1]
-        for launch, _calls in chosen:
-            row = {"kernel": kernel, "dtype": dtype, "config": config, "launch": launch,
-                   "specialisations": len(members), "calls": sum(len(c) for _, c in members)}
-            try:
-                row["resources"] = triton_capture.compile_launch(launch, arch)
-            except Exception as exc:  # every failing compile is reported, then the exit status is 1
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            rows.append(row)
+        kernel, dtype, config, flags = key[:4]
+        launch = members[0][0]
+        row = {"kernel": kernel, "dtype": dtype, "config": config, "switches": flags, "launch": launch,
+               "specialisations": len(members), "calls": sum(len(c) for _, c in members)}
+        try:
+            row["resources"] = triton_capture.compile_launch(launch, arch)
+        except Exception as exc:  # every failing compile is reported, then the exit status is 1
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        rows.append(row)
         print(f"\r[{i + 1}/{len(todo)}] {kernel} {dtype} {config}" + " " * 20, end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
@@ -85,45 +91,33 @@ def markdown(rows, launches, skipped, env, args, seconds) -> tuple[str, list[str
              f"{platform.machine()} (no GPU; Triton's compiler and ptxas), {seconds:.0f} s", "",
              f"Calls: the forward and backward launchers on every distinct KW layer of {len(args.models)} presets "
              f"({', '.join(args.models)}) at batch {', '.join(map(str, args.batches))}, "
-             f"{', '.join(args.dtypes)}, {'NCHW and channels_last' if args.channels_last else 'NCHW'} inputs; "
+             f"{', '.join(args.dtypes)}, {'NCHW and channels_last' if args.channels_last else 'NCHW'} inputs: "
              f"{len(launches)} distinct specialisations requested. "
              + ("Every specialisation compiled." if args.all else
-                "One specialisation compiled per kernel × dtype × config × constexprs (the most requested; "
-                "the others differ only in which integers are divisible by 16)."), "",
+                "Compiled: per kernel × dtype × config × switches (constexpr flags, dtypes, precision), the "
+                "specialisation most calls request; the others differ in which integers are 1 (constants) or "
+                "divisible by 16 (count in 'specs')."), "",
              "Registers per thread, stack frame bytes (spills: the kernels keep no local arrays), dynamic shared "
              "memory, resident programs per SM and what limits them (compute capability 9.0: 64K registers, "
              "64 warps, 32 blocks, 228 KB shared per SM, 227 KB per block), dot instructions in the PTX.", "",
-             "| kernel | dtype | config | constexpr variants | specialisations | calls | registers | stack B | "
-             "shared KB | programs/SM (limit) | dots | compile s |", "|" + "---|" * 12]
-    table = collections.defaultdict(list)
+             "| kernel | dtype | config | switches | specs | calls | registers | stack B | shared KB | "
+             "programs/SM (limit) | dots | compile s |", "|" + "---|" * 12]
     for row in rows:
-        table[(row["kernel"], row["dtype"], row["config"])].append(row)
-    for (kernel, dtype, config), group_rows in sorted(table.items()):
-        ok = [r for r in group_rows if "resources" in r]
-        for r in group_rows:
-            if "error" in r:
-                problems.append(f"{kernel} {dtype} {config}: compile failed: {r['error']}")
-        if not ok:
-            lines.append(f"| {kernel} | {dtype} | {config} | {len(group_rows)} | - | - | FAILED | | | | | |")
+        kernel, dtype, config = row["kernel"], row["dtype"], row["config"]
+        flags = " ".join(f"{k}={v}" for k, v in row["switches"])
+        head = f"| {kernel} | {dtype} | {config} | {flags} | {row['specialisations']} | {row['calls']} |"
+        if "error" in row:
+            problems.append(f"{kernel} {dtype} {config} {flags}: compile failed: {row['error']}")
+            lines.append(f"{head} FAILED | | | | | |")
             continue
-        res = [r["resources"] for r in ok]
-        warps = dict(ok[0]["launch"].options)["num_warps"]
-        occ = [triton_capture.occupancy(x, warps) for x in res]
-        regs = sorted({x.registers for x in res})
-        stack = max(x.stack_bytes for x in res)
-        shared = max(x.shared_bytes for x in res)
-        fewest = min(occ)
-        if fewest[0] == 0:
-            problems.append(f"{kernel} {dtype} {config}: cannot launch ({shared} B shared memory)")
-        if stack and dtype in HALF:
-            problems.append(f"{kernel} {dtype} {config}: {stack} B stack frame (spills)")
-        specs = len({r['launch'] for r in group_rows}) if args.all else sum(r["specialisations"] for r in group_rows)
-        calls = sum(r["calls"] for r in group_rows) if not args.all else sum(len(launches[r["launch"]])
-                                                                             for r in group_rows)
-        lines.append(f"| {kernel} | {dtype} | {config} | {len({r['launch'].constexprs for r in group_rows})} | "
-                     f"{specs} | {calls} | {regs[0]}" + (f"-{regs[-1]}" if len(regs) > 1 else "") +
-                     f" | {stack} | {shared / 1024:.1f} | {fewest[0]} ({fewest[1]}) | "
-                     f"{'/'.join(sorted({x.mma for x in res}))} | {sum(x.seconds for x in res):.1f} |")
+        res = row["resources"]
+        programs, limit = triton_capture.occupancy(res, dict(row["launch"].options)["num_warps"])
+        if programs == 0:
+            problems.append(f"{kernel} {dtype} {config} {flags}: cannot launch ({res.shared_bytes} B shared memory)")
+        if res.stack_bytes and dtype in HALF:
+            problems.append(f"{kernel} {dtype} {config} {flags}: {res.stack_bytes} B stack frame (spills)")
+        lines.append(f"{head} {res.registers} | {res.stack_bytes} | {res.shared_bytes / 1024:.1f} | {programs} "
+                     f"({limit}) | {res.mma} | {res.seconds:.1f} |")
     lines += ["", "## Problems", ""] + ([f"- {p}" for p in problems] or ["none"])
     lines += ["", "## Specialisations requested (per kernel and dtype: the integer pattern and how many calls "
               "request it; '=1' constant, ':16' divisible by 16, ':i64' 64-bit)", ""]
@@ -146,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16", "fp32"])
     parser.add_argument("--channels-last", action="store_true", help="also channels_last inputs")
-    parser.add_argument("--all", action="store_true", help="compile every specialisation, not one per variant")
+    parser.add_argument("--all", action="store_true", help="compile every specialisation, not one per kernel, dtype, config and switches")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "triton_sm90_compile.md"))
     args = parser.parse_args(argv)
     start = time.time()
@@ -158,10 +152,10 @@ def main(argv=None) -> int:
     calls = triton_capture.layer_calls(specs, args.batches, [DTYPES[d] for d in args.dtypes],
                                        (False, True) if args.channels_last else (False,))
     launches, skipped = triton_capture.capture(calls, args.arch)
-    groups = group(launches)
-    print(f"{len(launches)} specialisations in {len(groups)} kernel/dtype/config/constexpr variants, "
+    groups = group(launches, args.all)
+    print(f"{len(launches)} specialisations, {len(groups)} to compile, "
           f"{len(skipped)} calls not taken ({time.time() - start:.0f} s)", flush=True)
-    rows = compile_all(groups, args.all, args.arch)
+    rows = compile_all(groups, args.arch)
     report, problems = markdown(rows, launches, skipped, env, args, time.time() - start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
