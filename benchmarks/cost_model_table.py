@@ -95,7 +95,8 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
                 parts.append(" | ".join(texts) + f" | {bound}")
             lines.append(f"| {layer} | {shape} | {count} | {floors[key][2]:.3f} | " + " | ".join(parts) + " |")
         pick = {label: sum(r["predicted_ms"] * k[4] for k, c in table.items() if k[:2] == (model, batch)
-                           for (lb, _), r in c.items() if lb == label and r["chosen"]) for label in ("forward", "backward")}
+                           for (lb, _), r in c.items() if lb == label and r["chosen"])
+                for label in ("forward", "backward")}
         floor = sum(f[2] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
         flops = sum(f[0] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
         moved = sum(f[1] * k[4] for k, f in floors.items() if k[:2] == (model, batch))

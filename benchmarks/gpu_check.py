@@ -449,7 +449,8 @@ def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
                     del case
                     torch.cuda.empty_cache()
                     return [{"provider": provider, "mode": mode, "status": "ok", "value": f"{ms:.4f}", "unit": "ms",
-                             "floor_ms": f"{floor:.4f}", "predicted_ms": "" if predicted is None else f"{predicted:.4f}",
+                             "floor_ms": f"{floor:.4f}",
+                             "predicted_ms": "" if predicted is None else f"{predicted:.4f}",
                              "note": f"{shape_text(spec)} x{spec['count']}"}]
 
                 estimate = _predicted_ms(spec, "released" if provider == "torch" else provider, mode,

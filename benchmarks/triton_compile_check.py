@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp16", "fp32"])
     parser.add_argument("--channels-last", action="store_true", help="also channels_last inputs")
-    parser.add_argument("--all", action="store_true", help="compile every specialisation, not one per kernel, dtype, config and switches")
+    parser.add_argument("--all", action="store_true",
+                        help="compile every specialisation, not one per kernel, dtype, config and switches")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "triton_sm90_compile.md"))
     args = parser.parse_args(argv)
     start = time.time()
