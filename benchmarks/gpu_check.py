@@ -2,12 +2,13 @@
 
     PYTHONPATH=. python benchmarks/gpu_check.py --plan    # the compiles and timings it will do, its estimate (no GPU)
     PYTHONPATH=. python benchmarks/gpu_check.py           # on the GPU; writes under $OUT, else benchmarks/results/
+    KW_OPS_GIT_SHA=<sha> ...                              # the sha to record where the tree was copied without .git
 
 Stages; each has its own deadline, checked inside its loops (what does not fit is a 'skipped' row saying so):
 0. compile every kernel specialisation the stages below launch (captured on meta tensors by
            kw_ops.benchmarking.triton_capture, pinned configs) in parallel processes into Triton's cache.
 a. smoke   bf16 correctness of every launcher path (each mode of launch.MODES, forward and backward) against the
-           torch path in fp32 on the same bf16 inputs: SMOKE_CASES, every autotuned kernel pinned to its first
+           torch path in fp64 on the same bf16 inputs: SMOKE_CASES, every autotuned kernel pinned to its first
            config (no autotuning), outputs poisoned with NaN, stop at the --maxfail-th failure.
 b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
            matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
@@ -30,7 +31,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,11 +57,13 @@ NETWORK_METHODS = (("resnet50", "static", False), ("resnet50_kw1x", "released", 
                    ("resnet50_kw1x", "kw_ops", False))
 # Table 12 times batch 100; 128 and NCHW here so that the Triton launches reuse stage c's compiles
 NETWORK_BATCH = NETWORK_TRAIN_BATCH = LAYER_BATCH
+NETWORK_WARMUP, NETWORK_ITERS = 2, 5   # per measure; each memory measure is one more call
 # Estimate (--plan) inputs that are assumptions until a run measures them:
 ASSUMED_COMPILE_S = 3.0        # one Triton compile on one core (1.3-3.4 s measured on the shared CPU machine)
 ASSUMED_SLOWDOWN = 4.0         # measured / predicted time of the unmeasured paths (Triton, torch path, networks)
 ASSUMED_CASE_OVERHEAD_S = 0.25  # inputs (three sets), graphs, launches and synchronisation of one case
 ASSUMED_STARTUP_S = 20.0       # imports, CUDA context, layer shapes
+GIT_SHA_ENV = "KW_OPS_GIT_SHA"
 CSV_FIELDS = ("device", "torch", "triton", "cuda", "git_sha", "stage", "case", "provider", "mode", "status",
               "value", "unit", "predicted_ms", "floor_ms", "rel_err", "note")
 
@@ -112,7 +115,6 @@ class Item:
     run: object
     estimate_s: float = 0.0
     compiles: int = 0
-    notes: list = field(default_factory=list)
 
 
 def run_stage(stage: str, items: list[Item], deadline: Deadline, log: CsvLog, maxfail: int | None = None) -> str:
@@ -140,15 +142,11 @@ def run_stage(stage: str, items: list[Item], deadline: Deadline, log: CsvLog, ma
 
 
 # -- GPU helpers -------------------------------------------------------------------------------------------
-def _sync():
-    torch.cuda.synchronize()
-
-
 def time_ms(fn, deadline: Deadline, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
     """Median ms of `repeats` event-timed calls after `warmup` calls; stops early at the deadline (>= 1 timing)."""
     for _ in range(warmup):
         fn()
-    _sync()
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -307,8 +305,7 @@ SMOKE_SHAPES = (
 
 def _smoke_inputs(case: SmokeCase):
     spec = case.spec()
-    g = torch.Generator(device="cuda").manual_seed(hash(case.name) % 2**31)
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda", generator=g) * scale).to(torch.bfloat16)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)  # fresh data
     x = rand(case.batch, case.channels, *case.size)
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -335,9 +332,9 @@ def smoke_item(case: SmokeCase, mode: str) -> Item:
 
         spec, x, attn, warehouse, bias, dy = _smoke_inputs(case)
         geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], 1)
-        f32 = lambda t: None if t is None else t.float()
-        ref_y = kw_conv_torch(f32(x), f32(attn), f32(warehouse), f32(bias), *geometry)
-        ref_grads = kw_conv_backward_torch(f32(dy), f32(x), f32(attn), f32(warehouse), case.bias, *geometry,
+        f64 = lambda t: None if t is None else t.double()   # the same bf16 values, exact arithmetic
+        ref_y = kw_conv_torch(f64(x), f64(attn), f64(warehouse), f64(bias), *geometry)
+        ref_grads = kw_conv_backward_torch(f64(dy), f64(x), f64(attn), f64(warehouse), case.bias, *geometry,
                                            (True, True, True, case.bias))
         with poisoned_outputs():
             y = launch.kw_conv_triton_forward(x, attn, warehouse, bias, *geometry, mode=mode)
@@ -466,8 +463,8 @@ def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
 def network_items(network_estimate_s: float) -> list[Item]:
     from kw_ops.benchmarking import model_bench
 
-    settings = model_bench.Settings("cuda", NETWORK_BATCH, NETWORK_TRAIN_BATCH, 224, iters=5, warmup=2, amp="bf16",
-                                    channels_last=False, memory=True)
+    settings = model_bench.Settings("cuda", NETWORK_BATCH, NETWORK_TRAIN_BATCH, 224, iters=NETWORK_ITERS,
+                                    warmup=NETWORK_WARMUP, amp="bf16", channels_last=False, memory=True)
     items = []
     for name, label, released in NETWORK_METHODS:
         def run(deadline, name=name, label=label, released=released):
@@ -495,7 +492,7 @@ def network_estimate_s(specs, triton_modes) -> float:
               for s in specs) * NETWORK_BATCH / LAYER_BATCH
     bwd = sum(_predicted_ms(s, "triton", "backward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
               for s in specs) * NETWORK_TRAIN_BATCH / LAYER_BATCH
-    calls = 2 + 5 + 1
+    calls = NETWORK_WARMUP + NETWORK_ITERS + 1
     return calls * (fwd + (fwd * NETWORK_TRAIN_BATCH / NETWORK_BATCH + bwd)) * ASSUMED_SLOWDOWN / 1e3
 
 
@@ -521,12 +518,12 @@ def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
     from kw_ops.ops.triton import launch
 
     specs = kw_layer_shapes(LAYER_MODEL)
-    launches = planned_launches(specs, launch.MODES)
-    every = launches["smoke"] | launches["layers"]
     plan = {}
     if "compile" in stages:
-        plan["compile"] = [compile_item(lambda: sorted(every, key=str), len(every) * ASSUMED_COMPILE_S /
-                                        COMPILE_WORKERS, len(every))]
+        launches = planned_launches(specs, launch.MODES)
+        every = sorted(launches["smoke"] | launches["layers"], key=str)
+        plan["compile"] = [compile_item(lambda: every, len(every) * ASSUMED_COMPILE_S / COMPILE_WORKERS,
+                                        len(every))]
     if "smoke" in stages:
         plan["smoke"] = smoke_items(launch.MODES)
     if "peaks" in stages:
@@ -605,7 +602,9 @@ def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
 
 # -- main ----------------------------------------------------------------------------------------------------
 def environment() -> dict:
+    """Versions, device and git sha (GIT_SHA_ENV names it where the copy of the tree has no git metadata)."""
     env = _environment()
+    env["git_sha"] = os.environ.get(GIT_SHA_ENV) or env["git_sha"]
     env["cuda"] = torch.version.cuda or ""
     env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return env
