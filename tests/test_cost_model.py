@@ -130,3 +130,27 @@ def test_measured_peaks_replace_the_datasheet(tmp_path, monkeypatch):
     assert cost_model.default_peaks() == PEAKS
     monkeypatch.delenv(cost_model.PEAKS_ENV)
     assert cost_model.default_peaks() == cost_model.H100_SXM_DATASHEET
+
+
+def test_two_phase_chunk_fills_half_of_l2():
+    # L2 of 128 B: half of it holds exactly one 64-B kernel, so the kernels stay in L2, two chunks of one sample:
+    # mix reads E twice + attn (288 B DRAM) and writes 128 B into L2; conv 3072 B DRAM, 128 B from L2
+    half = replace(PEAKS, l2_bytes=128)
+    mix = max(512 / 100e12, 288 / 1e12, (288 + 128) / 2e12)
+    conv = max(8192 / 100e12, 3072 / 1e12, (3072 + 128) / 2e12)
+    assert seconds("two_phase", peaks=half) == pytest.approx(mix + conv)
+
+
+def test_channel_and_position_tiles_reread_from_l2():
+    # 4 -> 128 channels: P = 512 (1024 B), y = 32768 B; two 64-channel tiles read x (1024 B) once more, and the
+    # second of the two 64-row tiles reads the weight once more (1024 B)
+    wide = replace(SHAPE, out_channels=128)
+    slow_l2 = replace(PEAKS, l2_bytes_per_s=1e11)
+    assert seconds("static", peaks=slow_l2, shape=wide) == pytest.approx((1024 + 32768 + 1024 + 1024 + 1024) / 1e11)
+
+
+def test_mix_once_mixes_on_tensor_cores_and_streams_the_warehouse():
+    # conv + mixing FLOPs on tensor cores (8704); DRAM x + y + E + attn (3232 B); L2: E slice per sample
+    # (B * n*P*2 = 512 B); 16-channel tiles: 8 channels are one tile, no input re-read
+    assert seconds("mix_once", peaks=replace(PEAKS, tensor_flops=1e9)) == pytest.approx(8704 / 1e9)
+    assert seconds("mix_once", peaks=replace(PEAKS, l2_bytes_per_s=1e11)) == pytest.approx((3232 + 512) / 1e11)
