@@ -29,7 +29,7 @@ for launch, labels in found.items():
     out.append({"kernel": launch.kernel, "signature": dict(launch.signature), "constexprs": {k: str(v) for k, v in
                 launch.constexprs}, "divisible": [k for k, pairs in launch.attrs if ["tt.divisibility", 16] in
                 [list(p) for p in pairs]], "options": dict(launch.options), "labels": labels,
-                "text": launch.specialisation()})
+                "text": launch.specialisation(), "key_matches": launch.launch_key == tc.compile_key(launch)})
 print(json.dumps({"launches": out, "skipped": skipped}))
 """
 
@@ -72,3 +72,8 @@ def test_calls_the_backend_does_not_take_are_listed(captured):
     reasons = [r for label, rs in captured["skipped"].items() if label.startswith("toy/") is False for r in rs]
     assert any("groups=16" in r for r in reasons)
     assert not any(label.startswith("toy/") for label in captured["skipped"])
+
+
+def test_compiling_a_capture_fills_the_cache_the_launch_reads(captured):
+    # gpu_check's compile stage compiles captured launches ahead: Triton's cache key must be the launch's own
+    assert captured["launches"] and all(x["key_matches"] for x in captured["launches"])

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Launch", "LayerCall", "capture", "layer_calls", "compile_launch", "Resources", "occupancy", "SM90"]
+__all__ = ["Launch", "LayerCall", "capture", "layer_calls", "compile_launch", "compile_key", "Resources", "occupancy",
+           "SM90"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Launch:
     attrs: tuple                 # ((arg name, ((attribute, value), ...)), ...) e.g. tt.divisibility 16
     options: tuple               # ((name, value), ...) num_warps, num_stages, ...
     jit: object = field(default=None, compare=False, repr=False)   # the JITFunction to compile
+    launch_key: str = field(default="", compare=False, repr=False)  # Triton's cache key of the real launch
 
     @property
     def dtype(self) -> str:
@@ -135,6 +137,7 @@ def _meta_allowed(launch_module):
 
 
 def _specialise(kernel, args, kwargs, backend) -> list[Launch]:
+    from triton.compiler import ASTSource
     from triton.runtime.jit import create_function_from_signature
 
     jit, configs, heuristics = _jit_of(kernel)
@@ -148,6 +151,7 @@ def _specialise(kernel, args, kwargs, backend) -> list[Launch]:
         bound, specialization, rest = binder(*map(_stand_in, args), **options)
         parsed, signature, constexprs, attrs = jit._pack_args(backend, options, bound, specialization, rest)
         names = jit.arg_names
+        source = ASTSource(jit, signature, constexprs, attrs)
         launches.append(Launch(
             kernel=jit.__name__,
             signature=tuple(signature.items()),
@@ -155,8 +159,17 @@ def _specialise(kernel, args, kwargs, backend) -> list[Launch]:
             attrs=tuple((names[path[0]], tuple(map(tuple, attr))) for path, attr in attrs.items()),
             options=tuple((k, getattr(parsed, k)) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg")
                           if getattr(parsed, k) is not None),
-            jit=jit))
+            jit=jit, launch_key=_cache_key(source, backend, parsed.__dict__)))
     return launches
+
+
+def _cache_key(source, backend, options: dict) -> str:
+    """The key triton.compile files a kernel under (as it computes it from its arguments)."""
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key
+
+    parsed = backend.parse_options(dict(options, **source.parse_options()))
+    return get_cache_key(source, backend, parsed, get_cache_invalidating_env_vars())
 
 
 def layer_calls(specs: Iterable[tuple[str, dict]], batches, dtypes, channels_last=(False,)) -> list[LayerCall]:
@@ -262,18 +275,32 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in fields.items() if v.isdigit()}
 
 
+def _source(launch: Launch):
+    """The ASTSource of a captured launch, rebuilt from its recorded signature, constexprs and attributes."""
+    from triton.compiler import ASTSource
+
+    index = launch.jit.arg_names.index
+    constexprs = {(index(name),): value for name, value in launch.constexprs}
+    attrs = {(index(name),): [list(pair) for pair in pairs] for name, pairs in launch.attrs}
+    return ASTSource(launch.jit, dict(launch.signature), constexprs, attrs)
+
+
+def compile_key(launch: Launch, arch: int = 90) -> str:
+    """Triton's cache key of `compile_launch(launch)`: equal to `launch.launch_key` when compiling it here fills
+    the cache the real launch reads."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    return _cache_key(_source(launch), make_backend(GPUTarget("cuda", arch, 32)), dict(launch.options))
+
+
 def compile_launch(launch: Launch, arch: int = 90) -> Resources:
     """Compile one specialisation for sm_<arch> (no device) and read its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    jit = launch.jit
-    constexprs = {(jit.arg_names.index(name),): value for name, value in launch.constexprs}
-    attrs = {(jit.arg_names.index(name),): [list(pair) for pair in pairs] for name, pairs in launch.attrs}
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(jit, dict(launch.signature), constexprs, attrs),
-                              target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
+    compiled = triton.compile(_source(launch), target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
     seconds = time.perf_counter() - start
     usage = _resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm.get("ptx", "")
