@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -106,3 +107,33 @@ def test_plan_fits_the_window():
     assert int(re.search(r"^compile: 1 items, (\d+) compiles", out, re.MULTILINE).group(1)) > 0
     total = float(re.search(r"^estimate: (\d+) s", out, re.MULTILINE).group(1))
     assert 0 < total <= 360 and "over their own budget" not in out
+
+
+COMPILE_STAGE = r"""
+import csv, json, pathlib, sys, importlib.util, torch
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gc = importlib.util.module_from_spec(spec); sys.modules["gpu_check"] = gc; spec.loader.exec_module(gc)
+from kw_ops.benchmarking import triton_capture as tc
+layer = {"channels": 16, "out": 32, "size": (8, 8), "kernel": (1, 1), "stride": (1, 1), "padding": (0, 0),
+         "dilation": (1, 1), "groups": 1, "n": 4, "m": 2, "cell": (16, 16, 1, 1), "bias": False, "layer": "toy"}
+with gc.pinned_configs():
+    found, _ = tc.capture(tc.layer_calls([("toy", layer)], [2], [torch.float16]))
+launches = sorted(found, key=str)[:2]
+for run in ("first", "second"):
+    path = pathlib.Path(sys.argv[2]) / f"{run}.csv"
+    log = gc.CsvLog(path, {})
+    gc.run_stage("compile", [gc.compile_item(lambda: launches, 0, len(launches))], gc.Deadline(300), log)
+    log.close()
+    print(json.dumps([(r["status"], float(r["value"])) for r in csv.DictReader(open(path))]))
+"""
+
+
+@pytest.mark.slow
+def test_compile_stage_fills_the_cache(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", COMPILE_STAGE, str(SCRIPT), str(tmp_path)], capture_output=True,
+                            text=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert [s for s, _ in first] == [s for s, _ in second] == ["ok", "ok"]
+    assert max(t for _, t in second) < min(t for _, t in first)   # the second run loads what the workers compiled
