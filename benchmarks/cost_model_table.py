@@ -66,7 +66,8 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
              "Predicted ms per layer call; backward = dx + weight gradient; **bold**: choose_mode's pick among "
              f"{', '.join(cost_model.KERNEL_MODES)} (forward: by the forward, backward: by dx); `-`: the mode cannot "
              "run the shape; bound: the term of the longest phase of the pick; floor: DESIGN.md's forward roofline "
-             "(x + y + E + attn moved once, conv + mixing FLOPs).", ""]
+             "(x + y + E + attn moved once, conv + mixing FLOPs). Shapes with g=.. (grouped, depthwise) run on the "
+             "torch path until a grouped kernel exists: their Triton columns model the modes as if it did.", ""]
     table = {}
     for r in rows:
         table.setdefault((r["model"], r["batch"], r["layer"], r["shape"], r["count"]), {})[(r["pass"], r["mode"])] = r

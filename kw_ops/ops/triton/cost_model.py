@@ -33,6 +33,7 @@ Shapes: P = the layer's static weight count, HW' output positions, E the warehou
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -79,8 +80,9 @@ H200_SXM_DATASHEET = replace(
     dram_bytes_per_s=4.8e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 4.8e12)
 
 
+@functools.lru_cache(maxsize=8)
 def load_peaks(path) -> Peaks:
-    """Peaks from a JSON file with the fields of `Peaks` (benchmarks/gpu_check.py writes one)."""
+    """Peaks from a JSON file with the fields of `Peaks` (benchmarks/gpu_check.py writes one); read once per path."""
     with open(path) as f:
         return Peaks(**json.load(f))
 
