@@ -1,6 +1,7 @@
 """Compile report of the Triton KW kernels for sm_90 from the launches the launchers really make, on a CPU.
 
     PYTHONPATH=. python benchmarks/triton_compile_check.py            # -> benchmarks/results/triton_sm90_compile.md
+    KW_OPS_TRITON_FP32_PRECISION=ieee ... --dtypes fp32 --out ...    # the launches as that setting makes them
 
 1. Layer shapes of the KW presets (kw_ops.benchmarking.layer_shapes, 224x224), deduplicated across presets.
 2. The backend's forward and backward launchers run on meta tensors for every shape, batch, dtype and memory
