@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from oracle import kw_conv_loop  # noqa: E402
 
 from kw_ops.ops.torch_impl import kw_conv_torch  # noqa: E402
-from kw_ops.ops.triton import interpreting, launch, not_supported_reasons, supports  # noqa: E402
+from kw_ops.ops.triton import cost_model, interpreting, launch, not_supported_reasons, supports  # noqa: E402
 from kw_ops.ops.triton.launch import kw_conv_triton_backward, kw_conv_triton_forward  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not interpreting()
@@ -254,13 +254,19 @@ def test_batch_zero_launches_nothing():
 
 def test_mode_choice_follows_the_cost_model(monkeypatch):
     monkeypatch.delenv(launch.MODE_ENV, raising=False)
-    assert launch.choose_mode(49, 27, 2) == "fused"          # ResNet18 layer4: few positions, small warehouse
-    assert launch.choose_mode(56 * 56, 87, 2) == "two_phase"  # ResNet50 layer1: many position tiles
+    monkeypatch.delenv(cost_model.PEAKS_ENV, raising=False)
+    # ResNet18 KW1x layer4 at batch 128: 512 -> 512 3x3 on 7x7, n = 27
+    layer = launch._layer(torch.empty(128, 512, 7, 7, device="meta"), torch.empty(27, 512, 512, 1, device="meta"),
+                          512, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert layer.cost_shape(2) == cost_model.ConvShape(128, 512, 512, (7, 7), (7, 7), (3, 3), 1, 27, 9, 2)
+    for direction in ("forward", "dx"):
+        assert launch.choose_mode(layer, 2, direction) == cost_model.choose_mode(layer.cost_shape(2), launch.MODES,
+                                                                                direction)
     monkeypatch.setenv(launch.MODE_ENV, "fused")
-    assert launch.choose_mode(56 * 56, 87, 2) == "fused"
+    assert launch.choose_mode(layer, 2) == "fused"
     monkeypatch.setenv(launch.MODE_ENV, "bogus")
     with pytest.raises(ValueError, match="KW_OPS_TRITON_MODE"):
-        launch.choose_mode(49, 27, 2)
+        launch.choose_mode(layer, 2)
 
 
 @interpreter

@@ -5,7 +5,7 @@
     kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding,
                             dilation, groups) -> (dx, dattn, dwarehouse, dbias)
 
-Two modes for the forward and the input gradient (`choose_mode`, by the cost model of DESIGN.md):
+Two modes for the forward and the input gradient (`choose_mode`, by the cost model of cost_model.py):
 - "fused": one kernel per sample mixes each weight tile in registers and consumes it at once; the
   per-sample kernels never reach device memory, but a tile is re-mixed (2·n FLOPs per weight element,
   CUDA cores) for every position tile of the sample: right for late stages (few positions).
@@ -30,6 +30,7 @@ import torch
 import triton
 
 from ..torch_impl import conv_output_size
+from . import cost_model
 from .capability import not_supported_reasons
 from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
@@ -43,11 +44,6 @@ DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
 # Per-sample kernels (two-phase) or per-sample weight gradients held at once: a chunk of samples.
 KERNEL_CHUNK_BYTES = 256 << 20
-# Cost-model constants of `choose_mode` (H100 SXM orders of magnitude; benchmarks/gpu_check.py measures them).
-CUDA_CORE_FLOPS = 50e12       # fp32 FMA rate of the in-register mixing
-TENSOR_CORE_FLOPS = 600e12    # bf16/fp16 dense rate of the mixing GEMM
-MEMORY_BANDWIDTH = 3.0e12     # bytes/s, per-sample kernels written once and read once
-FUSED_POSITION_TILE = 64      # typical position tile of the conv kernels (a tile is re-mixed once per tile)
 # Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_LEN = 512
@@ -97,6 +93,11 @@ class _Layer:
 
     def conv_params(self):
         return (*self.stride, *self.padding, *self.dilation)
+
+    def cost_shape(self, element_size: int) -> cost_model.ConvShape:
+        """This call as the cost model's shape."""
+        return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
+                                    (self.out_h, self.out_w), (self.kh, self.kw), 1, self.n, self.m, element_size)
 
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
@@ -149,12 +150,11 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choose_mode(positions: int, n: int, element_size: int) -> str:
-    """'fused' or 'two_phase' for a conv kernel over `positions` output (or input, for dx) positions per sample.
+def choose_mode(layer: _Layer, element_size: int, direction: str = "forward") -> str:
+    """The mode of MODES with the least predicted time for the forward or the input gradient ('dx') of `layer`.
 
-    Extra cost per weight element and sample (DESIGN.md cost model): fused re-mixes each weight tile for
-    every position tile on CUDA cores, 2·n·tiles / CUDA_CORE_FLOPS; two-phase mixes once on tensor cores
-    and moves the per-sample kernels through memory, 2·n / TENSOR_CORE_FLOPS + 2·element_size / bandwidth.
+    cost_model.py predicts each mode's time from the DRAM, L2, tensor-core and CUDA-core work of its kernels,
+    with the peaks of KW_OPS_PEAKS (measured by benchmarks/gpu_check.py) or the H100 SXM datasheet.
     KW_OPS_TRITON_MODE=fused|two_phase overrides.
     """
     forced = os.environ.get(MODE_ENV)
@@ -162,10 +162,7 @@ def choose_mode(positions: int, n: int, element_size: int) -> str:
         if forced not in MODES:
             raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {forced!r}")
         return forced
-    tiles = math.ceil(positions / FUSED_POSITION_TILE)
-    fused = 2 * n * tiles / CUDA_CORE_FLOPS
-    two_phase = 2 * n / TENSOR_CORE_FLOPS + 2 * element_size / MEMORY_BANDWIDTH
-    return "fused" if fused <= two_phase else "two_phase"
+    return cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
 
 
 def _chunk(layer: _Layer, element_size: int) -> int:
@@ -276,7 +273,7 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     if layer.batch == 0:
         return y
     precision = _input_precision(x.dtype, input_precision)
-    mode = mode or choose_mode(layer.out_h * layer.out_w, layer.n, x.element_size())
+    mode = mode or choose_mode(layer, x.element_size())
     if mode == "fused":
         _launch_forward(x4, attn, cells, None, bias, y4, layer, True, precision)
         return y
@@ -320,7 +317,7 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
         return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
     precision = _input_precision(x.dtype, input_precision)
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
-    mode = mode or choose_mode(layer.height * layer.width, layer.n, x.element_size())
+    mode = mode or choose_mode(layer, x.element_size(), "dx")
     if mode not in MODES:
         raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
     if need_x and mode == "fused":
