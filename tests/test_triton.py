@@ -100,6 +100,8 @@ CASES = [
     Case(batch=1, channels=8, out=8, size=(3, 3), kernel=(1, 1), stride=(2, 2), padding=(0, 0), cell=(4, 4),
          bias=False),                                                                     # 1x1, stride 2
     Case(size=(7,), kernel=(3,), stride=(2,), padding=(1,), dilation=(1,), cell=(4, 8)),  # 1-D
+    # several channel tiles (interpreter tiles are 16), ragged; 6 stride phases of dx, dilated taps
+    Case(channels=20, out=24, size=(7, 8), stride=(2, 3), padding=(1, 2), dilation=(2, 1), cell=(12, 10), n=4),
 ]
 
 
@@ -252,13 +254,26 @@ def test_batch_zero_launches_nothing():
     assert torch.equal(dwarehouse, torch.zeros_like(warehouse)) and torch.equal(dbias, torch.zeros_like(bias))
 
 
-def test_mode_choice_follows_the_cost_model(monkeypatch):
+def test_autotune_pruning_and_buckets():
+    """Configs are pruned to the channel counts (BLOCK 16 for small cells) and, for fp32, to spill-free tiles."""
+    from kw_ops.ops.triton import tuning
+
+    assert [tuning.bucket(v) for v in (0, 1, 5, 64, 65)] == [0, 1, 8, 64, 128]
+    configs = [launch.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}) for bm, bn, bk in
+               [(128, 128, 32), (64, 64, 32), (64, 16, 16), (128, 64, 64)]]
+    prune = tuning._prune_for((None, "OC", "C"))
+    blocks = lambda kept: [tuple(c.kwargs.values()) for c in kept]
+    half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    assert blocks(prune(configs, {"x_ptr": half, "OC": 8, "C": 3})) == [(64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": half, "OC": 512, "C": 512})) == blocks(configs)
+    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512})) == [(64, 64, 32), (64, 16, 16)]
+
+
+def test_mode_choice_and_override(monkeypatch):
     monkeypatch.delenv(launch.MODE_ENV, raising=False)
-    assert launch.choose_mode(49, 27, 2) == "fused"          # ResNet18 layer4: few positions, small warehouse
-    assert launch.choose_mode(56 * 56, 87, 2) == "two_phase"  # ResNet50 layer1: many position tiles
-    monkeypatch.setenv(launch.MODE_ENV, "fused")
-    assert launch.choose_mode(56 * 56, 87, 2) == "fused"
-    monkeypatch.setenv(launch.MODE_ENV, "bogus")
+    assert launch.choose_mode(49, 27, 2) == "two_phase"
+    assert launch.choose_mode(56 * 56, 87, 2) == "two_phase"
+    monkeypatch.setenv(launch.MODE_ENV, "fused")  # the removed re-mixing mode
     with pytest.raises(ValueError, match="KW_OPS_TRITON_MODE"):
         launch.choose_mode(49, 27, 2)
 

@@ -1,27 +1,30 @@
 """Launchers of the Triton KW kernels, with the normalised arguments of `kw_conv_torch` (twin signatures).
 
+Entry points (the interface other modules and benchmarks use):
+
     kw_conv_triton_forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation,
-                           groups) -> y
+                           groups, *, mode=None, input_precision=None) -> y
     kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding,
-                            dilation, groups) -> (dx, dattn, dwarehouse, dbias)
+                            dilation, groups, *, output_mask=(True,)*4, mode=None, input_precision=None)
+        -> (dx, dattn, dwarehouse, dbias)
+    choose_mode(positions, n, element_size) -> a name in MODES (KW_OPS_TRITON_MODE overrides)
 
-Two modes for the forward and the input gradient (`choose_mode`, by the cost model of DESIGN.md):
-- "fused": one kernel per sample mixes each weight tile in registers and consumes it at once; the
-  per-sample kernels never reach device memory, but a tile is re-mixed (2·n FLOPs per weight element,
-  CUDA cores) for every position tile of the sample: right for late stages (few positions).
-- "two_phase": per chunk of samples (at most KERNEL_CHUNK_BYTES of kernels) the mixing GEMM on tensor
-  cores writes the per-sample kernels, then the conv kernel reads them: right for early stages.
-The weight gradient is computed per chunk of samples (at most KERNEL_CHUNK_BYTES of per-sample gradients,
-in the op's dtype like the torch path), contracted into dattn (split-K GEMM) and dE (GEMM, fp32 sum over
-chunks): never B × the layer's weights in memory.
+MODES = ("two_phase",): the only mode. Per chunk of samples whose per-sample kernels fit
+KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tensor cores (K = n) writes
+each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
+while it is in L2. The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
+tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
+The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
+dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks): never B × the layer's weights in memory.
 
-fp32 dots use TF32 by default (as Triton, and as cuDNN convolutions in PyTorch by default); set
-KW_OPS_TRITON_FP32_PRECISION=ieee (or tf32x3) or pass input_precision= for full fp32. Outputs are fresh
-contiguous tensors (dx too), as in the torch path; inputs may have any strides (channels_last included).
+2-byte dtypes run channels_last (NHWC) inside: x and dy are converted at the boundary when they come in
+another layout, so the kernels' operand loads are contiguous along channels. Outputs are fresh contiguous
+tensors (dx too), as in the torch path. fp32 dots use TF32 by default (as Triton, and as cuDNN
+convolutions in PyTorch by default); set KW_OPS_TRITON_FP32_PRECISION=ieee (or tf32x3) or pass
+input_precision= for full fp32.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,21 +36,18 @@ from ..torch_impl import conv_output_size
 from .capability import not_supported_reasons
 from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
+from .tuning import bucket
 
 __all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
 
-MODES = ("fused", "two_phase")
+MODES = ("two_phase",)
 MODE_ENV = "KW_OPS_TRITON_MODE"
 FP32_PRECISION_ENV = "KW_OPS_TRITON_FP32_PRECISION"
 DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
-# Per-sample kernels (two-phase) or per-sample weight gradients held at once: a chunk of samples.
-KERNEL_CHUNK_BYTES = 256 << 20
-# Cost-model constants of `choose_mode` (H100 SXM orders of magnitude; benchmarks/gpu_check.py measures them).
-CUDA_CORE_FLOPS = 50e12       # fp32 FMA rate of the in-register mixing
-TENSOR_CORE_FLOPS = 600e12    # bf16/fp16 dense rate of the mixing GEMM
-MEMORY_BANDWIDTH = 3.0e12     # bytes/s, per-sample kernels written once and read once
-FUSED_POSITION_TILE = 64      # typical position tile of the conv kernels (a tile is re-mixed once per tile)
+# Per-sample kernels (or per-sample weight gradients) of one chunk of samples: small enough to stay in
+# L2 (50 MB on H100) beside the chunk's activations, so the conv kernels never read them back from DRAM.
+KERNEL_CHUNK_BYTES = 32 << 20
 # Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_LEN = 512
@@ -150,27 +150,33 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def choose_mode(positions: int, n: int, element_size: int) -> str:
-    """'fused' or 'two_phase' for a conv kernel over `positions` output (or input, for dx) positions per sample.
-
-    Extra cost per weight element and sample (DESIGN.md cost model): fused re-mixes each weight tile for
-    every position tile on CUDA cores, 2·n·tiles / CUDA_CORE_FLOPS; two-phase mixes once on tensor cores
-    and moves the per-sample kernels through memory, 2·n / TENSOR_CORE_FLOPS + 2·element_size / bandwidth.
-    KW_OPS_TRITON_MODE=fused|two_phase overrides.
-    """
+    """The Triton mode for a conv over `positions` positions per sample: 'two_phase', the only one (MODES);
+    KW_OPS_TRITON_MODE overrides (and is checked)."""
     forced = os.environ.get(MODE_ENV)
     if forced:
         if forced not in MODES:
             raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {forced!r}")
         return forced
-    tiles = math.ceil(positions / FUSED_POSITION_TILE)
-    fused = 2 * n * tiles / CUDA_CORE_FLOPS
-    two_phase = 2 * n / TENSOR_CORE_FLOPS + 2 * element_size / MEMORY_BANDWIDTH
-    return "fused" if fused <= two_phase else "two_phase"
+    return "two_phase"
+
+
+def _check_mode(mode: str | None, positions: int, layer: _Layer, element_size: int) -> None:
+    mode = mode or choose_mode(positions, layer.n, element_size)
+    if mode not in MODES:
+        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
 
 
 def _chunk(layer: _Layer, element_size: int) -> int:
     """Samples per chunk so that their per-sample kernels (or weight gradients) fit KERNEL_CHUNK_BYTES."""
     return max(1, min(layer.batch, KERNEL_CHUNK_BYTES // max(1, layer.weight_numel * element_size)))
+
+
+def _native(t4: torch.Tensor) -> torch.Tensor:
+    """The kernels' native layout of an activation [B, C, H, W]: channels_last for 2-byte dtypes (a copy only
+    when it comes in another layout), as given otherwise."""
+    if t4.element_size() == 2:
+        return t4.contiguous(memory_format=torch.channels_last)
+    return t4
 
 
 def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
@@ -181,37 +187,38 @@ def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     kw_mix_kernel[grid](
         attn_chunk, cells, weights, rows, cols, layer.n, layer.m, layer.c_out, layer.c_in, layer.grid_out,
-        layer.grid_in, layer.cell_numel, *attn_chunk.stride(), *cells.stride(), *weights.stride(),
+        layer.grid_in, layer.cell_numel, bucket(rows), *attn_chunk.stride(), *cells.stride(), *weights.stride(),
         INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(cells.dtype))
     return weights
 
 
-def _launch_forward(x4, attn, cells, weights, bias, y4, layer: _Layer, mix: bool, precision: str):
+def _buckets(layer: _Layer, batch: int):
+    """Bucketed autotune keys of the conv kernels: positions per sample and the launch's batch."""
+    return bucket(layer.out_h * layer.out_w), bucket(batch)
+
+
+def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str):
     batch = x4.shape[0]
     positions = layer.out_h * layer.out_w
-    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
-                         layer.grid_out * triton.cdiv(layer.c_out, meta["BLOCK_N"]), batch)
-    w = weights if weights is not None else cells
-    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]), triton.cdiv(layer.out_channels, meta["BLOCK_N"]),
+                         batch)
     kw_conv_fwd_kernel[grid](
-        x4, attn, cells, w, bias if bias is not None else cells, y4,
-        *layer.conv_args(), layer.n, *layer.cell_args(),
-        *x4.stride(), *attn.stride(), *cells.stride(), *w_strides, *y4.stride(), *layer.conv_params(),
-        HAS_BIAS=bias is not None, MIX=mix, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        x4, weights, bias if bias is not None else weights, y4,
+        *layer.conv_args(), layer.kw, layer.kk, *_buckets(layer, batch),
+        *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
+        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
 
 
-def _launch_dx(dy4, attn, cells, weights, dx4, layer: _Layer, mix: bool, precision: str):
+def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str):
     batch = dy4.shape[0]
-    positions = layer.height * layer.width
-    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
-                         layer.grid_in * triton.cdiv(layer.c_in, meta["BLOCK_N"]), batch)
-    w = weights if weights is not None else cells
-    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    sh, sw = layer.stride
+    phases, phase_positions = sh * sw, triton.cdiv(layer.height, sh) * triton.cdiv(layer.width, sw)
+    grid = lambda meta: (phases * triton.cdiv(phase_positions, meta["BLOCK_M"]),
+                         triton.cdiv(layer.channels, meta["BLOCK_N"]), batch)
     kw_conv_dx_kernel[grid](
-        dy4, attn, cells, w, dx4,
-        *layer.conv_args(), layer.n, *layer.cell_args(),
-        *dy4.stride(), *attn.stride(), *cells.stride(), *w_strides, *dx4.stride(), *layer.conv_params(),
-        MIX=mix, ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
+        dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
+        *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
+        ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
 
 
 def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
@@ -221,8 +228,8 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
     grid = lambda meta: (triton.cdiv(layer.c_out, meta["BLOCK_N"]) * triton.cdiv(layer.c_in, meta["BLOCK_K"]),
                          layer.kk * layer.grid_out * layer.grid_in, bc)
     kw_conv_wgrad_kernel[grid](
-        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *x4.stride(), *dy4.stride(), *dw.stride(),
-        *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *_buckets(layer, bc), *x4.stride(), *dy4.stride(),
+        *dw.stride(), *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
     return dw
 
 
@@ -242,8 +249,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     acc = _acc_torch_dtype(a.dtype)
     partial = _empty((splits, M, N), acc, a.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
-    kw_matmul_kernel[grid](a, b, partial, M, N, K, split_len, *a.stride(), *b.stride(), *partial.stride(),
-                           INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(a.dtype))
+    kw_matmul_kernel[grid](a, b, partial, M, N, K, split_len, bucket(M), bucket(K), *a.stride(), *b.stride(),
+                           *partial.stride(), INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(a.dtype))
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -266,7 +273,7 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
 
     x [B, C_in, *size] (1-D or 2-D, any strides), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k],
     bias [C_out] or None -> y [B, C_out, *out_size], a fresh contiguous tensor.
-    mode: 'fused' or 'two_phase' (default: `choose_mode`); input_precision: fp32 tl.dot precision.
+    mode: one of MODES (default: `choose_mode`); input_precision: fp32 tl.dot precision.
     """
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
@@ -276,17 +283,13 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     if layer.batch == 0:
         return y
     precision = _input_precision(x.dtype, input_precision)
-    mode = mode or choose_mode(layer.out_h * layer.out_w, layer.n, x.element_size())
-    if mode == "fused":
-        _launch_forward(x4, attn, cells, None, bias, y4, layer, True, precision)
-        return y
-    if mode != "two_phase":
-        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
+    _check_mode(mode, layer.out_h * layer.out_w, layer, x.element_size())
+    x4 = _native(x4)
     chunk = _chunk(layer, x.element_size())
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
         weights = _mix(attn[b0:b1], cells, layer, precision)
-        _launch_forward(x4[b0:b1], attn[b0:b1], cells, weights, bias, y4[b0:b1], layer, False, precision)
+        _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision)
     return y
 
 
@@ -320,18 +323,15 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
         return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
     precision = _input_precision(x.dtype, input_precision)
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
-    mode = mode or choose_mode(layer.height * layer.width, layer.n, x.element_size())
-    if mode not in MODES:
-        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
-    if need_x and mode == "fused":
-        _launch_dx(dy4, attn, cells, None, dx4, layer, True, precision)
+    _check_mode(mode, layer.height * layer.width, layer, x.element_size())
+    x4, dy4 = _native(x4), _native(dy4)
     chunk = _chunk(layer, x.element_size())
     flat_cells = cells.reshape(layer.n, -1)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
-        if need_x and mode == "two_phase":
+        if need_x:
             weights = _mix(attn[b0:b1], cells, layer, precision)
-            _launch_dx(dy4[b0:b1], attn[b0:b1], cells, weights, dx4[b0:b1], layer, False, precision)
+            _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision)
             del weights
         if need_attn or need_warehouse:
             # per-sample weight gradients of the chunk in cell order, then the two contractions
