@@ -61,6 +61,7 @@ class Case:
     cell: tuple = (8, 8)           # (c_out, c_in)
     whole_kernel: bool = False     # cells are the whole kernel (S = 1) instead of spatial partition
     n: int = 3
+    groups: int = 1
     bias: bool = True
     dtype: torch.dtype = torch.float64
 
@@ -69,17 +70,17 @@ class Case:
         dims = lambda v: "x".join(map(str, v))
         parts = [f"B{self.batch}", f"C{self.channels}", f"O{self.out}", dims(self.size), f"K{dims(self.kernel)}",
                  f"s{dims(self.stride)}", f"p{dims(self.padding)}", f"d{dims(self.dilation)}",
-                 f"cell{dims(self.cell)}{'-whole' if self.whole_kernel else ''}", f"n{self.n}",
+                 f"cell{dims(self.cell)}{'-whole' if self.whole_kernel else ''}", f"n{self.n}", f"g{self.groups}",
                  "bias" if self.bias else "nobias", str(self.dtype).replace("torch.float", "fp")]
         return "-".join(parts)
 
     @property
     def m(self) -> int:
         spatial = 1 if self.whole_kernel else math.prod(self.kernel)
-        return spatial * (self.out // self.cell[0]) * (self.channels // self.cell[1])
+        return spatial * (self.out // self.cell[0]) * (self.channels // self.groups // self.cell[1])
 
     def args(self):
-        return self.out, self.kernel, self.stride, self.padding, self.dilation, 1
+        return self.out, self.kernel, self.stride, self.padding, self.dilation, self.groups
 
     def inputs(self, device=DEVICE, dtype=None):
         dtype = dtype or self.dtype
@@ -102,6 +103,9 @@ CASES = [
     Case(size=(7,), kernel=(3,), stride=(2,), padding=(1,), dilation=(1,), cell=(4, 8)),  # 1-D
     # several channel tiles (interpreter tiles are 16), ragged; 6 stride phases of dx, dilated taps
     Case(channels=20, out=24, size=(7, 8), stride=(2, 3), padding=(1, 2), dilation=(2, 1), cell=(12, 10), n=4),
+    # depthwise (several channel tiles, stride 2) and grouped (Ig = 2, Og = 3) on the grouped kernels
+    Case(channels=18, out=18, size=(6, 5), stride=(2, 2), cell=(6, 1), groups=18),
+    Case(channels=8, out=12, size=(5, 4), kernel=(3, 2), padding=(1, 0), cell=(3, 1), groups=4, n=2),
 ]
 
 
@@ -191,10 +195,12 @@ def test_fp32_channels_last_and_strided_inputs():
 
 
 @interpreter
-def test_fp16_error_within_twice_the_torch_path():
-    case = replace(CASES[1], dtype=torch.float16)
+@pytest.mark.parametrize("case", [CASES[1], CASES[-2]], ids=lambda c: c.id)
+def test_fp16_error_within_twice_the_torch_path(case):
+    """fp16 (channels_last inside the launchers), dense and depthwise."""
+    case = replace(case, dtype=torch.float16)
     x, attn, warehouse, bias = case.inputs(dtype=torch.float64)
-    dy = torch.randn(case.batch, case.out, 3, 6, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
     y64, grads64 = _reference(case, x, attn, warehouse, bias, dy)
     half = [t.half() for t in (x, attn, warehouse, bias, dy)]
     y16_torch, grads16_torch = _reference(case, *half)
@@ -286,13 +292,12 @@ def test_not_supported_reasons_name_every_limit():
     reasons = not_supported_reasons(x.to(torch.bfloat16), attn, warehouse, None, 4, (3, 3, 3), (1,) * 3, (1,) * 3,
                                     (1,) * 3, 2)
     text = " | ".join(reasons)
-    assert "3-D" in text and "groups=2" in text and "bfloat16" in text, text
+    assert "3-D" in text and "bfloat16" in text and "groups" not in text, text
     case = CASES[0]
     x, attn, warehouse, bias = case.inputs()
     assert supports(x, attn, warehouse, bias, *case.args())
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        kw_conv_triton_forward(x, attn, warehouse[:, :, :4], bias, case.out, case.kernel,
-                               case.stride, case.padding, case.dilation, 2)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        kw_conv_triton_forward(x.bfloat16(), attn, warehouse, bias, *case.args())
 
 
 def test_package_import_does_not_import_triton():

@@ -23,7 +23,7 @@ channels (vector loads that Triton can pipeline); y and dx are written NCHW (the
 contiguous along the positions of a tile). Per-sample kernels W [B, KK, O, C] (C contiguous). Accumulation
 in fp32 (fp64 for fp64 inputs).
 
-Limits. groups = 1 (grouped and depthwise use the torch path), 1-D/2-D (capability.py). Late-stage layers
+Limits. groups = 1 (grouped and depthwise: grouped_kernels.py), 1-D/2-D (capability.py). Late-stage layers
 (49 positions) give one position tile per sample, so the grid is (output-channel tiles x samples of a chunk).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel"]
 
 # (BLOCK_M: positions, BLOCK_N: output channels, BLOCK_K: reduced channels, warps, stages); BLOCK 16 tiles
 # for small channel counts (pruned per call to the channel counts, tuning.py)
-_CONV_TILES = [(128, 64, 32, 4, 4), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 32, 64, 4, 3),
+_CONV_TILES = [(128, 64, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 32, 64, 8, 3),
                (64, 128, 32, 8, 3), (64, 16, 32, 4, 3), (128, 32, 16, 4, 4), (64, 16, 16, 4, 3)]
 # (BLOCK_M: positions reduced over, BLOCK_N: output channels, BLOCK_K: input channels, warps, stages)
 _WGRAD_TILES = [(64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 32, 4, 3),

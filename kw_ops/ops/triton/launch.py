@@ -14,6 +14,7 @@ KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tens
 each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
 while it is in L2. The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
 tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
+groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
 dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks): never B × the layer's weights in memory.
 
@@ -36,6 +37,7 @@ from ..torch_impl import conv_output_size
 from .capability import not_supported_reasons
 from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
+from .grouped_kernels import kw_grouped_dx_kernel, kw_grouped_fwd_kernel, kw_grouped_wgrad_kernel
 from .tuning import bucket
 
 __all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
@@ -75,6 +77,7 @@ class _Layer:
     stride: tuple
     padding: tuple
     dilation: tuple
+    groups: int
 
     @property
     def kk(self) -> int:
@@ -85,8 +88,12 @@ class _Layer:
         return self.kk // self.cell_numel * self.grid_out * self.grid_in
 
     @property
+    def in_per_group(self) -> int:
+        return self.channels // self.groups
+
+    @property
     def weight_numel(self) -> int:
-        return self.out_channels * self.channels * self.kk
+        return self.out_channels * self.in_per_group * self.kk
 
     def conv_args(self):
         """The shape arguments shared by the conv kernels: C, H, W, O, OH, OW."""
@@ -108,13 +115,13 @@ def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
     return x, cells, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
 
 
-def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation) -> _Layer:
+def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups) -> _Layer:
     batch, channels, height, width = x4.shape
     n, c_out, c_in, ck = cells.shape
     out = conv_output_size((height, width), kernel_size, stride, padding, dilation)
     return _Layer(batch, channels, height, width, out_channels, out[0], out[1], n, c_out, c_in,
-                  out_channels // c_out, channels // c_in, ck, kernel_size[0], kernel_size[1], stride, padding,
-                  dilation)
+                  out_channels // c_out, channels // groups // c_in, ck, kernel_size[0], kernel_size[1], stride,
+                  padding, dilation, groups)
 
 
 def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
@@ -180,9 +187,9 @@ def _native(t4: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
-    """Phase 1: per-sample kernels [bc, KK, O, C] of a chunk of samples, in the op's dtype."""
+    """Phase 1: per-sample kernels [bc, KK, O, C / groups] of a chunk of samples, in the op's dtype."""
     bc = attn_chunk.shape[0]
-    weights = _empty((bc, layer.kk, layer.out_channels, layer.channels), cells.dtype, cells.device)
+    weights = _empty((bc, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
     rows, cols = bc * layer.m, layer.c_out * layer.c_in * layer.cell_numel
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     kw_mix_kernel[grid](
@@ -197,11 +204,23 @@ def _buckets(layer: _Layer, batch: int):
     return bucket(layer.out_h * layer.out_w), bucket(batch)
 
 
+def _group_args(layer: _Layer):
+    """Input and output channels per group, the grouped kernels' extra shape arguments."""
+    return layer.in_per_group, layer.out_channels // layer.groups
+
+
 def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str):
     batch = x4.shape[0]
     positions = layer.out_h * layer.out_w
     grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]), triton.cdiv(layer.out_channels, meta["BLOCK_N"]),
                          batch)
+    if layer.groups != 1:
+        kw_grouped_fwd_kernel[grid](
+            x4, weights, bias if bias is not None else weights, y4,
+            *layer.conv_args(), layer.kw, layer.kk, *_group_args(layer), *_buckets(layer, batch),
+            *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
+            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype))
+        return
     kw_conv_fwd_kernel[grid](
         x4, weights, bias if bias is not None else weights, y4,
         *layer.conv_args(), layer.kw, layer.kk, *_buckets(layer, batch),
@@ -215,6 +234,12 @@ def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str):
     phases, phase_positions = sh * sw, triton.cdiv(layer.height, sh) * triton.cdiv(layer.width, sw)
     grid = lambda meta: (phases * triton.cdiv(phase_positions, meta["BLOCK_M"]),
                          triton.cdiv(layer.channels, meta["BLOCK_N"]), batch)
+    if layer.groups != 1:
+        kw_grouped_dx_kernel[grid](
+            dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_group_args(layer),
+            *_buckets(layer, batch), *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
+            ACC_DTYPE=_acc_dtype(dy4.dtype))
+        return
     kw_conv_dx_kernel[grid](
         dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
         *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
@@ -225,6 +250,13 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
     """Per-sample weight gradients of a chunk in cell order: [bc, m, c_out, c_in, CK], the op's dtype."""
     bc = x4.shape[0]
     dw = _empty((bc, layer.m, layer.c_out, layer.c_in, layer.cell_numel), x4.dtype, x4.device)
+    if layer.groups != 1:
+        grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]), layer.kk * layer.in_per_group, bc)
+        kw_grouped_wgrad_kernel[grid](
+            x4, dy4, dw, *layer.conv_args(), layer.kw, layer.kk, *_group_args(layer), *_buckets(layer, bc),
+            *layer.cell_args()[:5], *x4.stride(), *dy4.stride(), *dw.stride(), *layer.conv_params(),
+            ACC_DTYPE=_acc_dtype(x4.dtype))
+        return dw
     grid = lambda meta: (triton.cdiv(layer.c_out, meta["BLOCK_N"]) * triton.cdiv(layer.c_in, meta["BLOCK_K"]),
                          layer.kk * layer.grid_out * layer.grid_in, bc)
     kw_conv_wgrad_kernel[grid](
@@ -277,7 +309,7 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     """
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
-    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups)
     y4 = _empty((layer.batch, out_channels, layer.out_h, layer.out_w), x.dtype, x.device)
     y = y4.squeeze(2) if x.dim() == 3 else y4
     if layer.batch == 0:
@@ -308,7 +340,7 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     need_x, need_attn, need_warehouse, need_bias = output_mask
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
     dy4 = dy.unsqueeze(2) if dy.dim() == 3 else dy
-    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups)
     dx = _empty(x.shape, x.dtype, x.device) if need_x else None
     dattn = _empty(attn.shape, attn.dtype, attn.device) if need_attn else None
     dcells = torch.zeros(cells.shape, dtype=_acc_torch_dtype(x.dtype), device=x.device) if need_warehouse else None
