@@ -62,10 +62,10 @@ def not_supported_reasons(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.
         reasons.append(f"cell kernel {cell_k} is neither all ones nor the kernel {tuple(kernel_size)}")
     if x.shape[0] > MAX_GRID_YZ:
         reasons.append(f"batch {x.shape[0]} exceeds the launch grid limit {MAX_GRID_YZ}")
-    if warehouse.dim() >= 3:
-        m = attn.shape[1] if attn.dim() == 3 else 0
-        if m * math.prod(cell_k) > MAX_GRID_YZ:
-            reasons.append(f"{m} mixtures x {math.prod(cell_k)} cell positions exceed the launch grid limit")
+    # the weight-gradient grid has (kernel positions x input channels per group) programs along y for groups != 1
+    wgrad_rows = math.prod(kernel_size) * (x.shape[1] // groups if groups != 1 and x.dim() >= 2 else 1)
+    if wgrad_rows > MAX_GRID_YZ:
+        reasons.append(f"{wgrad_rows} kernel positions x input channels per group exceed the launch grid limit")
     return reasons
 
 

@@ -4,8 +4,8 @@ per-sample weight gradient in cell order.
 Algorithm. The per-sample kernels W_b [KK, O, C] of a chunk of samples are mixed beforehand by the mixing
 GEMM (gemm_kernels.kw_mix_kernel, tensor cores, K = n) and read here while they are in L2 (launch.py sizes
 the chunk); each weight element is mixed once per sample, never per position tile. Both conv kernels are
-implicit GEMMs over one sample, tiled over the full channel counts (not over cells), so small cells cost no
-masked lanes.
+implicit GEMMs over one sample, and so is the weight gradient; all three are tiled over the full channel
+counts (not over cells), so small cells cost no masked lanes and channel tiles stay aligned.
 
 - `kw_conv_fwd_kernel`: y[b, o, pos] = Σ_{t, c} W_b[t, o, c] · x[b, c, pos·stride - pad + t·dil] (+ bias).
   Program (position tile, output-channel tile, b); loop over the taps t and input-channel tiles.
@@ -13,9 +13,11 @@ masked lanes.
   stride phase: the input positions i ≡ r (mod stride) of one phase r read only the taps t with
   (r + pad - t·dil) ≡ 0 (mod stride), exactly; a program covers one phase's positions and skips the other
   taps (a stride-2 3x3 layer runs 9 of 36 phase-tap pairs per 2x2 block, against 36 masked ones).
-- `kw_conv_wgrad_kernel`: dW_b[j][p, q, ck] = Σ_pos dy[b, o, pos] · x[b, c, pos(t)], written in cell order
-  [b, m, c_out, c_in, CK] for the contractions dattn = dW @ E^T and dE = attn^T @ dW (gemm_kernels.py).
-  Program ((p-tile, q-tile), (t, go, gi), b); loop over output-position tiles.
+- `kw_conv_wgrad_kernel`: dW_b[t, o, c] = Σ_pos dy[b, o, pos] · x[b, c, pos(t)] over full-channel tiles,
+  scattered in the epilogue into cell order [b, m, c_out, c_in, CK] (o = go*c_out + p, c = gi*c_in + q,
+  t = s*CK + ck, j = (s*GO + go)*GI + gi: separable row and column address parts) for the contractions
+  dattn = dW @ E^T and dE = attn^T @ dW (gemm_kernels.py). Program ((o-tile, c-tile), t, b); loop over
+  output-position tiles.
 
 Layouts. x, y, dy, dx: [B, C, H, W] with any strides (1-D runs as H = 1); the launchers pass x and dy in
 channels_last (NHWC) for 2-byte dtypes, so the [positions, channels] operand tiles are contiguous along
@@ -44,7 +46,6 @@ _WGRAD_TILES = [(64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (64, 128, 64, 8, 3), (12
                 (64, 16, 32, 4, 3), (64, 32, 16, 4, 3), (64, 16, 16, 4, 3)]
 # bucketed sizes (tuning.bucket) as autotune keys: BB the batch of the launch, PB the positions per sample
 _CONV_KEY = ["C", "OC", "KK", "PB", "BB"]
-
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=(None, "OC", "C"))
@@ -142,7 +143,7 @@ def kw_conv_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
-@autotune(_WGRAD_TILES, ["C", "OC", "KK", "c_out", "c_in", "PB", "BB"], sizes=(None, "c_out", "c_in"))
+@autotune(_WGRAD_TILES, ["C", "OC", "KK", "PB", "BB"], sizes=(None, "OC", "C"))
 @triton.jit
 def kw_conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,
@@ -153,29 +154,20 @@ def kw_conv_wgrad_kernel(
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # BLOCK_M: output positions (reduced), BLOCK_N: output channels p, BLOCK_K: input channels q
-    pid_pq = tl.program_id(0)
-    pid_tile = tl.program_id(1)
+    # BLOCK_M: output positions (reduced), BLOCK_N: output channels o, BLOCK_K: input channels c
+    pid_oc = tl.program_id(0)
+    t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    q_tiles = tl.cdiv(c_in, BLOCK_K)
-    offs_p = (pid_pq // q_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_q = (pid_pq % q_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_p = offs_p < c_out
-    mask_q = offs_q < c_in
-    # which kernel position t and cell blocks (go, gi) this program covers, and its mixture j
-    gi = pid_tile % GI
-    go = (pid_tile // GI) % GO
-    t = pid_tile // (GI * GO)
-    s = t // CK
-    ck = t % CK
-    j = (s * GO + go) * GI + gi
-    offs_o = go * c_out + offs_p
-    offs_c = gi * c_in + offs_q
+    c_tiles = tl.cdiv(C, BLOCK_K)
+    offs_o = (pid_oc // c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = (pid_oc % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_o = offs_o < OC
+    mask_c = offs_c < C
     kh = t // KW
     kw = t % KW
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC_DTYPE)
     for m0 in range(0, OH * OW, BLOCK_M):
-        # dy tile [p, positions] and the x tile [positions, q] read at kernel position t
+        # dy tile [o, positions] and the x tile [positions, c] read at kernel position t
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < OH * OW
         oh = offs_m // OW
@@ -184,9 +176,14 @@ def kw_conv_wgrad_kernel(
         iw = ow * stride_w - pad_w + kw * dil_w
         valid_m = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         dyt = tl.load(dy_ptr + b * sdb + offs_o[:, None] * sdo + (oh * sdh + ow * sdw)[None, :],
-                      mask=mask_p[:, None] & mask_m[None, :], other=0.0)
+                      mask=mask_o[:, None] & mask_m[None, :], other=0.0)
         xt = tl.load(x_ptr + b * sxb + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
-                     mask=valid_m[:, None] & mask_q[None, :], other=0.0)
+                     mask=valid_m[:, None] & mask_c[None, :], other=0.0)
         acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    dw_ptrs = dw_ptr + b * swb + j * swj + offs_p[:, None] * swp + offs_q[None, :] * swq + ck * swk
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+    # scatter into cell order: j = (s*GO + go)*GI + gi splits into a tap part, a row (o) part and a column (c) part
+    s = t // CK
+    ck = t % CK
+    row_off = (offs_o // c_out) * GI * swj + (offs_o % c_out) * swp
+    col_off = (offs_c // c_in) * swj + (offs_c % c_in) * swq
+    dw_ptrs = dw_ptr + b * swb + (s * GO * GI) * swj + ck * swk + row_off[:, None] + col_off[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_c[None, :])

@@ -32,7 +32,7 @@ from .tuning import autotune
 __all__ = ["kw_grouped_fwd_kernel", "kw_grouped_dx_kernel", "kw_grouped_wgrad_kernel"]
 
 # (BLOCK_M: positions, BLOCK_N: channels, BLOCK_K: unused (1 tile), warps, stages): elementwise tiles
-_GROUPED_TILES = [(64, 64, 16, 4, 2), (128, 32, 16, 4, 2), (32, 128, 16, 4, 2), (64, 16, 16, 2, 2)]
+_GROUPED_TILES = [(64, 64, 16, 8, 2), (128, 32, 16, 8, 2), (32, 128, 16, 4, 2), (64, 16, 16, 2, 2)]
 _GROUPED_KEY = ["C", "OC", "KK", "Ig", "PB", "BB"]
 
 

@@ -257,8 +257,8 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
             *layer.cell_args()[:5], *x4.stride(), *dy4.stride(), *dw.stride(), *layer.conv_params(),
             ACC_DTYPE=_acc_dtype(x4.dtype))
         return dw
-    grid = lambda meta: (triton.cdiv(layer.c_out, meta["BLOCK_N"]) * triton.cdiv(layer.c_in, meta["BLOCK_K"]),
-                         layer.kk * layer.grid_out * layer.grid_in, bc)
+    grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]) * triton.cdiv(layer.channels, meta["BLOCK_K"]),
+                         layer.kk, bc)
     kw_conv_wgrad_kernel[grid](
         x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *_buckets(layer, bc), *x4.stride(), *dy4.stride(),
         *dw.stride(), *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
