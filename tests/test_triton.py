@@ -261,7 +261,7 @@ def test_batch_zero_launches_nothing():
 
 
 def test_autotune_pruning_and_buckets():
-    """Configs are pruned to the channel counts (BLOCK 16 for small cells) and, for fp32, to spill-free tiles."""
+    """Configs are pruned to the channel counts (BLOCK 16 for small cells) and, for ieee fp32, to spill-free tiles."""
     from kw_ops.ops.triton import tuning
 
     assert [tuning.bucket(v) for v in (0, 1, 5, 64, 65)] == [0, 1, 8, 64, 128]
@@ -272,7 +272,9 @@ def test_autotune_pruning_and_buckets():
     half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
     assert blocks(prune(configs, {"x_ptr": half, "OC": 8, "C": 3})) == [(64, 16, 16)]
     assert blocks(prune(configs, {"x_ptr": half, "OC": 512, "C": 512})) == blocks(configs)
-    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512})) == [(64, 64, 32), (64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512}, INPUT_PRECISION="ieee")) == \
+        [(64, 64, 32), (64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512}, INPUT_PRECISION="tf32")) == blocks(configs)
 
 
 def test_mode_choice_and_override(monkeypatch):

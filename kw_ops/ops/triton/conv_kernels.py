@@ -44,8 +44,9 @@ _CONV_TILES = [(128, 64, 32, 8, 4), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (6
 # (BLOCK_M: positions reduced over, BLOCK_N: output channels, BLOCK_K: input channels, warps, stages)
 _WGRAD_TILES = [(64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (64, 128, 64, 8, 3), (128, 64, 32, 4, 3),
                 (64, 16, 32, 4, 3), (64, 32, 16, 4, 3), (64, 16, 16, 4, 3)]
-# bucketed sizes (tuning.bucket) as autotune keys: BB the batch of the launch, PB the positions per sample
-_CONV_KEY = ["C", "OC", "KK", "PB", "BB"]
+# autotune keys: bucketed sizes (tuning.bucket: BB the batch of the launch, PB the positions per sample) and the
+# fp32 dot precision (its configs differ, tuning.py)
+_CONV_KEY = ["C", "OC", "KK", "PB", "BB", "INPUT_PRECISION"]
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=(None, "OC", "C"))
@@ -143,7 +144,7 @@ def kw_conv_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
-@autotune(_WGRAD_TILES, ["C", "OC", "KK", "PB", "BB"], sizes=(None, "OC", "C"))
+@autotune(_WGRAD_TILES, _CONV_KEY, sizes=(None, "OC", "C"))
 @triton.jit
 def kw_conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,

@@ -30,7 +30,7 @@ _MATMUL_TILES = [(64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (6
                  (128, 128, 32, 8, 3)]
 
 
-@autotune(_MIX_TILES, ["cols", "n", "RB"], sizes=("rows", "cols", "n"))
+@autotune(_MIX_TILES, ["cols", "n", "RB", "INPUT_PRECISION"], sizes=("rows", "cols", "n"))
 @triton.jit
 def kw_mix_kernel(
     attn_ptr, e_ptr, w_ptr,
@@ -71,7 +71,7 @@ def kw_mix_kernel(
              mask=mask_r[:, None] & mask_col[None, :])
 
 
-@autotune(_MATMUL_TILES, ["N", "split_len", "MB", "KB"], sizes=("M", "N", None))
+@autotune(_MATMUL_TILES, ["N", "split_len", "MB", "KB", "INPUT_PRECISION"], sizes=("M", "N", None))
 @triton.jit
 def kw_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K, split_len, MB, KB,

@@ -16,7 +16,10 @@ while it is in L2. The former "fused" mode (every weight tile re-mixed on CUDA c
 tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
-dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks): never B × the layer's weights in memory.
+dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
+weights in memory. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums over
+samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
+and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
 2-byte dtypes run channels_last (NHWC) inside: x and dy are converted at the boundary when they come in
 another layout, so the kernels' operand loads are contiguous along channels. Outputs are fresh contiguous

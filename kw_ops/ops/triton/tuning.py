@@ -5,7 +5,8 @@ Every tiled kernel is decorated with `autotune(tiles, key, sizes)`:
   config (the interpreter cannot autotune several configs, and small tiles keep it fast);
 - configs are pruned per call before any benchmark (`_prune`): tiles larger than the next power of two of
   the dimension they cover are dropped (small cells and channel counts keep their BLOCK 16 configs only),
-  and 4-byte operands (fp32/tf32) keep only the tiles whose fp32 operand stages fit without spills;
+  and 4-byte operands on the CUDA-core paths (ieee, tf32x3; tf32 compiles spill-free in every config) keep
+  only the tiles that compile without spills;
 - `key`: the launchers pass bucketed sizes (powers of two: `bucket`) for the batch and the spatial sizes,
   so a short last batch or a new resolution within a bucket reuses the tuned config; Triton adds the
   operand dtypes to the key;
@@ -22,10 +23,11 @@ from .capability import interpreting
 __all__ = ["autotune", "bucket", "INTERPRETER_BLOCK"]
 
 INTERPRETER_BLOCK = 16
-# 4-byte operands: the most operand elements one pipeline stage may hold ((BLOCK_M + BLOCK_N) * BLOCK_K)
-# and the largest accumulator tile (BLOCK_M * BLOCK_N) without register spills on sm_90 (compile reports).
-FP32_STAGE_ELEMENTS = 192 * 32
-FP32_ACC_ELEMENTS = 128 * 64
+# 4-byte operands off tensor cores (ieee, tf32x3): the most operand elements of one pipeline stage
+# ((BLOCK_M + BLOCK_N) * BLOCK_K) and the largest accumulator tile (BLOCK_M * BLOCK_N) kept. Compiled for
+# sm_90 (Triton 3.6) with ieee, larger tiles spill (128x128x32, 64x128x32, 64x64x64: 8-16 bytes of stack).
+FP32_STAGE_ELEMENTS = 128 * 32
+FP32_ACC_ELEMENTS = 64 * 64
 _CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
@@ -38,6 +40,7 @@ def _prune_for(sizes):
     """An early_config_prune for a kernel whose BLOCK_M/N/K cover the named arguments `sizes` (None: unbounded)."""
     def prune(configs, named_args, **kwargs):
         element_size = next((arg.element_size() for arg in named_args.values() if hasattr(arg, "element_size")), 2)
+        small_fp32_tiles = element_size >= 4 and kwargs.get("INPUT_PRECISION", "ieee") != "tf32"
         kept = []
         for config in configs:
             blocks = [config.kwargs[f"BLOCK_{d}"] for d in "MNK"]
@@ -45,7 +48,7 @@ def _prune_for(sizes):
                    for block, size in zip(blocks, sizes)):
                 continue
             bm, bn, bk = blocks
-            if element_size >= 4 and ((bm + bn) * bk > FP32_STAGE_ELEMENTS or bm * bn > FP32_ACC_ELEMENTS):
+            if small_fp32_tiles and ((bm + bn) * bk > FP32_STAGE_ELEMENTS or bm * bn > FP32_ACC_ELEMENTS):
                 continue
             kept.append(config)
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
