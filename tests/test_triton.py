@@ -219,19 +219,21 @@ def test_fp16_error_within_twice_the_torch_path(case):
 
 
 @interpreter
-def test_chunks_and_split_k(monkeypatch):
-    """Several sample chunks (two-phase kernels, weight gradients) and several K splits give the same result."""
-    case = replace(CASES[0], batch=3, cell=(8, 4))
-    monkeypatch.setattr(launch, "KERNEL_CHUNK_BYTES", 1)          # one sample per chunk
+@pytest.mark.parametrize("case", [replace(CASES[0], batch=3, cell=(8, 4)),
+                                  replace(CASES[-1], batch=3, out=16, cell=(16, 2))], ids=lambda c: c.id)
+def test_chunks_and_split_k(monkeypatch, case):
+    """Several sample chunks (per-sample kernels, weight gradients; dense and grouped) and several K splits
+    give the same result."""
     monkeypatch.setattr(launch, "SPLIT_K_MIN_LEN", 16)
     monkeypatch.setattr(launch, "SPLIT_K_ALIGN", 16)
     x, attn, warehouse, bias = case.inputs()
-    y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy := torch.randn(
-        case.batch, case.out, *case.size, dtype=case.dtype, device=DEVICE))
-    assert launch.triton.cdiv(32, launch._split_k(case.batch * case.m, case.n, 32)) > 1
-    y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), mode="two_phase")
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
+    y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy)
+    cell_size = math.prod(warehouse.shape[1:])
+    assert launch.triton.cdiv(cell_size, launch._split_k(case.batch * case.m, case.n, cell_size)) > 1
+    y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), chunk_bytes=1)  # one sample per chunk
     _assert_close(y, y_ref, case.dtype, "y")
-    grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), mode="two_phase")
+    grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), chunk_bytes=1)
     for name, got, ref in zip(("dx", "dattn", "dwarehouse", "dbias"), grads, grads_ref):
         _assert_close(got, ref, case.dtype, name)
 
@@ -385,6 +387,9 @@ def _check_against_fp64(case, dtype, mode, fwd_only=False):
     Case(batch=3, channels=64, out=64, size=(9, 9), kernel=(3, 3), whole_kernel=True, cell=(64, 32), n=5),
     Case(batch=4, channels=40, out=24, size=(17,), kernel=(5,), stride=(1,), padding=(2,), dilation=(2,),
          cell=(24, 20), n=11),
+    # MobileNetV2 / ConvNeXt depthwise layers (grouped kernels)
+    Case(batch=3, channels=96, out=96, size=(15, 13), stride=(2, 2), cell=(32, 1), groups=96, n=7),
+    Case(batch=2, channels=64, out=64, size=(14, 14), kernel=(7, 7), padding=(3, 3), cell=(64, 1), groups=64, n=5),
 ], ids=lambda c: c.id)
 def test_gpu_larger_shapes_and_half_precision(case, dtype, mode):
     _check_against_fp64(case, dtype, mode)

@@ -3,16 +3,18 @@
 Entry points (the interface other modules and benchmarks use):
 
     kw_conv_triton_forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation,
-                           groups, *, mode=None, input_precision=None) -> y
+                           groups, *, mode=None, input_precision=None, chunk_bytes=None) -> y
     kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding,
-                            dilation, groups, *, output_mask=(True,)*4, mode=None, input_precision=None)
-        -> (dx, dattn, dwarehouse, dbias)
+                            dilation, groups, *, output_mask=(True,)*4, mode=None, input_precision=None,
+                            chunk_bytes=None) -> (dx, dattn, dwarehouse, dbias)
     choose_mode(positions, n, element_size) -> a name in MODES (KW_OPS_TRITON_MODE overrides)
 
 MODES = ("two_phase",): the only mode. Per chunk of samples whose per-sample kernels fit
 KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tensor cores (K = n) writes
 each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
-while it is in L2. The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
+while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may set: L2-sized
+chunks cost two launches per chunk (22 chunks for a ResNet50 layer4 3x3 conv at batch 128 in bf16), larger
+ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
 tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
@@ -176,9 +178,11 @@ def _check_mode(mode: str | None, positions: int, layer: _Layer, element_size: i
         raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
 
 
-def _chunk(layer: _Layer, element_size: int) -> int:
-    """Samples per chunk so that their per-sample kernels (or weight gradients) fit KERNEL_CHUNK_BYTES."""
-    return max(1, min(layer.batch, KERNEL_CHUNK_BYTES // max(1, layer.weight_numel * element_size)))
+def _chunk(layer: _Layer, element_size: int, chunk_bytes: int | None) -> int:
+    """Samples per chunk so that their per-sample kernels (or weight gradients) fit chunk_bytes
+    (default KERNEL_CHUNK_BYTES)."""
+    budget = KERNEL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, min(layer.batch, budget // max(1, layer.weight_numel * element_size)))
 
 
 def _native(t4: torch.Tensor) -> torch.Tensor:
@@ -303,12 +307,13 @@ def _bias_grad(dy4: torch.Tensor) -> torch.Tensor:
 def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
                            out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                            padding: Sequence[int], dilation: Sequence[int], groups: int, *, mode: str | None = None,
-                           input_precision: str | None = None) -> torch.Tensor:
+                           input_precision: str | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """KW convolution on the Triton kernels; arguments already checked and normalised (as kw_conv_torch).
 
     x [B, C_in, *size] (1-D or 2-D, any strides), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k],
     bias [C_out] or None -> y [B, C_out, *out_size], a fresh contiguous tensor.
-    mode: one of MODES (default: `choose_mode`); input_precision: fp32 tl.dot precision.
+    mode: one of MODES (default: `choose_mode`); input_precision: fp32 tl.dot precision; chunk_bytes: the
+    per-sample kernels held per chunk of samples (default KERNEL_CHUNK_BYTES).
     """
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
@@ -320,7 +325,7 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     precision = _input_precision(x.dtype, input_precision)
     _check_mode(mode, layer.out_h * layer.out_w, layer, x.element_size())
     x4 = _native(x4)
-    chunk = _chunk(layer, x.element_size())
+    chunk = _chunk(layer, x.element_size(), chunk_bytes)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
         weights = _mix(attn[b0:b1], cells, layer, precision)
@@ -332,12 +337,13 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
                             has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                             padding: Sequence[int], dilation: Sequence[int], groups: int, *,
                             output_mask: Sequence[bool] = (True, True, True, True), mode: str | None = None,
-                            input_precision: str | None = None):
+                            input_precision: str | None = None, chunk_bytes: int | None = None):
     """Gradients of `kw_conv_triton_forward` (kernels recomputed, weight gradients in bounded chunks).
 
     dy [B, C_out, *out_size] (any strides); output_mask: which of (x, attn, warehouse, bias) need a gradient.
     -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias);
-    dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse.
+    dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse. mode, input_precision, chunk_bytes:
+    as in `kw_conv_triton_forward` (chunk_bytes also bounds the per-sample weight gradients of a chunk).
     """
     _check(x, attn, warehouse, None, out_channels, kernel_size, stride, padding, dilation, groups)
     need_x, need_attn, need_warehouse, need_bias = output_mask
@@ -360,7 +366,7 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
     _check_mode(mode, layer.height * layer.width, layer, x.element_size())
     x4, dy4 = _native(x4), _native(dy4)
-    chunk = _chunk(layer, x.element_size())
+    chunk = _chunk(layer, x.element_size(), chunk_bytes)
     flat_cells = cells.reshape(layer.n, -1)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
