@@ -108,18 +108,20 @@ def kw_grouped_dx_kernel(
         kw = t % KW
         tap_h = (rh + pad_h + stride_h * (KH - 1) * dil_h - kh * dil_h) % stride_h == 0
         tap_w = (rw + pad_w + stride_w * (KW - 1) * dil_w - kw * dil_w) % stride_w == 0
-        oo_end = tl.where(tap_h & tap_w, Og, 0)
-        th = ih + pad_h - kh * dil_h
-        tw = iw + pad_w - kw * dil_w
-        oh = tl.where(th >= 0, th, 0) // stride_h
-        ow = tl.where(tw >= 0, tw, 0) // stride_w
-        valid_m = mask_m & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
-        dy_rows = dy_ptr + b * sdb + oh * sdh + ow * sdw
-        for oo in range(0, oo_end):
-            dyt = tl.load(dy_rows[:, None] + (first_o + oo)[None, :] * sdo, mask=valid_m[:, None] & mask_c[None, :],
-                          other=0.0)
-            wv = tl.load(w_ptr + b * swb + t * swt + (first_o + oo) * swo + offs_cc * swc, mask=mask_c, other=0.0)
-            acc += dyt.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
+        if tap_h & tap_w:
+            th = ih + pad_h - kh * dil_h
+            tw = iw + pad_w - kw * dil_w
+            oh = tl.where(th >= 0, th, 0) // stride_h
+            ow = tl.where(tw >= 0, tw, 0) // stride_w
+            valid_m = mask_m & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+            dy_rows = dy_ptr + b * sdb + oh * sdh + ow * sdw
+            # a static loop for depthwise (Og = 1 is specialised), so the channel offsets stay aligned
+            for oo in range(Og):
+                dyt = tl.load(dy_rows[:, None] + (first_o + oo)[None, :] * sdo,
+                              mask=valid_m[:, None] & mask_c[None, :], other=0.0)
+                wv = tl.load(w_ptr + b * swb + t * swt + (first_o + oo) * swo + offs_cc * swc, mask=mask_c,
+                             other=0.0)
+                acc += dyt.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
     dx_ptrs = dx_ptr + b * sxb + offs_c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
