@@ -3,14 +3,14 @@
 Every tiled kernel is decorated with `autotune(tiles, key, sizes)`:
 - `tiles`: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) candidates; under the interpreter a single 16x16x16
   config (the interpreter cannot autotune several configs, and small tiles keep it fast);
-- configs are pruned per call before any benchmark (`_prune`): tiles larger than the next power of two of
+- configs are pruned per call before any benchmark (`_prune_for`): tiles larger than the next power of two of
   the dimension they cover are dropped (small cells and channel counts keep their BLOCK 16 configs only),
-  and 4-byte operands on the CUDA-core paths (ieee, tf32x3; tf32 compiles spill-free in every config) keep
-  only the tiles that compile without spills;
+  and 4-byte operands other than plain tf32 (ieee on CUDA cores, tf32x3 with three dots) keep only the
+  small tiles (compiled for sm_90, tf32 is spill-free in every config, ieee spills in the large ones);
 - `key`: the launchers pass bucketed sizes (powers of two: `bucket`) for the batch and the spatial sizes,
   so a short last batch or a new resolution within a bucket reuses the tuned config; Triton adds the
   operand dtypes to the key;
-- results are cached on disk (`cache_results`, Triton >= 3.4) so a new process does not re-tune.
+- results are cached on disk where Triton's autotune takes `cache_results`, so a new process does not re-tune.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .capability import interpreting
 __all__ = ["autotune", "bucket", "INTERPRETER_BLOCK"]
 
 INTERPRETER_BLOCK = 16
-# 4-byte operands off tensor cores (ieee, tf32x3): the most operand elements of one pipeline stage
+# 4-byte operands other than tf32 (ieee, tf32x3): the most operand elements of one pipeline stage
 # ((BLOCK_M + BLOCK_N) * BLOCK_K) and the largest accumulator tile (BLOCK_M * BLOCK_N) kept. Compiled for
 # sm_90 (Triton 3.6) with ieee, larger tiles spill (128x128x32, 64x128x32, 64x64x64: 8-16 bytes of stack).
 FP32_STAGE_ELEMENTS = 128 * 32
