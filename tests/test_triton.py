@@ -263,20 +263,22 @@ def test_batch_zero_launches_nothing():
 
 
 def test_autotune_pruning_and_buckets():
-    """Configs are pruned to the channel counts (BLOCK 16 for small cells) and, for ieee fp32, to spill-free tiles."""
+    """Configs are pruned to the positions and channel counts (BLOCK 16 for small cells) and, for ieee fp32, to
+    spill-free tiles."""
     from kw_ops.ops.triton import tuning
 
     assert [tuning.bucket(v) for v in (0, 1, 5, 64, 65)] == [0, 1, 8, 64, 128]
     configs = [launch.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}) for bm, bn, bk in
                [(128, 128, 32), (64, 64, 32), (64, 16, 16), (128, 64, 64)]]
-    prune = tuning._prune_for((None, "OC", "C"))
+    prune = tuning._prune_for(("PB", "OC", "C"))
     blocks = lambda kept: [tuple(c.kwargs.values()) for c in kept]
     half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
-    assert blocks(prune(configs, {"x_ptr": half, "OC": 8, "C": 3})) == [(64, 16, 16)]
-    assert blocks(prune(configs, {"x_ptr": half, "OC": 512, "C": 512})) == blocks(configs)
-    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512}, INPUT_PRECISION="ieee")) == \
-        [(64, 64, 32), (64, 16, 16)]
-    assert blocks(prune(configs, {"x_ptr": single, "OC": 512, "C": 512}, INPUT_PRECISION="tf32")) == blocks(configs)
+    large = {"PB": 4096, "OC": 512, "C": 512}
+    assert blocks(prune(configs, {"x_ptr": half, "PB": 4096, "OC": 8, "C": 3})) == [(64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": half, **large, "PB": 64})) == [(64, 64, 32), (64, 16, 16)]  # 7x7
+    assert blocks(prune(configs, {"x_ptr": half, **large})) == blocks(configs)
+    assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="ieee")) == [(64, 64, 32), (64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="tf32")) == blocks(configs)
 
 
 def test_mode_choice_and_override(monkeypatch):

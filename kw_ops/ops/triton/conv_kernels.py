@@ -49,7 +49,7 @@ _WGRAD_TILES = [(64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (64, 128, 64, 8, 3), (12
 _CONV_KEY = ["C", "OC", "KK", "PB", "BB", "INPUT_PRECISION"]
 
 
-@autotune(_CONV_TILES, _CONV_KEY, sizes=(None, "OC", "C"))
+@autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "OC", "C"))
 @triton.jit
 def kw_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
@@ -89,7 +89,7 @@ def kw_conv_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
-@autotune(_CONV_TILES, _CONV_KEY, sizes=(None, "C", "OC"))
+@autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "C", "OC"))
 @triton.jit
 def kw_conv_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
@@ -144,7 +144,7 @@ def kw_conv_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
-@autotune(_WGRAD_TILES, _CONV_KEY, sizes=(None, "OC", "C"))
+@autotune(_WGRAD_TILES, _CONV_KEY, sizes=("PB", "OC", "C"))
 @triton.jit
 def kw_conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,

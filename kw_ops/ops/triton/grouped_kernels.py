@@ -36,7 +36,7 @@ _GROUPED_TILES = [(64, 64, 16, 8, 2), (128, 32, 16, 8, 2), (32, 128, 16, 4, 2), 
 _GROUPED_KEY = ["C", "OC", "KK", "Ig", "PB", "BB"]
 
 
-@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=(None, "OC", None))
+@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=("PB", "OC", None))
 @triton.jit
 def kw_grouped_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
@@ -74,7 +74,7 @@ def kw_grouped_fwd_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
-@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=(None, "C", None))
+@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=("PB", "C", None))
 @triton.jit
 def kw_grouped_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
@@ -126,7 +126,7 @@ def kw_grouped_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 
-@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=(None, "OC", None))
+@autotune(_GROUPED_TILES, _GROUPED_KEY, sizes=("PB", "OC", None))
 @triton.jit
 def kw_grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,

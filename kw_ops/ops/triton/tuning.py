@@ -4,7 +4,8 @@ Every tiled kernel is decorated with `autotune(tiles, key, sizes)`:
 - `tiles`: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) candidates; under the interpreter a single 16x16x16
   config (the interpreter cannot autotune several configs, and small tiles keep it fast);
 - configs are pruned per call before any benchmark (`_prune_for`): tiles larger than the next power of two of
-  the dimension they cover are dropped (small cells and channel counts keep their BLOCK 16 configs only),
+  the dimension they cover are dropped (small cells and channel counts keep their BLOCK 16 configs only,
+  7x7 layers their 64-position tiles),
   and 4-byte operands other than plain tf32 (ieee on CUDA cores, tf32x3 with three dots) keep only the
   small tiles (compiled for sm_90, tf32 is spill-free in every config, ieee spills in the large ones);
 - `key`: the launchers pass bucketed sizes (powers of two: `bucket`) for the batch and the spatial sizes,
