@@ -76,8 +76,9 @@ def kw_layers(model: nn.Module) -> list[tuple[str, KWLayer]]:
 # -- registry ---------------------------------------------------------------------------------------------------
 def test_registry_lists_every_preset():
     assert set(PARAMS) <= set(zoo.list_models())
-    assert zoo.list_models("resnet18_kw*") == ["resnet18_kw1d2x", "resnet18_kw1d4x", "resnet18_kw1x",
-                                               "resnet18_kw2x", "resnet18_kw4x"]
+    assert zoo.list_models("resnet18_kw1d?x") + zoo.list_models("resnet18_kw?x") == [
+        "resnet18_kw1d2x", "resnet18_kw1d4x", "resnet18_kw1x", "resnet18_kw2x", "resnet18_kw4x"]
+    assert "resnet18_kw1x_no_partition" in zoo.list_models("resnet18_kw*")
     assert zoo.is_model("convnext_tiny_kw1x") and not zoo.is_model("resnet19")
 
 
