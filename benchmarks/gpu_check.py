@@ -1,320 +1,654 @@
-"""GPU check of the Triton KW kernels in one call: GPU tests, measured peaks, per-layer timings vs the roofline.
+"""One GPU window (about 6 minutes on an H100 / H200) that settles the Triton path: stages in order of value.
 
-Run from the repository root on a CUDA machine, no install needed:
+    PYTHONPATH=. python benchmarks/gpu_check.py --plan    # the compiles and timings it will do, its estimate (no GPU)
+    PYTHONPATH=. python benchmarks/gpu_check.py           # on the GPU; writes under $OUT, else benchmarks/results/
+    KW_OPS_GIT_SHA=<sha> ...                              # the sha to record where the tree was copied without .git
 
-    PYTHONPATH=. python benchmarks/gpu_check.py                  # writes under $OUT or benchmarks/results/
-    PYTHONPATH=. python benchmarks/gpu_check.py --skip-tests --models resnet50_kw1x --batch 32
-
-Steps (each bounded by the time budget; what does not fit is recorded as skipped, with the reason):
-1. `pytest -m gpu tests/test_triton.py` with TRITON_INTERPRET=0 (log in gpu_tests.log).
-2. Peaks on this device: memory bandwidth (a large device copy, bytes read + written) and the bf16 matmul
-   rate (torch.matmul 8192^3): the two ceilings of the roofline.
-3. Every distinct KW layer shape of the models (shapes recorded by hooks on a batch-1 forward at 224x224),
-   at --batch in --dtype: forward and backward median times (triton.testing.do_bench) of
-   cudnn_static (F.conv2d / aten.convolution_backward with the static weight), torch_path (kw_conv_torch /
-   kw_conv_backward_torch), triton_fused, triton_two_phase and triton_auto (the launcher's choice);
-   the roofline floor per layer (DESIGN.md cost model: conv 2·B·HW'·P, mixing 2·B·n·P FLOPs; bytes of
-   x, y, E, attn; backward 2x conv + 3x mixing FLOPs), time / floor, peak memory and the relative error
-   of the Triton output against the torch path.
-Writes gpu_check.csv (one row per layer, provider and mode, with device, versions and git sha),
-gpu_check.md (tables: per layer, per model totals) and env.json.
+Stages; each has its own deadline, checked inside its loops (what does not fit is a 'skipped' row saying so):
+0. compile every kernel specialisation the stages below launch (captured on meta tensors by
+           kw_ops.benchmarking.triton_capture, pinned configs) in parallel processes into Triton's cache.
+a. smoke   bf16 correctness of every launcher path (each mode of launch.MODES, forward and backward) against the
+           torch path in fp64 on the same bf16 inputs: SMOKE_CASES, every autotuned kernel pinned to its first
+           config (no autotuning), outputs poisoned with NaN, stop at the --maxfail-th failure.
+b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
+           matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
+c. layers  forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
+           path, released formulation, Triton (pinned configs); median of CUDA-event timings over rotated inputs,
+           the roofline floor with the peaks of b, and the cost model's prediction with them.
+d. network Table 12 / 16 rows: ResNet50 static and KW1x (released formulation, kw_ops) images/s, training step,
+           peak memory.
+Output: gpu_check.csv (one row appended and flushed per result), gpu_check.md (rewritten after each stage),
+peaks.json; every row and the header carry device, versions and git sha.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import datetime
-import json
 import math
 import os
 import platform
-import subprocess
+import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels; tests/conftest.py defaults to the interpreter
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kw_ops.benchmarking.layer_shapes import kw_layer_shapes as layer_shapes  # noqa: E402
-from kw_ops.benchmarking.layer_shapes import out_size, shape_text  # noqa: E402
-from kw_ops.ops.torch_impl import kw_conv_backward_torch, kw_conv_torch  # noqa: E402
-from kw_ops.ops.triton import not_supported_reasons  # noqa: E402
+from kw_ops.benchmarking.layer_shapes import kw_layer_shapes, out_size, shape_text  # noqa: E402
+from kw_ops.benchmarking.model_bench import _environment  # noqa: E402
+from kw_ops.ops.triton import cost_model  # noqa: E402  (no triton import: main() sets TRITON_INTERPRET first)
 
-PROVIDERS = ("cudnn_static", "torch_path", "triton_fused", "triton_two_phase", "triton_auto")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CSV_FIELDS = ["device", "torch", "triton", "cuda", "git_sha", "model", "layer", "count", "shape", "batch", "dtype",
-              "provider", "mode", "status", "median_ms", "tflops", "roofline_ms", "ratio_to_roofline", "peak_mb",
-              "rel_err_vs_torch", "note"]
+WINDOW_S = 360                 # the GPU window the default run must fit
+STAGES = ("compile", "smoke", "peaks", "layers", "network")
+# Each stage's own budget (seconds); a stage also stops at the run's deadline (--budget-s).
+STAGE_BUDGET_S = {"compile": 45, "smoke": 60, "peaks": 15, "layers": 160, "network": 60}
+COMPILE_WORKERS = 16           # processes compiling into Triton's cache (the GPU machine has 16 CPU cores)
+LAYER_MODEL = "resnet50_kw1x"
+LAYER_BATCH = 128
+PROVIDERS = ("static", "torch", "released", "triton")
+WARMUP, REPEATS = 2, 5         # untimed and timed calls per layer case (median of the timed ones)
+SMOKE_REL_TOL = 1e-2           # bf16 operands: relative error between 1e-3 and 1e-2 (METHOD.md)
+NETWORK_METHODS = (("resnet50", "static", False), ("resnet50_kw1x", "released", True),
+                   ("resnet50_kw1x", "kw_ops", False))
+# Table 12 times batch 100; 128 and NCHW here so that the Triton launches reuse stage c's compiles
+NETWORK_BATCH = NETWORK_TRAIN_BATCH = LAYER_BATCH
+NETWORK_WARMUP, NETWORK_ITERS = 2, 5   # per measure; each memory measure is one more call
+# Estimate (--plan) inputs that are assumptions until a run measures them:
+ASSUMED_COMPILE_S = 3.0        # one Triton compile on one core (1.3-3.4 s measured on the shared CPU machine)
+ASSUMED_SLOWDOWN = 4.0         # measured / predicted time of the unmeasured paths (Triton, torch path, networks)
+ASSUMED_CASE_OVERHEAD_S = 0.25  # inputs (three sets), graphs, launches and synchronisation of one case
+ASSUMED_STARTUP_S = 20.0       # imports, CUDA context, layer shapes
+GIT_SHA_ENV = "KW_OPS_GIT_SHA"
+CSV_FIELDS = ("device", "torch", "triton", "cuda", "git_sha", "stage", "case", "provider", "mode", "status",
+              "value", "unit", "predicted_ms", "floor_ms", "rel_err", "note")
 
 
-# -- environment -------------------------------------------------------------------------------------------
-def environment() -> dict:
-    import triton
+# -- time and output -----------------------------------------------------------------------------------------
+class Deadline:
+    """A point in time on `clock`; `part(s)` is a deadline s seconds away, never later than this one."""
 
-    def git(*args):
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.end = clock() + seconds
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+    def part(self, seconds: float) -> Deadline:
+        return Deadline(min(seconds, self.left()), self.clock)
+
+
+class CsvLog:
+    """gpu_check.csv: a header once, then every row appended and flushed as it comes."""
+
+    def __init__(self, path: Path, env: dict):
+        self.env = {k: env.get(k, "") for k in CSV_FIELDS[:5]}
+        new = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS)
+        if new:
+            self.writer.writeheader()
+        self.rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        row = {**self.env, **row}
+        self.writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        self.file.flush()
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Item:
+    """One unit of a stage: a label and run(stage deadline) -> result rows (dicts with CSV fields)."""
+    case: str
+    run: object
+    estimate_s: float = 0.0
+    compiles: int = 0
+
+
+def run_stage(stage: str, items: list[Item], deadline: Deadline, log: CsvLog, maxfail: int | None = None) -> str:
+    """Run items until done, deadline or maxfail failures; every row to the log at once. -> a summary line."""
+    done = failed = 0
+    start = deadline.clock()
+    for index, item in enumerate(items):
+        if deadline.expired():
+            log.write({"stage": stage, "case": item.case, "status": "skipped",
+                       "note": f"stage deadline: {len(items) - index} of {len(items)} items not run"})
+            break
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        sha += "+dirty"
-    props = torch.cuda.get_device_properties(0)
-    return {"device": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,
-            "memory_gb": round(props.total_memory / 2**30, 1), "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda or "", "python": platform.python_version(), "git_sha": sha,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-# -- step 1: tests -----------------------------------------------------------------------------------------
-def run_tests(out: Path, budget_s: float) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_triton.py", "-q", "-p", "no:cacheprovider",
-           "--maxfail=25", "-rf"]
-    start = time.time()
-    try:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget_s)
-        log, status = result.stdout + result.stderr, f"exit {result.returncode}"
-    except subprocess.TimeoutExpired as exc:
-        log = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        status = f"timed out after {budget_s:.0f} s (raise --tests-budget-s)"
-    (out / "gpu_tests.log").write_text(log)
-    lines = [ln for ln in log.strip().splitlines() if ln.strip()]
-    summary = lines[-1] if lines else "(no output)"
-    return f"{status}, {time.time() - start:.0f} s: {summary}"
+            for row in item.run(deadline):   # a generator's rows reach the file as they come
+                log.write({"stage": stage, "case": item.case, **row})
+                failed += row.get("status") in ("fail", "error")
+        except Exception as exc:  # recorded as an error row, never as a number
+            log.write({"stage": stage, "case": item.case, "status": "error",
+                       "note": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            failed += 1
+        done += 1
+        if maxfail is not None and failed >= maxfail:
+            log.write({"stage": stage, "case": item.case, "status": "stopped", "note": f"{failed} failures"})
+            break
+    return f"{stage}: {done}/{len(items)} items, {failed} failed, {deadline.clock() - start:.0f} s"
 
 
-# -- step 2: peaks -----------------------------------------------------------------------------------------
-def bench_ms(fn, warmup=10, rep=50) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def measure_peaks() -> dict:
-    """Device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate."""
-    buffers = [torch.randn(256 << 20, device="cuda"), torch.empty(256 << 20, device="cuda")]  # 1 GiB each
-    copy_ms = bench_ms(lambda: buffers[1].copy_(buffers[0]))
-    bandwidth = 2 * buffers[0].numel() * buffers[0].element_size() / (copy_ms * 1e-3)
-    buffers.clear()
-    size = 8192
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    mm_ms = bench_ms(lambda: a @ b)
-    flops = 2 * size**3 / (mm_ms * 1e-3)
-    return {"bandwidth_gbs": bandwidth / 1e9, "bf16_tflops": flops / 1e12}
+# -- GPU helpers -------------------------------------------------------------------------------------------
+def time_ms(fn, deadline: Deadline, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """Median ms of `repeats` event-timed calls after `warmup` calls; stops early at the deadline (>= 1 timing)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if deadline.expired():
+            break
+    return statistics.median(times)
 
 
-# -- step 3: layers ----------------------------------------------------------------------------------------
-def roofline(spec, batch, elem, kw: bool, mode: str, peaks) -> tuple[float, float]:
-    """(FLOPs, floor ms) of one layer call by the DESIGN.md cost model."""
-    oh, ow = out_size(spec)
-    positions = oh * ow
-    weight = spec["out"] * spec["channels"] // spec["groups"] * math.prod(spec["kernel"])
-    x_bytes = batch * spec["channels"] * math.prod(spec["size"]) * elem
-    y_bytes = batch * spec["out"] * positions * elem
-    params = (spec["n"] * math.prod(spec["cell"]) + batch * spec["m"] * spec["n"]) if kw else weight
-    conv, mix = 2 * batch * positions * weight, 2 * batch * spec["n"] * weight
-    if mode == "forward":
-        flops = conv + (mix if kw else 0)
-        moved = x_bytes + y_bytes + params * elem
-    else:
-        flops = 2 * conv + (3 * mix if kw else 0)
-        moved = 2 * x_bytes + y_bytes + 2 * params * elem
-    floor = max(flops / (peaks["bf16_tflops"] * 1e12), moved / (peaks["bandwidth_gbs"] * 1e9))
-    return flops, floor * 1e3
+@contextlib.contextmanager
+def pinned_configs():
+    """Every autotuned kernel the launchers use keeps only its first config (no autotuning)."""
+    from triton.runtime.autotuner import Autotuner
 
-
-def make_inputs(spec, batch, dtype, channels_last):
-    x = torch.randn(batch, spec["channels"], *spec["size"], device="cuda", dtype=dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    attn = (torch.rand(batch, spec["m"], spec["n"], device="cuda") * 2 - 1) / spec["n"]
-    warehouse = torch.randn(spec["n"], *spec["cell"], device="cuda") * 0.05
-    weight = torch.randn(spec["out"], spec["channels"] // spec["groups"], *spec["kernel"], device="cuda") * 0.05
-    bias = torch.randn(spec["out"], device="cuda") if spec["bias"] else None
-    cast = lambda t: None if t is None else t.to(dtype)
-    return x, cast(attn), cast(warehouse), cast(weight), cast(bias)
-
-
-def providers(spec, x, attn, warehouse, weight, bias):
-    """provider -> (forward fn, backward fn) or a skip reason (str)."""
     from kw_ops.ops.triton import launch
 
-    args = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
-    dy = torch.randn(x.shape[0], spec["out"], *out_size(spec), device="cuda", dtype=x.dtype)
-    has_bias = bias is not None
-    table = {
-        "cudnn_static": (
-            lambda: F.conv2d(x, weight, bias, spec["stride"], spec["padding"], spec["dilation"], spec["groups"]),
-            lambda: torch.ops.aten.convolution_backward(
-                dy, x, weight, [spec["out"]] if has_bias else None, list(spec["stride"]), list(spec["padding"]),
-                list(spec["dilation"]), False, [0, 0], spec["groups"], [True, True, has_bias])),
-        "torch_path": (lambda: kw_conv_torch(x, attn, warehouse, bias, *args),
-                       lambda: kw_conv_backward_torch(dy, x, attn, warehouse, has_bias, *args,
-                                                      (True, True, True, has_bias))),
-    }
-    reasons = not_supported_reasons(x, attn, warehouse, bias, *args)
-    for name, mode in (("triton_fused", "fused"), ("triton_two_phase", "two_phase"), ("triton_auto", None)):
-        if reasons:
-            table[name] = "; ".join(reasons)
-            continue
-        table[name] = (
-            lambda mode=mode: launch.kw_conv_triton_forward(x, attn, warehouse, bias, *args, mode=mode),
-            lambda mode=mode: launch.kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, *args, mode=mode))
-    return table
+    tuned = [v for v in vars(launch).values() if isinstance(v, Autotuner)]
+    saved = [t.configs for t in tuned]
+    for t in tuned:
+        t.configs = t.configs[:1]
+    try:
+        yield
+    finally:
+        for t, configs in zip(tuned, saved):
+            t.configs = configs
 
 
-def peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every buffer the launchers allocate starts as NaN, so an unwritten element fails the comparison."""
+    from kw_ops.ops.triton import launch
+
+    original = launch._empty
+    launch._empty = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)
+    try:
+        yield
+    finally:
+        launch._empty = original
 
 
-def relative_error(got, ref) -> float:
-    got, ref = got.float(), ref.float()
+# -- stage 0: compile ---------------------------------------------------------------------------------------
+_PENDING: list = []   # the launches forked compile workers read
+
+
+def _compile_one(index: int):
+    from kw_ops.benchmarking import triton_capture
+
+    try:
+        return index, "", triton_capture.compile_launch(_PENDING[index]).seconds
+    except Exception as exc:  # reported as a row
+        return index, f"{type(exc).__name__}: {str(exc)[:200]}", 0.0
+
+
+def compile_item(launches_of, estimate: float, count: int) -> Item:
+    """Compile every specialisation later stages launch, in COMPILE_WORKERS processes, into Triton's on-disk cache
+    (the same compile call as a launch: the stages then load instead of compiling)."""
+    def run(deadline):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import TimeoutError as FuturesTimeout
+
+        _PENDING[:] = launches_of()
+        pool = ProcessPoolExecutor(min(COMPILE_WORKERS, os.cpu_count() or 1),
+                                   mp_context=multiprocessing.get_context("fork"))
+        futures = [pool.submit(_compile_one, i) for i in range(len(_PENDING))]
+        done = 0
+        try:
+            for future in as_completed(futures, timeout=max(0.0, deadline.left())):
+                index, error, seconds = future.result()
+                launch = _PENDING[index]
+                done += 1
+                yield {"provider": "triton", "mode": "compile", "status": "error" if error else "ok",
+                       "value": f"{seconds:.2f}", "unit": "s", "note": error or f"{launch.kernel} {launch.config}"}
+        except FuturesTimeout:
+            yield {"provider": "triton", "mode": "compile", "status": "skipped",
+                   "note": f"stage deadline: {len(futures) - done} of {len(futures)} compiles not done"}
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    return Item("precompile", run, estimate_s=estimate, compiles=count)
+
+
+def planned_launches(specs, modes) -> dict[str, set]:
+    """The specialisations the smoke and layer stages launch with pinned configs (captured on meta tensors; the
+    network stage is assumed to reuse the layer stage's: same batch, layout and configs)."""
+    from kw_ops.benchmarking import triton_capture
+
+    smoke_calls = [triton_capture.LayerCall(c.spec(), c.batch, torch.bfloat16, c.channels_last, c.name)
+                   for c in SMOKE_SHAPES]
+    layer_calls = triton_capture.layer_calls([(LAYER_MODEL, s) for s in specs], [LAYER_BATCH], [torch.bfloat16])
+    found = {}
+    for stage, calls, stage_modes in (("smoke", smoke_calls, modes), ("layers", layer_calls, (None,))):
+        found[stage] = set()
+        for mode in stage_modes:
+            with _forced_mode(mode), pinned_configs():
+                launches, _ = triton_capture.capture(calls)
+            found[stage] |= set(launches)
+    return found
+
+
+# -- stage a: smoke ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmokeCase:
+    """C_in -> C_out on `size` with a kernel, stride, padding and cell (c_out, c_in); whole_cells: cells hold the
+    whole kernel (else 1x1 spatial cells)."""
+    channels: int
+    out: int
+    size: tuple
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    cell: tuple
+    whole_cells: bool = False
+    bias: bool = False
+    channels_last: bool = False
+    batch: int = 16
+    n: int = 47
+
+    @property
+    def name(self) -> str:
+        k = "x".join(map(str, self.kernel))
+        return (f"B{self.batch}-C{self.channels}-O{self.out}-{'x'.join(map(str, self.size))}-k{k}-s{self.stride[0]}"
+                f"{'-whole' if self.whole_cells else ''}{'-bias' if self.bias else ''}"
+                f"{'-nhwc' if self.channels_last else ''}")
+
+    def spec(self) -> dict:
+        cell_k = self.kernel if self.whole_cells else (1,) * len(self.kernel)
+        grid = (self.out // self.cell[0]) * (self.channels // self.cell[1])
+        m = grid * (1 if self.whole_cells else math.prod(self.kernel))
+        return {"channels": self.channels, "out": self.out, "size": self.size, "kernel": self.kernel,
+                "stride": self.stride, "padding": self.padding, "dilation": (1,) * len(self.kernel), "groups": 1,
+                "bias": self.bias, "n": self.n, "m": m, "cell": (*self.cell, *cell_k), "layer": self.name,
+                "count": 1}
+
+
+# Six with the integer patterns of ResNet50 KW1x layers at batch 128 (channels multiples of 64, sizes 7 / 14 / 28,
+# n = 47, no bias), so stage c reuses their compiles; then odd channels and sizes with whole-kernel cells and a bias,
+# channels_last, 1-D and a 5x5 kernel. Each runs in every mode of launch.MODES, forward and backward.
+SMOKE_SHAPES = (
+    SmokeCase(64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (64, 64)),
+    SmokeCase(64, 256, (14, 14), (1, 1), (1, 1), (0, 0), (64, 64)),
+    SmokeCase(256, 64, (14, 14), (1, 1), (1, 1), (0, 0), (64, 64)),
+    SmokeCase(128, 128, (28, 28), (3, 3), (2, 2), (1, 1), (128, 128)),
+    SmokeCase(256, 512, (28, 28), (1, 1), (2, 2), (0, 0), (128, 128)),
+    SmokeCase(64, 64, (7, 7), (3, 3), (1, 1), (1, 1), (64, 64)),
+    SmokeCase(13, 22, (9, 7), (3, 3), (1, 1), (1, 1), (11, 13), whole_cells=True, bias=True, batch=3, n=5),
+    SmokeCase(64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (64, 64), channels_last=True),
+    SmokeCase(16, 32, (33,), (3,), (1,), (1,), (16, 16), bias=True, batch=4, n=5),
+    SmokeCase(24, 40, (11, 11), (5, 5), (1, 1), (2, 2), (20, 24), batch=5, n=5),
+)
+
+
+def _smoke_inputs(case: SmokeCase):
+    spec = case.spec()
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)  # fresh data
+    x = rand(case.batch, case.channels, *case.size)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    attn = rand(case.batch, spec["m"], spec["n"], scale=1 / spec["n"])
+    warehouse = rand(spec["n"], *spec["cell"], scale=0.1)
+    bias = rand(case.out) if case.bias else None
+    dy = rand(case.batch, case.out, *out_size(spec))
+    return spec, x, attn, warehouse, bias, dy
+
+
+def _rel_err(got, ref) -> float:
+    if got is None or ref is None:
+        return 0.0 if got is ref else math.inf
+    got, ref = got.double(), ref.double()
+    if not torch.isfinite(got).all():
+        return math.inf
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def bench_layer(model, spec, batch, dtype, peaks, env, channels_last) -> list[dict]:
+def smoke_item(case: SmokeCase, mode: str) -> Item:
+    def run(deadline):
+        from kw_ops.ops.torch_impl import kw_conv_backward_torch, kw_conv_torch
+        from kw_ops.ops.triton import launch
+
+        spec, x, attn, warehouse, bias, dy = _smoke_inputs(case)
+        geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], 1)
+        f64 = lambda t: None if t is None else t.double()   # the same bf16 values, exact arithmetic
+        ref_y = kw_conv_torch(f64(x), f64(attn), f64(warehouse), f64(bias), *geometry)
+        ref_grads = kw_conv_backward_torch(f64(dy), f64(x), f64(attn), f64(warehouse), case.bias, *geometry,
+                                           (True, True, True, case.bias))
+        with poisoned_outputs():
+            y = launch.kw_conv_triton_forward(x, attn, warehouse, bias, *geometry, mode=mode)
+            grads = launch.kw_conv_triton_backward(dy, x, attn, warehouse, case.bias, *geometry, mode=mode)
+        rows = []
+        for name, got, ref in zip(("y", "dx", "dattn", "dwarehouse", "dbias"), (y, *grads), (ref_y, *ref_grads)):
+            err = _rel_err(got, ref)
+            rows.append({"provider": "triton", "mode": f"{mode}:{name}", "rel_err": f"{err:.2e}",
+                         "status": "ok" if err <= SMOKE_REL_TOL else "fail"})
+        return rows
+
+    return Item(f"{case.name} {mode}", run, estimate_s=ASSUMED_CASE_OVERHEAD_S)
+
+
+def smoke_items(modes) -> list[Item]:
+    return [smoke_item(case, mode) for case in SMOKE_SHAPES for mode in modes]
+
+
+# -- stage b: peaks ----------------------------------------------------------------------------------------
+PEAK_COPY_BYTES = 2 << 30      # 2 GiB source: many times any L2
+PEAK_L2_COPY_BYTES = 8 << 20   # 8 MiB source (+ 8 MiB destination): resident in a 50-60 MB L2
+PEAK_L2_COPIES = 64
+PEAK_MATMUL = 8192
+
+
+def peak_items(measured: dict) -> list[Item]:
+    def copy(nbytes, copies, key):
+        def run(deadline):
+            src = torch.randn(nbytes // 4, device="cuda")
+            dst = torch.empty_like(src)
+            graph = torch.cuda.CUDAGraph()   # many copies in one graph: launch gaps out of the small copy's time
+            with torch.cuda.graph(graph):
+                for _ in range(copies):
+                    dst.copy_(src)
+            ms = time_ms(graph.replay, deadline, warmup=2, repeats=10) / copies
+            measured[key] = 2 * nbytes / (ms * 1e-3)
+            return [{"provider": "torch", "mode": "copy", "status": "ok", "value": f"{measured[key] / 1e9:.1f}",
+                     "unit": "GB/s", "note": f"{nbytes >> 20} MiB read + written, {copies} copies per graph"}]
+        return run
+
+    def matmul(dtype, key, note):
+        def run(deadline):
+            a = torch.randn(PEAK_MATMUL, PEAK_MATMUL, device="cuda").to(dtype)
+            b = torch.randn(PEAK_MATMUL, PEAK_MATMUL, device="cuda").to(dtype)
+            with _tf32(False):
+                ms = time_ms(lambda: a @ b, deadline, warmup=2, repeats=10)
+            measured[key] = 2 * PEAK_MATMUL**3 / (ms * 1e-3)
+            return [{"provider": "torch", "mode": "matmul", "status": "ok", "value": f"{measured[key] / 1e12:.1f}",
+                     "unit": "TFLOP/s", "note": note}]
+        return run
+
+    return [Item("dram copy", copy(PEAK_COPY_BYTES, 1, "dram_bytes_per_s"), 0.5),
+            Item("l2 copy", copy(PEAK_L2_COPY_BYTES, PEAK_L2_COPIES, "l2_bytes_per_s"), 0.5),
+            Item("bf16 matmul", matmul(torch.bfloat16, "tensor_flops", "8192^3 bf16, random data"), 1.0),
+            Item("fp32 matmul", matmul(torch.float32, "cuda_core_flops", "8192^3 fp32, TF32 off: CUDA cores"), 2.0)]
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def measured_peaks(measured: dict) -> cost_model.Peaks:
+    """The cost model's peaks with every measured rate replacing the datasheet's; L2 size read off the device."""
+    base = cost_model.H100_SXM_DATASHEET
+    names = sorted(measured)
+    return replace(base, **measured, l2_bytes=torch.cuda.get_device_properties(0).L2_cache_size,
+                   source=f"measured by gpu_check.py on {torch.cuda.get_device_name(0)}: {', '.join(names)}; "
+                          f"the rest: {base.source}")
+
+
+# -- stage c: layers ---------------------------------------------------------------------------------------
+def _predicted_ms(spec, provider: str, mode: str, peaks, triton_modes) -> float | None:
+    """The cost model's time of a layer case (torch path: none; triton: its best mode among triton_modes)."""
+    shape = cost_model.ConvShape.from_spec(spec, LAYER_BATCH, 2, out_size(spec))
+    directions = ("forward",) if mode == "forward" else ("dx", "wgrad")
+    if provider == "torch":
+        return None
+    if provider == "triton":
+        picks = [cost_model.choose_mode(shape, triton_modes, d, peaks) for d in directions]
+        return sum(cost_model.predict(shape, p, d, peaks).ms for p, d in zip(picks, directions))
+    return sum(cost_model.predict(shape, provider, d, peaks).ms for d in directions)
+
+
+def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
+    """One item per layer shape, provider and mode; peaks_of() gives the peaks at run time (stage b's)."""
+    from kw_ops.benchmarking import op_bench
+
+    items = []
+    for spec in specs:
+        for provider in PROVIDERS:
+            for mode in ("forward", "backward"):
+                def run(deadline, spec=spec, provider=provider, mode=mode):
+                    kw = provider != "static"
+                    reasons = op_bench.skip_reasons(spec, provider, LAYER_BATCH, torch.bfloat16, "cuda")
+                    if reasons:
+                        return [{"provider": provider, "mode": mode, "status": "skipped", "note": "; ".join(reasons)}]
+                    case = op_bench.make_case(spec, provider, mode, LAYER_BATCH, torch.bfloat16, "cuda")
+                    ms = time_ms(case, deadline)
+                    peaks = peaks_of()
+                    flops, moved = op_bench.cost(spec, LAYER_BATCH, 2, kw, mode)
+                    floor = max(flops / peaks.tensor_flops, moved / peaks.dram_bytes_per_s) * 1e3
+                    predicted = _predicted_ms(spec, provider, mode, peaks, triton_modes)
+                    del case
+                    torch.cuda.empty_cache()
+                    return [{"provider": provider, "mode": mode, "status": "ok", "value": f"{ms:.4f}", "unit": "ms",
+                             "floor_ms": f"{floor:.4f}",
+                             "predicted_ms": "" if predicted is None else f"{predicted:.4f}",
+                             "note": f"{shape_text(spec)} x{spec['count']}"}]
+
+                estimate = _predicted_ms(spec, "released" if provider == "torch" else provider, mode,
+                                         cost_model.H100_SXM_DATASHEET, triton_modes)
+                slow = 1.0 if provider in ("static", "released") else ASSUMED_SLOWDOWN
+                calls = WARMUP + REPEATS + (op_bench.ROTATE if mode == "backward" else 0)
+                items.append(Item(f"{spec['layer']} {provider} {mode}", run,
+                                  estimate_s=calls * estimate * slow / 1e3 + ASSUMED_CASE_OVERHEAD_S))
+    return items
+
+
+# -- stage d: network --------------------------------------------------------------------------------------
+def network_items(network_estimate_s: float) -> list[Item]:
+    from kw_ops.benchmarking import model_bench
+
+    settings = model_bench.Settings("cuda", NETWORK_BATCH, NETWORK_TRAIN_BATCH, 224, iters=NETWORK_ITERS,
+                                    warmup=NETWORK_WARMUP, amp="bf16", channels_last=False, memory=True)
+    items = []
+    for name, label, released in NETWORK_METHODS:
+        def run(deadline, name=name, label=label, released=released):
+            model = model_bench._build(name, settings)
+            xs, ys = model_bench.make_inputs(settings.batch, settings.size, "cuda", settings.channels_last)
+            txs, tys = model_bench.make_inputs(settings.train_batch, settings.size, "cuda", settings.channels_last)
+            method = model_bench.Method(label, name, released)
+            row = model_bench._measure(method, model, settings, xs, ys, txs, tys)
+            del model
+            torch.cuda.empty_cache()
+            note = f"batch {settings.batch} / train {settings.train_batch}, bf16 autocast, NCHW, pinned configs"
+            return [{"provider": label, "mode": mode, "status": "ok", "value": f"{row[key]:.1f}", "unit": unit,
+                     "note": note} for mode, key, unit in (("inference", "infer_images_per_s", "images/s"),
+                                                           ("train step", "train_step_ms", "ms"),
+                                                           ("inference memory", "infer_peak_mb", "MiB"),
+                                                           ("train memory", "train_peak_mb", "MiB"))]
+        items.append(Item(f"{name} {label}", run, estimate_s=network_estimate_s))
+    return items
+
+
+def network_estimate_s(specs, triton_modes) -> float:
+    """Predicted seconds of one network method: inference (warm-up + iterations + memory) and training steps,
+    from the layer predictions (KW1x, Triton's mode) scaled to the batch, times ASSUMED_SLOWDOWN."""
+    fwd = sum(_predicted_ms(s, "triton", "forward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
+              for s in specs) * NETWORK_BATCH / LAYER_BATCH
+    bwd = sum(_predicted_ms(s, "triton", "backward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
+              for s in specs) * NETWORK_TRAIN_BATCH / LAYER_BATCH
+    calls = NETWORK_WARMUP + NETWORK_ITERS + 1
+    return calls * (fwd + (fwd * NETWORK_TRAIN_BATCH / NETWORK_BATCH + bwd)) * ASSUMED_SLOWDOWN / 1e3
+
+
+# -- plan ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _forced_mode(mode):
     from kw_ops.ops.triton import launch
 
-    x, attn, warehouse, weight, bias = make_inputs(spec, batch, dtype, channels_last)
-    elem = x.element_size()
-    rows = []
-    reference = kw_conv_torch(x, attn, warehouse, bias, spec["out"], spec["kernel"], spec["stride"], spec["padding"],
-                              spec["dilation"], spec["groups"])
-    auto = launch.choose_mode(math.prod(out_size(spec)), spec["n"], elem)
-    for provider, entry in providers(spec, x, attn, warehouse, weight, bias).items():
-        for mode, index in (("forward", 0), ("backward", 1)):
-            row = {**{k: env[k] for k in ("device", "torch", "triton", "cuda", "git_sha")}, "model": model,
-                   "layer": spec["layer"], "count": spec["count"], "shape": shape_text(spec), "batch": batch,
-                   "dtype": str(dtype)[6:],
-                   "provider": provider, "mode": mode}
-            if isinstance(entry, str):
-                rows.append({**row, "status": "skipped", "note": entry})
-                continue
-            fn = entry[index]
-            try:
-                ms = bench_ms(fn)
-                memory = peak_mb(fn)
-                err = ""
-                if provider.startswith("triton") and mode == "forward":
-                    err = f"{relative_error(fn(), reference):.2e}"
-            except Exception as exc:  # recorded, never turned into a number
-                rows.append({**row, "status": "error", "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
-                torch.cuda.empty_cache()
-                continue
-            flops, floor = roofline(spec, batch, elem, provider != "cudnn_static", mode, peaks)
-            rows.append({**row, "status": "ok", "median_ms": f"{ms:.4f}", "tflops": f"{flops / ms / 1e9:.1f}",
-                         "roofline_ms": f"{floor:.4f}", "ratio_to_roofline": f"{ms / floor:.2f}",
-                         "peak_mb": f"{memory:.1f}", "rel_err_vs_torch": err,
-                         "note": f"auto={auto}" if provider == "triton_auto" else ""})
-    del x, attn, warehouse, weight, bias, reference
-    torch.cuda.empty_cache()
-    return rows
+    saved = os.environ.get(launch.MODE_ENV)
+    if mode is not None:
+        os.environ[launch.MODE_ENV] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(launch.MODE_ENV, None)
+        else:
+            os.environ[launch.MODE_ENV] = saved
 
 
-# -- report ------------------------------------------------------------------------------------------------
-def markdown(rows, env, peaks, tests, args) -> str:
-    lines = [f"# Triton KW kernels on {env['device']}", "",
-             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, git {env['git_sha']}, {env['date']}",
-             f"batch {args.batch}, {args.dtype}, {'channels_last' if args.channels_last else 'NCHW'} inputs", "",
-             f"- GPU tests: {tests}",
-             f"- measured peaks: copy bandwidth {peaks.get('bandwidth_gbs', float('nan')):.0f} GB/s, "
-             f"bf16 matmul {peaks.get('bf16_tflops', float('nan')):.0f} TFLOP/s", "",
-             "Median ms (ratio to the roofline floor); torch_path and triton include mixing; `-`: skipped, see CSV.",
-             ""]
-    by_layer, counts = {}, {}
+def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
+    """Items per stage, in STAGES order."""
+    from kw_ops.ops.triton import launch
+
+    specs = kw_layer_shapes(LAYER_MODEL)
+    plan = {}
+    if "compile" in stages:
+        launches = planned_launches(specs, launch.MODES)
+        every = sorted(launches["smoke"] | launches["layers"], key=str)
+        plan["compile"] = [compile_item(lambda: every, len(every) * ASSUMED_COMPILE_S / COMPILE_WORKERS,
+                                        len(every))]
+    if "smoke" in stages:
+        plan["smoke"] = smoke_items(launch.MODES)
+    if "peaks" in stages:
+        plan["peaks"] = peak_items(measured)
+    if "layers" in stages:
+        plan["layers"] = layer_items(specs, peaks_of, launch.MODES)
+    if "network" in stages:
+        plan["network"] = network_items(network_estimate_s(specs, launch.MODES))
+    return plan
+
+
+def estimate_s(items: list[Item]) -> float:
+    return sum(i.estimate_s for i in items)
+
+
+def print_plan(plan: dict, budget_s: float) -> tuple[float, list[str]]:
+    """Print every stage's items and estimate; -> (total estimate, stages whose estimate exceeds their budget)."""
+    total = ASSUMED_STARTUP_S
+    print(f"gpu_check plan (estimate from the cost model with {cost_model.H100_SXM_DATASHEET.source}; assumed: "
+          f"{ASSUMED_COMPILE_S} s per compile on {COMPILE_WORKERS} cores, {ASSUMED_SLOWDOWN}x the prediction for "
+          f"Triton / torch path / networks, {ASSUMED_CASE_OVERHEAD_S} s per case, {ASSUMED_STARTUP_S} s start-up)")
+    over = []
+    for stage, items in plan.items():
+        seconds = estimate_s(items)
+        total += seconds
+        if seconds > STAGE_BUDGET_S[stage]:
+            over.append(stage)
+        print(f"{stage}: {len(items)} items, {sum(i.compiles for i in items)} compiles, estimate {seconds:.0f} s "
+              f"(budget {STAGE_BUDGET_S[stage]} s)")
+        for item in items:
+            print(f"  {item.case}: {item.estimate_s:.2f} s" + (f", {item.compiles} compiles" if item.compiles else ""))
+    print(f"estimate: {total:.0f} s of a {budget_s:.0f} s budget ({WINDOW_S} s window)"
+          + (f"; over their own budget: {', '.join(over)}" if over else ""))
+    return total, over
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def header_lines(env: dict) -> list[str]:
+    return [f"device: {env['device']}", f"versions: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+            f"python {platform.python_version()}", f"git sha: {env['git_sha']}", f"date: {env['date']} UTC"]
+
+
+def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
+    lines = ["# gpu_check", "", *[f"- {h}" for h in header_lines(env)], "",
+             "## Stages", "", *[f"- {s}" for s in summaries], "",
+             f"Peaks used for floors and predictions: {peaks.source}", ""]
+    smoke = [r for r in rows if r["stage"] == "smoke" and r.get("status") != "ok"]
+    lines += ["## Smoke failures", ""] + ([f"- {r['case']} {r.get('mode', '')}: {r.get('status')} "
+                                            f"{r.get('rel_err', '')} {r.get('note', '')}" for r in smoke] or ["none"])
+    lines += ["", "## Peaks", ""] + [f"- {r['case']}: {r['value']} {r['unit']} ({r['note']})"
+                                     for r in rows if r["stage"] == "peaks" and r.get("status") == "ok"]
+    cells = {}
     for r in rows:
-        counts[(r["model"], r["layer"])] = int(r.get("count") or 1)
-        by_layer.setdefault((r["model"], r["layer"], r["shape"]), {})[(r["provider"], r["mode"])] = r
-    header = "| model | layer | shape | " + " | ".join(f"{p} fwd | {p} bwd" for p in PROVIDERS) + " |"
-    lines += [header, "|" + "---|" * (3 + 2 * len(PROVIDERS))]
-
-    def cell(r):
-        if not r or r.get("status") != "ok":
-            return "-" if not r or r.get("status") == "skipped" else "error"
-        return f"{float(r['median_ms']):.3f} ({r['ratio_to_roofline']}x)"
-
-    totals = {}
-    for (model, layer, shape), cells in by_layer.items():
-        lines.append(f"| {model} | {layer} | {shape} | " + " | ".join(
-            f"{cell(cells.get((p, 'forward')))} | {cell(cells.get((p, 'backward')))}" for p in PROVIDERS) + " |")
-        for (provider, mode), r in cells.items():
-            slot = totals.setdefault((model, provider, mode), [0.0, 0])
-            fallback = cells.get(("torch_path", mode))
-            use = r if r.get("status") == "ok" else fallback  # triton falls back to the torch path
-            if use and use.get("status") == "ok":
-                slot[0] += float(use["median_ms"]) * counts[(model, layer)]
-                slot[1] += (r.get("status") != "ok") * counts[(model, layer)]
-    lines += ["", "## Model totals: each distinct layer shape times the number of layers with it", "",
-              "| model | provider | forward ms | backward ms | layers on the torch fallback |", "|---|---|---|---|---|"]
-    for model in dict.fromkeys(m for m, _, _ in totals):
-        for provider in PROVIDERS:
-            fwd = totals.get((model, provider, "forward"), [0.0, 0])
-            bwd = totals.get((model, provider, "backward"), [0.0, 0])
-            lines.append(f"| {model} | {provider} | {fwd[0]:.2f} | {bwd[0]:.2f} | {fwd[1]} |")
+        if r["stage"] == "layers" and r.get("provider"):
+            layer = r["case"].split(" ")[0]
+            cells.setdefault(layer, {"note": r.get("note", "")})[(r["provider"], r["mode"])] = r
+    if cells:
+        lines += ["", f"## {LAYER_MODEL} layers, batch {LAYER_BATCH}, bf16: median ms (floor ms; predicted ms)", "",
+                  "| layer | " + " | ".join(f"{p} {m[:3]}" for p in PROVIDERS for m in ("forward", "backward")) + " |",
+                  "|" + "---|" * (1 + 2 * len(PROVIDERS))]
+        for layer, c in cells.items():
+            def text(r):
+                if r is None:
+                    return ""
+                if r.get("status") != "ok":
+                    return r.get("status", "")
+                return f"{r['value']} ({r['floor_ms']}; {r['predicted_ms'] or '-'})"
+            lines.append(f"| {layer} | " + " | ".join(text(c.get((p, m))) for p in PROVIDERS
+                                                      for m in ("forward", "backward")) + " |")
+    network = [r for r in rows if r["stage"] == "network" and r.get("status") == "ok"]
+    if network:
+        lines += ["", "## Networks (Table 12 / 16 rows)", "", "| method | measure | value |", "|---|---|---|"]
+        lines += [f"| {r['case']} | {r['mode']} | {r['value']} {r['unit']} |" for r in network]
     return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    """Versions, device and git sha (GIT_SHA_ENV names it where the copy of the tree has no git metadata)."""
+    env = _environment()
+    env["git_sha"] = os.environ.get(GIT_SHA_ENV) or env["git_sha"]
+    env["cuda"] = torch.version.cuda or ""
+    env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return env
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plan", action="store_true", help="print the compiles, timings and estimate; run nothing")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--budget-s", type=float, default=WINDOW_S, help="the whole run's deadline")
+    parser.add_argument("--maxfail", type=int, default=1, help="smoke failures before the smoke stage stops")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--models", nargs="+", default=["resnet50_kw1x", "mobilenetv2_100_kw1x"])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--tests-budget-s", type=float, default=200)
-    parser.add_argument("--budget-s", type=float, default=540, help="whole run (tests included); later layers skip")
     args = parser.parse_args(argv)
-    start = time.time()
+    deadline = Deadline(args.budget_s)
+    os.environ["TRITON_INTERPRET"] = "0"  # compiled kernels (tests/conftest.py sets the interpreter on CPU)
+    env = environment()
+    print("\n".join(header_lines(env)), flush=True)
+    measured: dict = {}
+    plan = build_plan(args.stages, measured, lambda: measured_peaks(measured) if measured else
+                      cost_model.H100_SXM_DATASHEET)
+    if args.plan:
+        total, over = print_plan(plan, args.budget_s)
+        return 0 if total <= args.budget_s and not over else 1
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; nothing to do", file=sys.stderr)
+        print("gpu_check: no CUDA device here (--plan runs without one)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment()
-    (out / "env.json").write_text(json.dumps(env, indent=1))
-    print(json.dumps(env), flush=True)
-    tests = "skipped (--skip-tests)" if args.skip_tests else run_tests(out, min(args.tests_budget_s, args.budget_s / 2))
-    print("tests:", tests, flush=True)
-    peaks = measure_peaks()
-    print("peaks:", peaks, flush=True)
-    dtype = DTYPES[args.dtype]
-    rows = []
-    for model in args.models:
-        for spec in layer_shapes(model):
-            if time.time() - start > args.budget_s:
-                rows.append({**{k: env[k] for k in ("device", "torch", "triton", "cuda", "git_sha")}, "model": model,
-                             "layer": spec["layer"], "shape": shape_text(spec), "batch": args.batch,
-                             "dtype": args.dtype, "provider": "all", "mode": "both", "status": "skipped",
-                             "note": f"time budget {args.budget_s:.0f} s spent"})
-                continue
-            layer_rows = bench_layer(model, spec, args.batch, dtype, peaks, env, args.channels_last)
-            rows += layer_rows
-            summary = ", ".join(f"{r['provider']}/{r['mode'][0]}={r.get('median_ms', r['status'])}"
-                                for r in layer_rows)
-            print(f"{model} {spec['layer']} [{shape_text(spec)}]: {summary}", flush=True)
-    with open(out / "gpu_check.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in CSV_FIELDS} for r in rows)
-    report = markdown(rows, env, peaks, tests, args)
-    (out / "gpu_check.md").write_text(report)
-    print(report)
-    print(f"gpu_check: wrote {out / 'gpu_check.md'} and gpu_check.csv in {time.time() - start:.0f} s")
+    log = CsvLog(out / "gpu_check.csv", env)
+    summaries = []
+    try:
+        with pinned_configs():   # no autotuning anywhere: one config per kernel
+            for stage, items in plan.items():
+                part = deadline.part(STAGE_BUDGET_S[stage])
+                summary = run_stage(stage, items, part, log, args.maxfail if stage == "smoke" else None)
+                if stage == "peaks" and measured:
+                    cost_model.save_peaks(measured_peaks(measured), out / "peaks.json")
+                summaries.append(summary)
+                print(summary, flush=True)
+                peaks = measured_peaks(measured) if measured else cost_model.H100_SXM_DATASHEET
+                (out / "gpu_check.md").write_text(markdown(env, summaries, log.rows, peaks))
+    finally:
+        log.close()
+    print((out / "gpu_check.md").read_text())
     return 0
 
 

@@ -17,9 +17,14 @@ def _describe(args) -> int:
         print(f"kw_ops describe: unknown model {args.model!r}; known: {', '.join(models.list_models())}",
               file=sys.stderr)
         return 2
-    from .nn import describe
+    from .models.paper import paper_note
+    from .nn import count_parameters, describe
 
-    print(describe(models.create(args.model)))
+    model = models.create(args.model)
+    print(describe(model))
+    note = paper_note(args.model, count_parameters(model))
+    if note:
+        print(note)
     return 0
 
 

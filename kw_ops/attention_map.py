@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -168,21 +168,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_model(args, dataset_classes: int) -> nn.Module:
+def _read_checkpoint(path) -> Mapping:
+    """A checkpoint or state_dict file; ValueError naming the file if it is unreadable or holds something else."""
+    from .train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"--checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict or checkpoint")
+    return checkpoint
+
+
+def _load_model(args, dataset_classes: int, device: torch.device) -> nn.Module:
     """The registered model, with the checkpoint's weights (and class count) if one is given."""
     from .models import load_pretrained
     from .train import build_model
 
-    checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=False) if args.checkpoint else None
+    checkpoint = _read_checkpoint(args.checkpoint) if args.checkpoint else None
     num_classes = args.num_classes
-    if num_classes is None and isinstance(checkpoint, dict) and "classes" in checkpoint:
+    if num_classes is None and checkpoint is not None and "classes" in checkpoint:
         num_classes = len(checkpoint["classes"])
     model = build_model(args.model, num_classes or dataset_classes)
     if checkpoint is not None:
         load_pretrained(model, checkpoint)
     if args.temperature is not None:
         set_temperature(model, args.temperature)
-    return model.to(args.device)
+    return model.to(device)
 
 
 def main(argv=None) -> int:
@@ -190,14 +200,16 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
 
     from .train.data import ImageFolder
+    from .train.distributed import parse_device
 
     args = _parser().parse_args(argv)
     try:
+        device = parse_device(args.device)
         split = args.split if (Path(args.data) / args.split).is_dir() else ""
         dataset = ImageFolder(args.data, split, args.image_size, train=False)
-        model = _load_model(args, len(dataset.classes))
+        model = _load_model(args, len(dataset.classes), device)
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-        maps = collect_attention(model, loader, args.device, args.max_batches)
+        maps = collect_attention(model, loader, device, args.max_batches)
         samples = maps[0].samples if maps else 0
         path = plot_attention(maps, args.out, title=f"{args.model}: mean α over {samples} images")
     except (ValueError, FileNotFoundError) as error:

@@ -13,17 +13,36 @@ from .ops.export_impl import export_mode
 
 __all__ = ["export_onnx", "export_mode", "FrozenBatchNorm1d", "prepare_for_detection"]
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int = 18) -> str:
-    """Export `model` (eval mode) to ONNX with a dynamic batch dimension; returns the path.
+#: batch of the input traced by `export_onnx`: torch.export specialises a batch of 0 or 1 into the graph
+TRACE_BATCH = 2
+#: largest batch the exported graph is declared for
+MAX_EXPORT_BATCH = 4096
 
-    example: one input batch [B, C, *size]; the exported graph accepts any batch size.
+
+def _trace_example(example: torch.Tensor) -> torch.Tensor:
+    """[B >= 1, C, *size] -> its first sample repeated TRACE_BATCH times (the graph does not depend on values)."""
+    if example.ndim < 2 or example.shape[0] == 0:
+        raise ValueError(f"export_onnx: example must be an input batch [B >= 1, C, *size], got shape "
+                         f"{tuple(example.shape)}")
+    return example[:1].repeat(TRACE_BATCH, *([1] * (example.ndim - 1)))
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int = 18) -> str:
+    """Export `model` (in eval mode) to ONNX with a dynamic batch dimension; returns the path.
+
+    example: one input batch [B, C, *size], any B >= 1 (batch 1 included); the exported graph accepts
+    batches 1 to MAX_EXPORT_BATCH. The model's training flag is restored afterwards.
     """
-    model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad(), export_mode():
-        program = torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset,
-                                    input_names=["input"], output_names=["output"],
-                                    dynamic_shapes=({0: batch},), external_data=False)
+    was_training = model.training
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    try:
+        model.eval()
+        with torch.no_grad(), export_mode():
+            program = torch.onnx.export(model, (_trace_example(example),), path, dynamo=True, opset_version=opset,
+                                        input_names=["input"], output_names=["output"],
+                                        dynamic_shapes=({0: batch},), external_data=False)
+    finally:
+        model.train(was_training)
     if program is not None:
         program.save(path)
     return path

@@ -1,11 +1,15 @@
-"""Brute-force float64 references: explicit loops over samples, mixtures and cells (SPEC §2-§3)."""
+"""Brute-force float64 references: explicit loops over samples, mixtures and cells (SPEC §2-§3).
+
+The oracle owns its constants, written from the SPEC, so a changed constant in kw_ops fails a test.
+"""
 import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from kw_ops.config import CAF_EPS
+#: ε of the contrasting-driven attention function z / (Σ|z| + ε) (SPEC §3).
+CAF_EPS = 1e-3
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -43,3 +47,8 @@ def kw_conv_loop(x, attn, warehouse, bias, out_channels, kernel_size, stride, pa
 def caf(z):
     """Contrasting-driven attention over the last dim, written out."""
     return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+
+
+def relu_l1(z):
+    """The paper's max(z, 0) / Σ|z| alternative (Table 8), with CAF's ε, written out."""
+    return z.clamp_min(0) / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)

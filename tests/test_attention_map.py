@@ -3,8 +3,10 @@ member order, what τ and CAF imply for the rows, and the PNG written by `python
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +103,64 @@ def test_command_line(data, tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == PNG_MAGIC and "2 warehouses" in result.stdout
+
+
+def _unreadable(tmp_path, data):
+    path = tmp_path / "truncated.pt"
+    torch.save({"model": build_model("tiny_kw1x", 3).state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:4096])
+    return ["--checkpoint", str(path)], f"{path} is not a readable checkpoint (truncated, or not written by torch.save)"
+
+
+def _image_as_checkpoint(tmp_path, data):
+    path = Path(data) / "val" / "class0" / "0.png"
+    return ["--checkpoint", str(path)], f"{path} is not a readable checkpoint"
+
+
+def _tensor_as_checkpoint(tmp_path, data):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    return ["--checkpoint", str(path)], f"--checkpoint {path} holds a Tensor, not a state_dict or checkpoint"
+
+
+def _other_classes(tmp_path, data):
+    path = tmp_path / "five.pt"
+    torch.save(build_model("tiny_kw1x", 5).state_dict(), path)
+    return ["--checkpoint", str(path)], "key '5.weight' has shape (5, 32), the model's '5.weight' (3, 32)"
+
+
+def _corrupt_image(tmp_path, data):
+    root = Path(shutil.copytree(data, tmp_path / "data"))
+    image = root / "val" / "class2" / "1.png"
+    image.write_bytes(b"not a png")
+    return ["--data", str(root)], f"cannot decode image {image}: UnidentifiedImageError"
+
+
+def _empty_class_folder(tmp_path, data):
+    root = Path(shutil.copytree(data, tmp_path / "data"))
+    (root / "val" / "class7").mkdir()
+    return ["--data", str(root)], f"class folders without images under {root / 'val'}: class7"
+
+
+def _flags(*flags, message):
+    """A case that only adds command-line flags."""
+    return lambda tmp_path, data: (list(flags), message)
+
+
+@pytest.mark.parametrize("case", [
+    _unreadable, _image_as_checkpoint, _tensor_as_checkpoint, _other_classes, _corrupt_image, _empty_class_folder,
+    _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+], ids=["truncated-checkpoint", "image-as-checkpoint", "tensor-as-checkpoint", "other-classes", "corrupt-image",
+        "empty-class-folder", "unknown-device", "cuda-without-cuda"])
+def test_bad_input_is_one_line_and_exit_code_2_and_the_old_png_is_kept(data, tmp_path, capsys, case):
+    """Each: exit code 2, one line naming what was wrong, an existing PNG at --out untouched."""
+    args, message = case(tmp_path, data)
+    out = tmp_path / "map.png"
+    out.write_bytes(PNG_MAGIC + b"an earlier map")
+    code = main(["--model", "tiny_kw1x", "--data", data, "--image-size", "16", "--out", str(out), *args])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("kw_ops attention-map: ") and message in err[0], err
+    assert out.read_bytes() == PNG_MAGIC + b"an earlier map" and not captured.out

@@ -488,6 +488,17 @@ def test_converters_keep_geometry_dtype_and_run():
         to_dyconv(nn.Sequential(nn.Conv2d(4, 8, 1)), rule=3)
 
 
+
+@pytest.mark.parametrize("convert, layer", [(to_dyconv, DYConv2d), (to_odconv, ODConv2d)])
+def test_converters_keep_each_conv_train_or_eval_mode(convert, layer):
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3)).eval()
+    net[1].train()
+    converted = convert(net, K=2)
+    assert all(isinstance(m, layer) for m in converted)
+    assert not any(m.training for m in converted[0].modules())
+    assert converted[1].training and converted[1].attention.training
+    assert not convert(nn.Conv2d(4, 8, 1).eval(), K=2).training  # a lone conv comes back replaced
+
 # -- the papers' networks (kw_ops.models: static twins with torchvision names) -------------------------
 models = pytest.importorskip("kw_ops.models")
 

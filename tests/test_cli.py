@@ -25,3 +25,9 @@ def test_demo_trains_every_budget_and_reloads_exactly():
 def test_describe_unknown_model_is_a_clear_error():
     code, out = _run("describe", "no_such_model")
     assert code == 2 and "no_such_model" in out
+
+
+def test_describe_prints_the_papers_count_beside_the_measured_one():
+    code, out = _run("describe", "resnet18_kw1x_layer_sharing")
+    assert code == 0, out
+    assert "paper: 11.81M (Table 6), measured 11.81M (11,805,134), difference +0.00M" in out

@@ -42,17 +42,28 @@ def test_layers_use_the_export_formulation_when_exporting():
     torch.testing.assert_close(exported, model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_export_with_dynamic_batch_runs_in_onnxruntime(tmp_path):
+def test_onnx_export_from_a_batch_1_example_has_a_dynamic_batch_and_keeps_train_mode(tmp_path):
+    """A batch-1 example (the one torch.export would specialise) still gives a graph for any batch, run
+    in onnxruntime; a model in training mode is back in training mode afterwards."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = _small_kw_net()
-    path = export_onnx(model, torch.randn(2, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    model = _small_kw_net().train()
+    path = export_onnx(model, torch.randn(1, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    assert model.training
+    model.eval()
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 3, 12, 12]
     for batch in (1, 5):
         x = torch.randn(batch, 3, 12, 12)
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_refuses_an_empty_example(tmp_path):
+    with pytest.raises(ValueError, match=r"\[B >= 1, C, \*size\], got shape \(0, 3, 12, 12\)"):
+        export_onnx(_small_kw_net(), torch.randn(0, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    assert not (tmp_path / "kw.onnx").exists()
 
 
 def test_torch_export_and_tracing_keep_the_batch_dynamic():

@@ -133,11 +133,11 @@ def test_triton_backend_runs_the_op_under_the_interpreter():
         torch.testing.assert_close(triton_out, torch_out, rtol=1e-9, atol=1e-9)
 
 
-def test_forcing_triton_on_a_depthwise_conv_says_why():
+def test_forcing_triton_on_a_3d_conv_says_why():
     pytest.importorskip("triton")
-    x, attn, warehouse = torch.randn(2, 4, 5, 5), torch.randn(2, 9, 3), torch.randn(3, 4, 1, 1, 1)
-    with pytest.raises(BackendUnavailableError, match="groups"):
-        kw_ops.ops.kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, groups=4, backend="triton")
+    x, attn, warehouse = torch.randn(2, 4, 5, 5, 5), torch.randn(2, 27, 3), torch.randn(3, 4, 4, 1, 1, 1)
+    with pytest.raises(BackendUnavailableError, match="3-D"):
+        kw_ops.ops.kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, backend="triton")
 
 
 def test_info_reports_an_unknown_env_backend_instead_of_failing(monkeypatch, capsys):

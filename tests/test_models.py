@@ -73,24 +73,12 @@ def kw_layers(model: nn.Module) -> list[tuple[str, KWLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, KWLayer)]
 
 
-def plan_summary(model: nn.Module) -> dict:
-    """Everything that defines a KW network's plan, in comparable form."""
-    index = {id(w): i for i, w in enumerate(kw_ops.warehouses(model))}
-    return {
-        "warehouses": [(w.name, tuple(w.cells.shape), w.config) for w in kw_ops.warehouses(model)],
-        "layers": [(name, index[id(m.warehouse)], m.m, m.grid, m.layer_plan.beta, m.bias is not None,
-                    sum(p.numel() for p in m.attention.parameters())) for name, m in kw_layers(model)],
-        "static": [(name, type(m).__name__, tuple(m.weight.shape)) for name, m in model.named_modules()
-                   if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)],
-        "params": kw_ops.count_parameters(model),
-    }
-
-
 # -- registry ---------------------------------------------------------------------------------------------------
 def test_registry_lists_every_preset():
     assert set(PARAMS) <= set(zoo.list_models())
-    assert zoo.list_models("resnet18_kw*") == ["resnet18_kw1d2x", "resnet18_kw1d4x", "resnet18_kw1x",
-                                               "resnet18_kw2x", "resnet18_kw4x"]
+    assert zoo.list_models("resnet18_kw1d?x") + zoo.list_models("resnet18_kw?x") == [
+        "resnet18_kw1d2x", "resnet18_kw1d4x", "resnet18_kw1x", "resnet18_kw2x", "resnet18_kw4x"]
+    assert "resnet18_kw1x_no_partition" in zoo.list_models("resnet18_kw*")
     assert zoo.is_model("convnext_tiny_kw1x") and not zoo.is_model("resnet19")
 
 
@@ -123,9 +111,8 @@ def test_kw_parameter_count(kw_model):
     assert kw_ops.count_parameters(model) == PARAMS[name]
 
 
-@needs_fixtures
-def test_plan_matches_authors_fixture(kw_model):
-    name, model = kw_model
+def assert_plan_matches_fixture(name: str, model: nn.Module) -> None:
+    """The model's warehouses, KW layers (geometry, m, grid, β, attention) and static convs equal the fixture's."""
     fixture = json.loads((FIXTURES / f"{fixture_name(name)}.json").read_text())
     assert kw_ops.count_parameters(model) == fixture["params"]
 
@@ -165,6 +152,11 @@ def test_plan_matches_authors_fixture(kw_model):
     assert static == [(s["path"], s["shape"], s["stride"], s["groups"]) for s in fixture["static_convs"]]
 
 
+@needs_fixtures
+def test_plan_matches_authors_fixture(kw_model):
+    assert_plan_matches_fixture(*kw_model)
+
+
 @pytest.mark.parametrize("name, sizes", [("resnet18_kw1x", [56, 47, 47, 27]), ("resnet50_kw1x", [87, 104, 138, 47])])
 def test_table14_stage_sizes(name, sizes):
     """Paper Table 14: cells per stage warehouse at b = 1 (= Σm)."""
@@ -173,12 +165,15 @@ def test_table14_stage_sizes(name, sizes):
     assert [w.plan.total_mixtures for w in kw_ops.warehouses(model)] == sizes
 
 
+@needs_fixtures
 def test_converting_the_static_twin_gives_the_preset(kw_model):
-    name, model = kw_model
+    """convert(static twin, the recipe's config, sharing rule and overrides) builds the authors' plan."""
+    name, _ = kw_model
     kw_recipe = zoo.recipe(name)
     assert kw_recipe.static == static_of(name)
-    twin = kw_recipe.apply(zoo.create(static_of(name)))
-    assert plan_summary(twin) == plan_summary(model)
+    twin = kw_ops.convert(zoo.create(static_of(name)), kw_recipe.config, sharing=kw_recipe.sharing,
+                          overrides=kw_recipe.overrides)
+    assert_plan_matches_fixture(name, twin)
 
 
 def test_num_classes_and_in_chans_reach_the_kw_preset():

@@ -38,8 +38,15 @@ def test_half_budget_with_halved_cells():
     assert plan.n == 62
     # j % 2 == (j // 2) % 2 gets a fresh cell: 0, 3, 4, 7, 8, ...
     assert plan.layers[0].beta[:8] == (0, ZERO_CELL, ZERO_CELL, 1, 2, ZERO_CELL, ZERO_CELL, 3)
-    assert [p.consumed for p in plan.layers] == [18, 36, 8]
+    assert [p.consumed for p in plan.layers] == [18, 36, 8] and [p.start for p in plan.layers] == [0, 18, 54]
+    assert plan.layers[1].beta[:4] == (18, ZERO_CELL, ZERO_CELL, 19)
     plan.check_complete()
+
+
+def test_in_and_out_ratios_cut_their_own_sides():
+    plan = plan_warehouse("s", STAGE, KWConfig(in_ratio=0.5, out_ratio=0.25))
+    assert plan.cell_shape == (16, 32, 1, 1)  # out: gcd 64 x 0.25, in: gcd 64 x 0.5
+    assert [p.grid for p in plan.layers] == [(9, 4, 2), (9, 8, 2), (1, 8, 4)]
 
 
 def test_quarter_budget():
@@ -50,6 +57,20 @@ def test_quarter_budget():
     assert assigned == [j for j in range(36) if j % 4 == (j // 4) % 4]
     plan.check_complete()
 
+
+
+def test_fractional_budget_times_mixtures_rounds_down():
+    # One 1-D layer, kernel 3, cells 4x4x1: m = 3; b = 1/2 gives b·Σm = 1.5, so n = int(1.5) = 1 (not 2).
+    # β for k = 2: mixture j gets a cell iff j % 2 == (j // 2) % 2: j = 0 only, so the one cell is used once.
+    plan = plan_warehouse("odd", [WeightShape(4, 4, (3,), "x")], KWConfig(budget=0.5))
+    assert plan.shape == (1, 4, 4, 1) and plan.layers[0].beta == (0, ZERO_CELL, ZERO_CELL)
+    plan.check_complete()
+    # One 3x3 layer, m = 9, at b = 1/4: b·Σm = 2.25 -> n = 2; β takes j = 0 and 5 (j % 4 == (j // 4) % 4).
+    plan = plan_warehouse("nine", [WeightShape(4, 4, (3, 3), "y")], KWConfig(budget=0.25))
+    assert plan.n == 2 and [j for j, c in enumerate(plan.layers[0].beta) if c != ZERO_CELL] == [0, 5]
+    plan.check_complete()
+    layer = kw_ops.KWConv1d(4, 4, 3, warehouse=KWConfig(budget=0.5))
+    assert tuple(layer.warehouse.cells.shape) == (1, 4, 4, 1)
 
 def test_incomplete_budget_is_refused_with_the_numbers():
     shapes = [WeightShape(3, 1, (3,), "x"), WeightShape(3, 1, (3,), "y")]  # m = 3 each, b = 1/2
@@ -70,7 +91,7 @@ def test_without_spatial_partition_kernels_must_agree():
     assert plan.cell_shape == (64, 64, 3, 3) and [p.m for p in plan.layers] == [1, 2]
 
 
-@pytest.mark.parametrize("budget", [0, -1, 1.5, 0.3, float("nan"), True])
+@pytest.mark.parametrize("budget", [0, -1, 1.5, float("nan"), True])
 def test_bad_budgets_are_refused(budget):
     with pytest.raises(ValueError, match="KWConfig.budget"):
         KWConfig(budget=budget)

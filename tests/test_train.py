@@ -3,17 +3,24 @@ per iteration, learning, exact resume, the command line, and one DDP step (2 glo
 to a single-process step on the same global batch."""
 from __future__ import annotations
 
+import csv
 import math
 import os
+import random
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import kw_ops
-from kw_ops.train import TrainConfig, build_model, get_recipe, lr_factor, param_groups, train
+from kw_ops.train import TrainConfig, build_model, get_recipe, loop, lr_factor, param_groups, train
+from kw_ops.train.__main__ import main as train_main
 from kw_ops.train.checkpoint import load_checkpoint
 from kw_ops.train.data import ImageFolder, write_synthetic_image_folder
 
@@ -38,11 +45,26 @@ def _steps(data, out, **changes) -> tuple[list, dict]:
     return records, summary
 
 
+def _steps_drawing(data, out, **changes) -> list[tuple]:
+    """(step, loss, τ, lr, a draw of the global torch RNG, one of Python's) after every step, as dropout would draw."""
+    records = []
+    _train(data, out, on_step=lambda r: records.append((r.step, r.loss, r.tau, r.lr, torch.rand(()).item(),
+                                                        random.random())), **changes)
+    return records
+
+
+def _log(out) -> list[dict]:
+    """The rows of <out>/log.csv without the timing column."""
+    with open(os.path.join(out, "log.csv"), newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(handle)]
+
+
 # -- recipes ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, optimizer, lr, wd, epochs, schedule, temp_epochs", [
     ("resnet", "sgd", 0.1, 1e-4, 100, "step", 20),
     ("mobilenetv2", "sgd", 0.1, 4e-5, 150, "cosine", 15),
     ("convnext", "adamw", 4e-3, 0.05, 300, "cosine", 20),
+    ("deit", "adamw", 1e-3, 0.05, 300, "cosine", 20),
 ])
 def test_recipes_follow_the_paper_and_spec(name, optimizer, lr, wd, epochs, schedule, temp_epochs):
     recipe = get_recipe(name)
@@ -64,6 +86,18 @@ def test_lr_schedules():
     assert lr_factor(19, cosine, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 20)))
     warm = get_recipe("convnext", epochs=4, warmup_epochs=1)
     assert [lr_factor(i, warm, 4) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("epochs", 0, ">= 1, got 0"), ("batch_size", 0, ">= 1, got 0"), ("lr", math.nan, "> 0, got nan"),
+    ("lr", math.inf, "> 0, got inf"), ("lr", 0.0, "> 0, got 0.0"), ("temp_epochs", -1.0, ">= 0, got -1.0"),
+    ("temp_epochs", math.inf, ">= 0, got inf"), ("image_size", 0, ">= 1, got 0"),
+])
+def test_recipe_refuses_a_bad_number_naming_the_field_and_flag(field, value, expected):
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=re.escape(f"Recipe 'resnet': {field} ({flag}) must be a finite number "
+                                                   f"{expected}")):
+        get_recipe("resnet", **{field: value})
 
 
 def test_no_weight_decay_on_biases_and_norms_and_shared_cells_once():
@@ -99,19 +133,28 @@ def test_loss_goes_down_and_tau_follows_the_schedule_every_iteration(data, tmp_p
     assert all(float(v) == 0 for k, v in state["model"].items() if k.endswith("attention.temperature"))
     assert state["position"] == {"epoch": 4, "batches": 0, "step": 24, "best_top1": summary["position"]["best_top1"]}
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,step,train_loss,val_loss,top1,top5,lr,tau,images_per_s" and len(rows) == 5
+    assert rows[0] == "model,epoch,step,train_loss,val_loss,top1,top5,lr,tau,images_per_s" and len(rows) == 5
+    assert all(row.startswith("tiny_kw1x,") for row in rows[1:])
     assert (tmp_path / "best.pt").exists()
 
 
-@pytest.mark.parametrize("stop", [6, 8], ids=["stop-at-epoch-end", "stop-mid-epoch"])
-def test_resume_continues_exactly(data, tmp_path, stop):
+@pytest.mark.parametrize("stop, position, logged", [
+    (6, (1, 0), [("1", "6"), ("2", "12")]),
+    (8, (1, 2), [("1", "6"), ("2", "8"), ("2", "12")]),
+], ids=["stop-at-epoch-end", "stop-mid-epoch"])
+def test_resume_continues_exactly(data, tmp_path, stop, position, logged):
+    """Steps, losses, τ, lr, the global RNGs' draws and the final state match an uncut run. A stop at an
+    epoch's end completes that epoch (no replayed empty epoch: no extra log row or evaluation)."""
     run = {"recipe": "mobilenetv2", "epochs": 2, "temp_epochs": 1, "lr": 0.05}
-    full, _ = _steps(data, tmp_path / "full", **run)
-    first, _ = _steps(data, tmp_path / "cut", max_steps=stop, **run)
-    assert load_checkpoint(tmp_path / "cut" / "last.pt")["position"]["step"] == stop
-    rest, _ = _steps(data, tmp_path / "cut", resume="auto", **run)
-    assert [r.step for r in first + rest] == [r.step for r in full]
-    assert [(r.loss, r.tau, r.lr) for r in first + rest] == [(r.loss, r.tau, r.lr) for r in full]
+    full = _steps_drawing(data, tmp_path / "full", **run)
+    first = _steps_drawing(data, tmp_path / "cut", max_steps=stop, **run)
+    cut_position = load_checkpoint(tmp_path / "cut" / "last.pt")["position"]
+    assert (cut_position["epoch"], cut_position["batches"], cut_position["step"]) == (*position, stop)
+    rest = _steps_drawing(data, tmp_path / "cut", resume="auto", **run)
+    assert first + rest == full
+    assert [(row["epoch"], row["step"]) for row in _log(tmp_path / "cut")] == logged
+    if stop == 6:
+        assert _log(tmp_path / "cut") == _log(tmp_path / "full")
     ours = load_checkpoint(tmp_path / "cut" / "last.pt")
     theirs = load_checkpoint(tmp_path / "full" / "last.pt")
     for key, value in theirs["model"].items():
@@ -119,10 +162,210 @@ def test_resume_continues_exactly(data, tmp_path, stop):
     assert ours["position"] == theirs["position"]
 
 
+def test_deit_recipe_trains_a_kw_deit(data, tmp_path):
+    summary = _train(data, tmp_path, model="deit_tiny_kw1x", recipe="deit", epochs=1, max_steps=2, image_size=32)
+    assert summary["position"]["step"] == 2
+
+
 def test_resume_refuses_another_model(data, tmp_path):
     _train(data, tmp_path, epochs=1, max_steps=1)
     with pytest.raises(ValueError, match="tiny_kw1x"):
         _train(data, tmp_path, epochs=1, model="tiny_kw2x", resume=str(tmp_path / "last.pt"))
+
+
+# -- refusals: nothing good overwritten, one-line errors with exit code 2 ----------------------------
+#: the tiny run on the command line (cases add or override flags after these)
+TINY_ARGS = ["--model", "tiny_kw1x", "--batch-size", "4", "--image-size", "16", "--workers", "0", "--no-progress",
+             "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished one-epoch run of tiny_kw1x (6 steps): last.pt, best.pt and log.csv."""
+    out = tmp_path_factory.mktemp("finished")
+    _train(data, out, epochs=1)
+    return out
+
+
+@pytest.fixture
+def run_dir(finished, tmp_path):
+    """A copy of the finished run to try things on."""
+    return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def _snapshot(folder) -> dict:
+    """File name -> (bytes, mtime in ns) of every file in `folder`."""
+    return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in Path(folder).iterdir()}
+
+
+def _cli(capsys, *args) -> tuple[int, list[str]]:
+    """`python -m kw_ops train TINY_ARGS ARGS` in this process: (exit code, stderr lines)."""
+    code = train_main([*TINY_ARGS, *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_an_out_folder_holding_a_run_is_refused_and_kept(data, run_dir, capsys):
+    before = _snapshot(run_dir)
+    code, err = _cli(capsys, "--data", data, "--model", "tiny_kw2x", "--max-steps", "1", "--out", str(run_dir))
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"kw_ops train: {run_dir} holds a run of 'tiny_kw1x' (last.pt, best.pt): pass --resume auto to "
+                      f"continue it, --overwrite to replace it, or another --out")
+    assert _snapshot(run_dir) == before
+
+
+def test_overwrite_replaces_the_run_and_its_log(data, run_dir, capsys):
+    code, err = _cli(capsys, "--data", data, "--model", "tiny_kw2x", "--max-steps", "1", "--out", str(run_dir),
+                     "--overwrite")
+    assert code == 0, err
+    assert load_checkpoint(run_dir / "last.pt")["model_name"] == load_checkpoint(run_dir / "best.pt")["model_name"] \
+        == "tiny_kw2x"
+    assert [(row["model"], row["step"]) for row in _log(run_dir)] == [("tiny_kw2x", "1")]
+
+
+def test_resume_auto_without_last_pt_keeps_best_pt(data, run_dir, capsys):
+    (run_dir / "last.pt").unlink()
+    before = _snapshot(run_dir)
+    code, err = _cli(capsys, "--data", data, "--epochs", "2", "--out", str(run_dir), "--resume", "auto")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"kw_ops train: {run_dir} holds a run of 'tiny_kw1x' (best.pt) but no last.pt to resume "
+                             f"from (starting afresh would overwrite best.pt)")
+    assert _snapshot(run_dir) == before
+
+
+def test_default_out_is_a_new_folder_per_run(data, tmp_path, monkeypatch):
+    """runs/train/<model>-<local time>, with a suffix for a second run started in the same second."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop, "DEFAULT_OUT_ROOT", tmp_path / "runs")
+    frozen, strftime = time.localtime(0), time.strftime
+    monkeypatch.setattr(loop.time, "strftime", lambda fmt, when=frozen: strftime(fmt, when))
+    config = TrainConfig(data=data, **TINY, epochs=1, max_steps=1)
+    outs = [Path(train(config)["out"]) for _ in range(2)]
+    stem = f"tiny_kw1x-{strftime('%Y%m%d-%H%M%S', frozen)}"
+    assert outs == [tmp_path / "runs" / stem, tmp_path / "runs" / f"{stem}-2"]
+    assert all((out / "last.pt").is_file() and _log(out)[0]["model"] == "tiny_kw1x" for out in outs)
+
+
+def test_resume_auto_needs_out(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(capsys, "--data", data, "--resume", "auto")
+    assert (code, err) == (2, ["kw_ops train: resume='auto' (--resume auto) needs out (--out), the folder of the run "
+                               "to continue"])
+    assert not any(tmp_path.iterdir())
+
+
+def _copy_data(data, tmp_path) -> Path:
+    """A copy of the image folder to damage."""
+    return Path(shutil.copytree(data, tmp_path / "data"))
+
+
+def _truncated_checkpoint(data, run, tmp_path):
+    path = tmp_path / "truncated.pt"
+    path.write_bytes((run / "last.pt").read_bytes()[:4096])
+    return ["--resume", str(path)], f"{path} is not a readable checkpoint (truncated, or not written by torch.save)"
+
+
+def _image_as_checkpoint(data, run, tmp_path):
+    path = Path(data) / "train" / "class0" / "0.png"
+    return ["--resume", str(path)], f"{path} is not a readable checkpoint"
+
+
+def _state_dict_checkpoint(data, run, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(build_model("tiny_kw1x", 3).state_dict(), path)
+    return ["--resume", str(path)], f"{path} is not a `kw_ops train` checkpoint (a plain state_dict?)"
+
+
+def _other_classes_checkpoint(data, run, tmp_path):
+    path = tmp_path / "four.pt"
+    torch.save({**load_checkpoint(run / "last.pt"), "classes": ["a", "b", "c", "d"]}, path)
+    return ["--resume", str(path)], f"{path} was trained on 4 classes (a, b, c, d), but {data} has 3 (class0, class1, "
+
+
+def _finished_run(data, run, tmp_path):
+    return ["--resume", "auto", "--out", str(run)], "is of a finished run (1 of 1 epochs, step 6): nothing to resume"
+
+
+def _at_max_steps(data, run, tmp_path):
+    return (["--epochs", "2", "--max-steps", "6", "--resume", "auto", "--out", str(run)],
+            "is at step 6, already at --max-steps 6: nothing to resume")
+
+
+def _resume_into_another_models_run(data, run, tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({**load_checkpoint(run / "last.pt"), "model_name": "tiny_kw2x"}, path)
+    return (["--model", "tiny_kw2x", "--resume", str(path), "--out", str(run)],
+            f"{run} holds a run of 'tiny_kw1x' (last.pt, best.pt), not of 'tiny_kw2x': pass --overwrite")
+
+
+def _log_without_model_column(data, run, tmp_path):
+    log = run / "log.csv"
+    lines = log.read_text().splitlines()
+    log.write_text("".join(line.split(",", 1)[1] + "\n" for line in lines))
+    return ["--epochs", "2", "--resume", "auto", "--out", str(run)], f"{log} has the columns epoch,step,train_loss,"
+
+
+def _unreadable_run(data, run, tmp_path):
+    (run / "last.pt").write_bytes(b"")
+    return ["--out", str(run)], f"{run} holds a run of an unknown model (last.pt, best.pt): pass --resume auto"
+
+
+def _corrupt_image(workers):
+    """Resume the finished run for a second epoch over data with a truncated PNG, read by `workers` workers."""
+    def case(data, run, tmp_path):
+        root = _copy_data(data, tmp_path)
+        image = root / "train" / "class1" / "3.png"
+        image.write_bytes(image.read_bytes()[:60])
+        return (["--data", str(root), "--epochs", "2", "--resume", "auto", "--out", str(run), "--workers", workers],
+                f"cannot decode image {image}: OSError")
+    return case
+
+
+def _empty_class_folder(data, run, tmp_path):
+    root = _copy_data(data, tmp_path)
+    (root / "train" / "class9").mkdir()
+    return ["--data", str(root)], f"class folders without images under {root / 'train'}: class9"
+
+
+def _class_only_in_val(data, run, tmp_path):
+    root = _copy_data(data, tmp_path)
+    shutil.copytree(root / "val" / "class0", root / "val" / "zebra")
+    return ["--data", str(root)], f"classes only in {root / 'val'}, not in {root / 'train'}: zebra"
+
+
+def _flags(*flags, message):
+    """A case that only adds command-line flags."""
+    return lambda data, run, tmp_path: (list(flags), message)
+
+
+@pytest.mark.parametrize("case", [
+    _truncated_checkpoint, _image_as_checkpoint, _state_dict_checkpoint, _other_classes_checkpoint, _finished_run,
+    _at_max_steps, _resume_into_another_models_run, _unreadable_run, _log_without_model_column,
+    _corrupt_image("0"), _corrupt_image("2"), _empty_class_folder, _class_only_in_val,
+    _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    _flags("--lr", "nan", message="lr (--lr) must be a finite number > 0, got nan"),
+    _flags("--lr", "inf", message="lr (--lr) must be a finite number > 0, got inf"),
+    _flags("--lr", "0", message="lr (--lr) must be a finite number > 0, got 0.0"),
+    _flags("--lr", "-0.1", message="lr (--lr) must be a finite number > 0, got -0.1"),
+    _flags("--max-steps", "0", message="max_steps (--max-steps) must be >= 1, got 0"),
+    _flags("--resume", "auto", "--overwrite", message="resume (--resume auto) continues a run and overwrite "
+           "(--overwrite) replaces it: pass one of them"),
+], ids=["truncated-checkpoint", "image-as-checkpoint", "state-dict", "other-classes", "finished-run",
+        "at-max-steps", "resume-into-another-models-run", "unreadable-run", "log-without-model-column",
+        "corrupt-image", "corrupt-image-in-worker", "empty-class-folder", "class-only-in-val", "unknown-device",
+        "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0",
+        "resume-and-overwrite"])
+def test_bad_input_is_one_line_and_exit_code_2_and_nothing_is_written(data, run_dir, tmp_path, capsys, case):
+    """Each: exit code 2, one line naming what was wrong (after the announcement of the run's folder
+    when training had begun), the existing run's files untouched, no new folder."""
+    args, message = case(data, run_dir, tmp_path)
+    before = _snapshot(run_dir)
+    fresh = tmp_path / "fresh"
+    code, err = _cli(capsys, "--data", data, "--out", str(fresh), *args)
+    assert code == 2 and err and err[-1].startswith("kw_ops train: ") and message in err[-1], err
+    assert len(err) == 1 or (len(err) == 2 and err[0].startswith("tiny_kw1x: log.csv and checkpoints in")), err
+    assert _snapshot(run_dir) == before and not fresh.exists()
 
 
 def _command(*args, env=None, launcher=()):

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from oracle import kw_conv_loop  # noqa: E402
 
 from kw_ops.ops.torch_impl import kw_conv_torch  # noqa: E402
-from kw_ops.ops.triton import interpreting, launch, not_supported_reasons, supports  # noqa: E402
+from kw_ops.ops.triton import cost_model, interpreting, launch, not_supported_reasons, supports  # noqa: E402
 from kw_ops.ops.triton.launch import kw_conv_triton_backward, kw_conv_triton_forward  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not interpreting()
@@ -61,6 +61,7 @@ class Case:
     cell: tuple = (8, 8)           # (c_out, c_in)
     whole_kernel: bool = False     # cells are the whole kernel (S = 1) instead of spatial partition
     n: int = 3
+    groups: int = 1
     bias: bool = True
     dtype: torch.dtype = torch.float64
 
@@ -69,17 +70,17 @@ class Case:
         dims = lambda v: "x".join(map(str, v))
         parts = [f"B{self.batch}", f"C{self.channels}", f"O{self.out}", dims(self.size), f"K{dims(self.kernel)}",
                  f"s{dims(self.stride)}", f"p{dims(self.padding)}", f"d{dims(self.dilation)}",
-                 f"cell{dims(self.cell)}{'-whole' if self.whole_kernel else ''}", f"n{self.n}",
+                 f"cell{dims(self.cell)}{'-whole' if self.whole_kernel else ''}", f"n{self.n}", f"g{self.groups}",
                  "bias" if self.bias else "nobias", str(self.dtype).replace("torch.float", "fp")]
         return "-".join(parts)
 
     @property
     def m(self) -> int:
         spatial = 1 if self.whole_kernel else math.prod(self.kernel)
-        return spatial * (self.out // self.cell[0]) * (self.channels // self.cell[1])
+        return spatial * (self.out // self.cell[0]) * (self.channels // self.groups // self.cell[1])
 
     def args(self):
-        return self.out, self.kernel, self.stride, self.padding, self.dilation, 1
+        return self.out, self.kernel, self.stride, self.padding, self.dilation, self.groups
 
     def inputs(self, device=DEVICE, dtype=None):
         dtype = dtype or self.dtype
@@ -100,6 +101,11 @@ CASES = [
     Case(batch=1, channels=8, out=8, size=(3, 3), kernel=(1, 1), stride=(2, 2), padding=(0, 0), cell=(4, 4),
          bias=False),                                                                     # 1x1, stride 2
     Case(size=(7,), kernel=(3,), stride=(2,), padding=(1,), dilation=(1,), cell=(4, 8)),  # 1-D
+    # several channel tiles (interpreter tiles are 16), ragged; 6 stride phases of dx, dilated taps
+    Case(channels=20, out=24, size=(7, 8), stride=(2, 3), padding=(1, 2), dilation=(2, 1), cell=(12, 10), n=4),
+    # depthwise (several channel tiles, stride 2) and grouped (Ig = 2, Og = 3) on the grouped kernels
+    Case(channels=18, out=18, size=(6, 5), stride=(2, 2), cell=(6, 1), groups=18),
+    Case(channels=8, out=12, size=(5, 4), kernel=(3, 2), padding=(1, 0), cell=(3, 1), groups=4, n=2),
 ]
 
 
@@ -189,10 +195,12 @@ def test_fp32_channels_last_and_strided_inputs():
 
 
 @interpreter
-def test_fp16_error_within_twice_the_torch_path():
-    case = replace(CASES[1], dtype=torch.float16)
+@pytest.mark.parametrize("case", [CASES[1], CASES[-2]], ids=lambda c: c.id)
+def test_fp16_error_within_twice_the_torch_path(case):
+    """fp16 (channels_last inside the launchers), dense and depthwise."""
+    case = replace(case, dtype=torch.float16)
     x, attn, warehouse, bias = case.inputs(dtype=torch.float64)
-    dy = torch.randn(case.batch, case.out, 3, 6, dtype=torch.float64, device=DEVICE)
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
     y64, grads64 = _reference(case, x, attn, warehouse, bias, dy)
     half = [t.half() for t in (x, attn, warehouse, bias, dy)]
     y16_torch, grads16_torch = _reference(case, *half)
@@ -211,19 +219,21 @@ def test_fp16_error_within_twice_the_torch_path():
 
 
 @interpreter
-def test_chunks_and_split_k(monkeypatch):
-    """Several sample chunks (two-phase kernels, weight gradients) and several K splits give the same result."""
-    case = replace(CASES[0], batch=3, cell=(8, 4))
-    monkeypatch.setattr(launch, "KERNEL_CHUNK_BYTES", 1)          # one sample per chunk
+@pytest.mark.parametrize("case", [replace(CASES[0], batch=3, cell=(8, 4)),
+                                  replace(CASES[-1], batch=3, out=16, cell=(16, 2))], ids=lambda c: c.id)
+def test_chunks_and_split_k(monkeypatch, case):
+    """Several sample chunks (per-sample kernels, weight gradients; dense and grouped) and several K splits
+    give the same result."""
     monkeypatch.setattr(launch, "SPLIT_K_MIN_LEN", 16)
     monkeypatch.setattr(launch, "SPLIT_K_ALIGN", 16)
     x, attn, warehouse, bias = case.inputs()
-    y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy := torch.randn(
-        case.batch, case.out, *case.size, dtype=case.dtype, device=DEVICE))
-    assert launch.triton.cdiv(32, launch._split_k(case.batch * case.m, case.n, 32)) > 1
-    y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), mode="two_phase")
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
+    y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy)
+    cell_size = math.prod(warehouse.shape[1:])
+    assert launch.triton.cdiv(cell_size, launch._split_k(case.batch * case.m, case.n, cell_size)) > 1
+    y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), chunk_bytes=1)  # one sample per chunk
     _assert_close(y, y_ref, case.dtype, "y")
-    grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), mode="two_phase")
+    grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), chunk_bytes=1)
     for name, got, ref in zip(("dx", "dattn", "dwarehouse", "dbias"), grads, grads_ref):
         _assert_close(got, ref, case.dtype, name)
 
@@ -252,15 +262,45 @@ def test_batch_zero_launches_nothing():
     assert torch.equal(dwarehouse, torch.zeros_like(warehouse)) and torch.equal(dbias, torch.zeros_like(bias))
 
 
-def test_mode_choice_follows_the_cost_model(monkeypatch):
+def test_autotune_pruning_and_buckets():
+    """Configs are pruned to the positions and channel counts (BLOCK 16 for small cells) and, for ieee fp32, to
+    spill-free tiles."""
+    from kw_ops.ops.triton import tuning
+
+    assert [tuning.bucket(v) for v in (0, 1, 5, 64, 65)] == [0, 1, 8, 64, 128]
+    configs = [launch.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}) for bm, bn, bk in
+               [(128, 128, 32), (64, 64, 32), (64, 16, 16), (128, 64, 64)]]
+    prune = tuning._prune_for(("PB", "OC", "C"))
+    blocks = lambda kept: [tuple(c.kwargs.values()) for c in kept]
+    half, single = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    large = {"PB": 4096, "OC": 512, "C": 512}
+    assert blocks(prune(configs, {"x_ptr": half, "PB": 4096, "OC": 8, "C": 3})) == [(64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": half, **large, "PB": 64})) == [(64, 64, 32), (64, 16, 16)]  # 7x7
+    assert blocks(prune(configs, {"x_ptr": half, **large})) == blocks(configs)
+    assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="ieee")) == [(64, 64, 32), (64, 16, 16)]
+    assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="tf32")) == blocks(configs)
+
+
+def test_mode_choice_and_override(monkeypatch):
     monkeypatch.delenv(launch.MODE_ENV, raising=False)
-    assert launch.choose_mode(49, 27, 2) == "fused"          # ResNet18 layer4: few positions, small warehouse
-    assert launch.choose_mode(56 * 56, 87, 2) == "two_phase"  # ResNet50 layer1: many position tiles
-    monkeypatch.setenv(launch.MODE_ENV, "fused")
-    assert launch.choose_mode(56 * 56, 87, 2) == "fused"
+    monkeypatch.delenv(cost_model.PEAKS_ENV, raising=False)
+    # ResNet18 KW1x layer4 at batch 128: 512 -> 512 3x3 on 7x7, n = 27
+    layer = launch._layer(torch.empty(128, 512, 7, 7, device="meta"), torch.empty(27, 512, 512, 1, device="meta"),
+                          512, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+    assert layer.cost_shape(2) == cost_model.ConvShape(128, 512, 512, (7, 7), (7, 7), (3, 3), 1, 27, 9, 2)
+    depthwise = launch._layer(torch.empty(8, 96, 14, 14, device="meta"), torch.empty(7, 96, 1, 9, device="meta"),
+                              96, (3, 3), (2, 2), (1, 1), (1, 1), 96)
+    assert depthwise.cost_shape(2).groups == 96
+    for direction in ("forward", "dx"):
+        assert launch.choose_mode(layer, 2, direction) == cost_model.choose_mode(layer.cost_shape(2), launch.MODES,
+                                                                                direction)
+    assert launch.choose_mode(layer, 2) == "two_phase"
+    monkeypatch.setenv(launch.MODE_ENV, "fused")  # the removed re-mixing mode
+    with pytest.raises(ValueError, match="KW_OPS_TRITON_MODE"):
+        launch.choose_mode(layer, 2)
     monkeypatch.setenv(launch.MODE_ENV, "bogus")
     with pytest.raises(ValueError, match="KW_OPS_TRITON_MODE"):
-        launch.choose_mode(49, 27, 2)
+        launch.choose_mode(layer, 2)
 
 
 @interpreter
@@ -271,13 +311,12 @@ def test_not_supported_reasons_name_every_limit():
     reasons = not_supported_reasons(x.to(torch.bfloat16), attn, warehouse, None, 4, (3, 3, 3), (1,) * 3, (1,) * 3,
                                     (1,) * 3, 2)
     text = " | ".join(reasons)
-    assert "3-D" in text and "groups=2" in text and "bfloat16" in text, text
+    assert "3-D" in text and "bfloat16" in text and "groups" not in text, text
     case = CASES[0]
     x, attn, warehouse, bias = case.inputs()
     assert supports(x, attn, warehouse, bias, *case.args())
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        kw_conv_triton_forward(x, attn, warehouse[:, :, :4], bias, case.out, case.kernel,
-                               case.stride, case.padding, case.dilation, 2)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        kw_conv_triton_forward(x.bfloat16(), attn, warehouse, bias, *case.args())
 
 
 def test_package_import_does_not_import_triton():
@@ -363,6 +402,9 @@ def _check_against_fp64(case, dtype, mode, fwd_only=False):
     Case(batch=3, channels=64, out=64, size=(9, 9), kernel=(3, 3), whole_kernel=True, cell=(64, 32), n=5),
     Case(batch=4, channels=40, out=24, size=(17,), kernel=(5,), stride=(1,), padding=(2,), dilation=(2,),
          cell=(24, 20), n=11),
+    # MobileNetV2 / ConvNeXt depthwise layers (grouped kernels)
+    Case(batch=3, channels=96, out=96, size=(15, 13), stride=(2, 2), cell=(32, 1), groups=96, n=7),
+    Case(batch=2, channels=64, out=64, size=(14, 14), kernel=(7, 7), padding=(3, 3), cell=(64, 1), groups=64, n=5),
 ], ids=lambda c: c.id)
 def test_gpu_larger_shapes_and_half_precision(case, dtype, mode):
     _check_against_fp64(case, dtype, mode)

@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.attention import caf
 from ..nn.geometry import ConvGeometry
 from ..ops.torch_impl import conv_output_size
 
 __all__ = [
-    "BaselineConv2d", "BaselineTemperatureSchedule", "FORMULATIONS", "INFERENCE_TEMPERATURE",
-    "get_baseline_temperature", "set_baseline_formulation", "set_baseline_temperature",
+    "BaselineConv2d", "BaselineTemperatureSchedule", "FORMULATIONS", "INFERENCE_TEMPERATURE", "KERNEL_FUNCTIONS",
+    "check_kernel_function", "get_baseline_temperature", "kernel_attention", "set_baseline_formulation", "set_baseline_temperature",
 ]
 
 #: T used for inference and benchmarks (and the value of a freshly built layer).
@@ -28,6 +29,19 @@ ANNEAL_EPOCHS = 10
 #: 'fast': the cheapest pure-PyTorch formulation for the layer (see each layer's `path()`);
 #: 'mix': DY-Conv only, output mixing forced (one dense conv with K·C_out filters, then Σ_k π_k y_k).
 FORMULATIONS = ("fast", "released", "mix")
+#: Attention over the K kernels: the papers' softmax, or KW's CAF (the paper's Table 10).
+KERNEL_FUNCTIONS = ("softmax", "caf")
+
+
+def check_kernel_function(function: str, who: str) -> None:
+    if function not in KERNEL_FUNCTIONS:
+        raise ValueError(f"{who}: kernel_function must be one of {KERNEL_FUNCTIONS}, got {function!r}")
+
+
+def kernel_attention(logits: torch.Tensor, temperature: torch.Tensor, function: str) -> torch.Tensor:
+    """[B, K] kernel attention from logits: softmax(z / T), or CAF z / (Σ|z| + ε) (T cancels out but for ε)."""
+    scaled = logits / temperature
+    return caf(scaled) if function == "caf" else scaled.softmax(dim=-1)
 
 
 class BaselineConv2d(ConvGeometry):

@@ -76,7 +76,7 @@ def _replace(model: nn.Module, rule: Rule | str | None, baseline: str, build) ->
                         f"got {type(rule).__name__}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Conv2d and rule(name, m)]
     for name, conv in targets:
-        dynamic = build(conv)
+        dynamic = build(conv).train(conv.training)
         if not name:
             return dynamic
         parent_name, _, child = name.rpartition(".")
@@ -96,7 +96,8 @@ def to_dyconv(model: nn.Module, K: int = 4, rule: Rule | str | None = None, **la
 
     In place; returns the model (a lone nn.Conv2d passed as `model` comes back replaced). rule:
     a callable, 'resnet' / 'mobilenetv2' (the papers' choices), or None for every nn.Conv2d.
-    Geometry, bias, padding mode, device and dtype are kept; weights are freshly initialised.
+    Geometry, bias, padding mode, device, dtype and train/eval mode are kept; weights are freshly
+    initialised.
     layer_kwargs go to every DYConv2d (formulation=, hidden_offset=).
 
     >>> import torch.nn as nn
@@ -114,7 +115,8 @@ def to_odconv(model: nn.Module, K: int = 4, rule: Rule | str | None = None, **la
 
     K = 1 gives "ODConv (1x)", K = 4 "ODConv (4x)". In place; returns the model. rule: a callable,
     'resnet' / 'mobilenetv2' (the papers' choices), or None for every nn.Conv2d. A conv's bias is
-    kept as ODConv2d's static bias (the papers' convs have none); weights are freshly initialised.
+    kept as ODConv2d's static bias (the papers' convs have none); train/eval mode is kept; weights are
+    freshly initialised.
     layer_kwargs go to every ODConv2d (formulation=).
 
     >>> import torch.nn as nn

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import BaselineConv2d
+from .common import BaselineConv2d, check_kernel_function, kernel_attention
 
 __all__ = ["DYConv2d", "DYAttention", "DY_REDUCTION", "DY_HIDDEN_OFFSET"]
 
@@ -32,11 +32,14 @@ DY_HIDDEN_OFFSET = 1
 
 
 class DYAttention(nn.Module):
-    """π [B, K] = softmax(fc2(relu(fc1(GAP(x)))) / T); fc1 C_in -> int(C_in/4) + 1 without bias, no norm."""
+    """π [B, K] = softmax(fc2(relu(fc1(GAP(x)))) / T); fc1 C_in -> int(C_in/4) + 1 without bias, no norm.
+    kernel_function='caf': KW's CAF instead of the softmax (Table 10)."""
 
     def __init__(self, in_channels: int, num_kernels: int, hidden_offset: int = DY_HIDDEN_OFFSET, device=None,
-                 dtype=None):
+                 dtype=None, *, kernel_function: str = "softmax"):
         super().__init__()
+        check_kernel_function(kernel_function, "DYAttention")
+        self.kernel_function = kernel_function
         factory = {"device": device, "dtype": dtype}
         self.hidden = max(int(in_channels * DY_REDUCTION) + hidden_offset, 1)
         self.fc1 = nn.Linear(in_channels, self.hidden, bias=False, **factory)
@@ -50,9 +53,9 @@ class DYAttention(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, H, W], temperature [] -> π [B, K] (rows sum to 1)."""
+        """x [B, C_in, H, W], temperature [] -> π [B, K] (softmax: rows sum to 1; CAF: |π| sums to < 1)."""
         pooled = x.mean(dim=(2, 3))
-        return (self.fc2(F.relu(self.fc1(pooled))) / temperature).softmax(dim=-1)
+        return kernel_attention(self.fc2(F.relu(self.fc1(pooled))), temperature, self.kernel_function)
 
 
 class DYConv2d(BaselineConv2d):
@@ -61,7 +64,8 @@ class DYConv2d(BaselineConv2d):
     num_kernels: K (4 in "DY-Conv (4x)"); weight [K, C_out, C_in/g, kh, kw], bias [K, C_out].
     The temperature T is the 0-dim buffer `temperature` (1 for inference; see
     `set_baseline_temperature` and `BaselineTemperatureSchedule.dyconv`). hidden_offset: the
-    attention's hidden width is int(C_in / 4) + hidden_offset (see DY_HIDDEN_OFFSET).
+    attention's hidden width is int(C_in / 4) + hidden_offset (see DY_HIDDEN_OFFSET). kernel_function:
+    'softmax' (DY-Conv's) or 'caf' (KW's, the paper's Table 10).
 
     >>> conv = DYConv2d(16, 32, 3, padding=1, num_kernels=4)
     >>> conv(torch.randn(2, 16, 8, 8)).shape
@@ -72,12 +76,14 @@ class DYConv2d(BaselineConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, num_kernels: int = 4, formulation: str = "fast",
-                 hidden_offset: int = DY_HIDDEN_OFFSET, padding_mode: str = "zeros", device=None, dtype=None):
+                 hidden_offset: int = DY_HIDDEN_OFFSET, kernel_function: str = "softmax", padding_mode: str = "zeros",
+                 device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                          formulation, num_kernels, factory)
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **factory)) if bias else None
-        self.attention = DYAttention(in_channels, num_kernels, hidden_offset, **factory)
+        self.attention = DYAttention(in_channels, num_kernels, hidden_offset, **factory,
+                                     kernel_function=kernel_function)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import BaselineConv2d
+from .common import BaselineConv2d, check_kernel_function, kernel_attention
 
 __all__ = ["ODConv2d", "ODAttention", "OD_REDUCTION", "OD_MIN_HIDDEN"]
 
@@ -33,12 +33,15 @@ class ODAttention(nn.Module):
     """The four ODConv attentions from one trunk GAP -> fc (no bias) -> BatchNorm -> ReLU.
 
     Heads (Linear with bias, logits / T): channel (always), filter (None for a depthwise conv:
-    C_in = C_out = groups), spatial (None for 1x1 kernels), kernel (None for K = 1).
+    C_in = C_out = groups), spatial (None for 1x1 kernels), kernel (None for K = 1; softmax, or KW's CAF
+    with kernel_function='caf', the paper's Table 10).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], groups: int,
-                 num_kernels: int, device=None, dtype=None):
+                 num_kernels: int, device=None, dtype=None, *, kernel_function: str = "softmax"):
         super().__init__()
+        check_kernel_function(kernel_function, "ODAttention")
+        self.kernel_function = kernel_function
         factory = {"device": device, "dtype": dtype}
         self.hidden = max(int(in_channels * OD_REDUCTION), OD_MIN_HIDDEN)
         self.fc = nn.Linear(in_channels, self.hidden, bias=False, **factory)
@@ -69,7 +72,8 @@ class ODAttention(nn.Module):
         channel = (self.channel_fc(h) / temperature).sigmoid()
         filter_ = None if self.filter_fc is None else (self.filter_fc(h) / temperature).sigmoid()
         spatial = None if self.spatial_fc is None else (self.spatial_fc(h) / temperature).sigmoid()
-        kernel = None if self.kernel_fc is None else (self.kernel_fc(h) / temperature).softmax(dim=-1)
+        kernel = None if self.kernel_fc is None else kernel_attention(self.kernel_fc(h), temperature,
+                                                                      self.kernel_function)
         return channel, filter_, spatial, kernel
 
 
@@ -80,7 +84,8 @@ class ODConv2d(BaselineConv2d):
     bias=False as in the released ODConv (which has none); bias=True adds a static bias after the
     filter attention. The temperature T is the 0-dim buffer `temperature` (1 for inference; see
     `set_baseline_temperature` and `BaselineTemperatureSchedule.odconv`). The attention has a
-    BatchNorm: training needs batches of >= 2 samples.
+    BatchNorm: training needs batches of >= 2 samples. kernel_function: 'softmax' (ODConv's) or 'caf'
+    (KW's, the paper's Table 10) for the attention over the K kernels.
 
     >>> conv = ODConv2d(16, 32, 3, padding=1, num_kernels=4).eval()
     >>> conv(torch.randn(1, 16, 8, 8)).shape
@@ -89,12 +94,13 @@ class ODConv2d(BaselineConv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, *, num_kernels: int = 4, formulation: str = "fast",
-                 padding_mode: str = "zeros", device=None, dtype=None):
+                 kernel_function: str = "softmax", padding_mode: str = "zeros", device=None, dtype=None):
         factory = {"device": device, "dtype": dtype}
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode,
                          formulation, num_kernels, factory)
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, num_kernels, **factory)
+        self.attention = ODAttention(in_channels, out_channels, self.kernel_size, groups, num_kernels, **factory,
+                                     kernel_function=kernel_function)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

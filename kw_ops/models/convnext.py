@@ -18,7 +18,8 @@ from ..config import KWConfig
 from .layers import DropPath, LayerNorm2d
 from .registry import KWRecipe, register, register_recipe
 
-__all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_stage_sharing"]
+__all__ = ["ConvNeXt", "ConvNeXtBlock", "convnext_tiny", "convnext_stage_sharing", "convnext_split_stage_sharing",
+           "CONVNEXT_PAPER_REDUCTION", "CONVNEXT_KW3D4X_OVERRIDES"]
 
 #: LayerNorm ε of ConvNeXt.
 LN_EPS = 1e-6
@@ -122,6 +123,54 @@ def convnext_stage_sharing(name: str, module: nn.Module) -> str | None:
 register_recipe(
     "convnext_tiny_kw1x",
     KWRecipe("convnext_tiny", KWConfig(budget=1, norm="layer"), convnext_stage_sharing),
-    doc="ConvNeXt-Tiny with KernelWarehouse 1x (39,370,674 parameters; the paper's Table 2 prints 32.99M, "
-        "the released config builds this): LayerNorm in the attention, KW layers with biases.",
+    doc="ConvNeXt-Tiny with KernelWarehouse 1x as the authors released it (39,370,674 parameters): LayerNorm in "
+        "the attention, KW layers with biases. The paper's Table 2 model (32.99M) is `convnext_tiny_kw1x_paper`.",
+)
+
+
+#: Blocks per warehouse when the paper splits the third stage (9 blocks) into three stages.
+SPLIT_STAGE_BLOCKS = 3
+#: Attention reduction of the paper's ConvNeXt models: hidden = max(int(C_in / 32), 16). The paper
+#: does not print it; it is the one value of the searched grid (benchmarks/search_paper_counts.py:
+#: reductions 1/4 .. 1/64, minimum hidden 1 .. 32, LayerNorm or BatchNorm) that reproduces both
+#: printed counts, 32.99M (KW 1x) and 24.53M (KW 3/4x). The released config's 1/16 gives 35.92M here.
+CONVNEXT_PAPER_REDUCTION = 1 / 32
+
+
+def convnext_split_stage_sharing(name: str, module: nn.Module) -> str | None:
+    """The paper's ConvNeXt sharing (Appendix A.3, Table 14): as `convnext_stage_sharing`, with the
+    third stage's 9 blocks split into three stages of 3 blocks, 'stage2a', 'stage2b', 'stage2c'
+    (each with its '_dw' and '_pw' warehouse): 16 warehouses, Σm = 16, 4, 4, 4, then (147, 24) for
+    each of the six stages.
+
+    Table 14 prints seven (147, 24) pairs (18 warehouses); ConvNeXt-Tiny's 18 blocks in stages of 3
+    make six, and six reproduce the printed parameter counts: the seventh pair is a typo.
+    """
+    warehouse = convnext_stage_sharing(name, module)
+    if warehouse is None or not name.startswith("stages.2."):
+        return warehouse
+    part = "abc"[int(name.split(".")[2]) // SPLIT_STAGE_BLOCKS]
+    return warehouse.replace("stage2", f"stage2{part}", 1)
+
+
+#: KW (3/4x) (Appendix A.3): KW (1/2x) with half-gcd cells on the point-wise warehouses of the last two
+#: stages (of the six), KW (1x) elsewhere.
+CONVNEXT_KW3D4X_OVERRIDES = {name: {"budget": 0.5, "in_ratio": 0.5, "out_ratio": 0.5}
+                             for name in ("stage2c_pw", "stage3_pw")}
+
+register_recipe(
+    "convnext_tiny_kw1x_paper",
+    KWRecipe("convnext_tiny", KWConfig(budget=1, norm="layer", reduction=CONVNEXT_PAPER_REDUCTION),
+             convnext_split_stage_sharing),
+    doc="ConvNeXt-Tiny with KW (1x) as the paper trained it (Table 2: 32.99M; this builds 32,992,964): the "
+        "third stage split into three warehouse stages, attention reduction 1/32. `convnext_tiny_kw1x` is the "
+        "authors' released configuration (39,370,674).",
+)
+register_recipe(
+    "convnext_tiny_kw3d4x_paper",
+    KWRecipe("convnext_tiny", KWConfig(budget=1, norm="layer", reduction=CONVNEXT_PAPER_REDUCTION),
+             convnext_split_stage_sharing, CONVNEXT_KW3D4X_OVERRIDES),
+    doc="ConvNeXt-Tiny with KW (3/4x) as the paper trained it (Table 2: 24.53M; this builds 24,531,380; no "
+        "released config): `convnext_tiny_kw1x_paper` with KW (1/2x), half-gcd cells, on the point-wise layers "
+        "of the last two stages.",
 )

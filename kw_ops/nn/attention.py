@@ -13,13 +13,18 @@ import torch.nn.functional as F
 from ..config import CAF_EPS, MIN_HIDDEN, MIN_NONLOCAL_BASIS, KWConfig
 from .planning import ZERO_CELL
 
-__all__ = ["KWAttention"]
+__all__ = ["KWAttention", "caf"]
+
+
+def caf(z: torch.Tensor) -> torch.Tensor:
+    """The contrasting-driven attention function over the last dim: z / (Σ|z| + ε)."""
+    return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
 
 
 def _normalise(z: torch.Tensor, function: str) -> torch.Tensor:
     """Attention function over the last dim (n cells + the zero cell)."""
     if function == "caf":
-        return z / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)
+        return caf(z)
     if function == "softmax":
         return z.softmax(dim=-1)
     if function == "sigmoid":
@@ -31,15 +36,17 @@ class KWAttention(nn.Module):
     """Attentions α [B, m, n] of one layer's m mixtures over the n cells of its warehouse.
 
     in_channels: channels pooled from the layer's input; m, n: mixtures and warehouse cells;
-    beta: the cell of each mixture at τ = 1 (-1: zero cell); start: the layer's first cell
+    out_channels, spatial: the layer's output channels and kernel positions (used by KW*, config.omni);
+    beta: the cell of each mixture at τ = 1 (-1: zero cell; a tuple: several cells, see
+    KWConfig.init); start: the layer's first cell
     (used by the non-local basis); config: the warehouse's KWConfig.
     """
 
     def __init__(self, in_channels: int, m: int, n: int, beta, start: int, config: KWConfig,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, out_channels: int | None = None, spatial: int = 1):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.m, self.n, self.start = m, n, start
+        self.m, self.n, self.start, self.spatial = m, n, start, spatial
         self.function = config.attention
         self.norm_kind = config.norm
         hidden = max(int(in_channels * config.reduction), MIN_HIDDEN)
@@ -62,15 +69,29 @@ class KWAttention(nn.Module):
             self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **factory))
         else:
             self.fc2 = nn.Linear(hidden, m * (n + 1), bias=True, **factory)
+        rows, columns = [], []
+        for row, cells in enumerate(beta):
+            for cell in cells if isinstance(cells, tuple) else (cells,):
+                rows.append(row)
+                columns.append(n if cell == ZERO_CELL else cell)
         one_hot = torch.zeros(m, n + 1, **factory)
-        columns = torch.tensor([n if cell == ZERO_CELL else cell for cell in beta], dtype=torch.long)
-        one_hot[torch.arange(m), columns] = 1
+        one_hot[torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)] = 1
         self.register_buffer("beta", one_hot)
+        self.blend = config.init != "none"  # 'none': no β, the temperature plays no part
+        self.omni = config.omni
+        if self.omni:  # KW*: ODConv's other three attentions (sigmoid heads)
+            if out_channels is None or m % spatial:
+                raise ValueError(f"KWAttention: KW* needs out_channels and m={m} a multiple of the spatial cells "
+                                 f"{spatial}, got {out_channels}")
+            self.channel_fc = nn.Linear(hidden, in_channels, **factory)
+            self.filter_fc = nn.Linear(hidden, out_channels, **factory)
+            self.spatial_fc = nn.Linear(hidden, spatial, **factory)
         self.register_buffer("temperature", torch.zeros((), **factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for layer in (self.fc1, self.fc2, getattr(self, "fc3", None)):
+        heads = [getattr(self, name, None) for name in ("fc3", "channel_fc", "filter_fc", "spatial_fc")]
+        for layer in (self.fc1, self.fc2, *heads):
             if layer is not None and layer.weight.numel():
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                 if layer.bias is not None:
@@ -94,8 +115,7 @@ class KWAttention(nn.Module):
         z = torch.cat([nonlocal_[:, : self.start], local, nonlocal_[:, self.start :], zero], dim=1)
         return (z.view(-1, self.m * (self.n + 1)) + self.basis_bias).view(-1, self.m, self.n + 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, *size] -> α [B, m, n] (zero-cell column dropped)."""
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.norm_kind == "batch" and x.shape[0] == 1:
             raise ValueError(
                 "KWAttention: BatchNorm1d in the KW attention cannot train on a batch of 1 sample. Train with "
@@ -103,8 +123,24 @@ class KWAttention(nn.Module):
                 "or KWConfig(norm='none'), which can train on one sample."
             )
         pooled = x.flatten(2).mean(dim=-1)
-        hidden = F.relu(self.norm1(self.fc1(pooled)))
+        return F.relu(self.norm1(self.fc1(pooled)))
+
+    def _alpha(self, hidden: torch.Tensor) -> torch.Tensor:
         alpha = _normalise(self._logits(hidden), self.function)
-        tau = self.temperature
-        alpha = (1 - tau) * alpha + tau * self.beta
-        return alpha[..., : self.n]
+        if self.blend:
+            tau = self.temperature
+            alpha = (1 - tau) * alpha + tau * self.beta
+        alpha = alpha[..., : self.n]
+        if self.omni:  # mixture j = (s * GO + go) * GI + gi covers kernel position s
+            spatial = torch.sigmoid(self.spatial_fc(hidden)).view(-1, self.spatial, 1, 1)
+            alpha = (alpha.view(-1, self.spatial, self.m // self.spatial, self.n) * spatial).view(-1, self.m, self.n)
+        return alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, *size] -> α [B, m, n] (zero-cell column dropped; KW*: times the spatial attention)."""
+        return self._alpha(self._hidden(x))
+
+    def forward_omni(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KW*: x [B, C_in, *size] -> (α [B, m, n], input-channel [B, C_in], output-channel [B, C_out] attentions)."""
+        hidden = self._hidden(x)
+        return self._alpha(hidden), torch.sigmoid(self.channel_fc(hidden)), torch.sigmoid(self.filter_fc(hidden))

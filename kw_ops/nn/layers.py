@@ -1,6 +1,8 @@
 """KW layers: drop-in replacements for nn.Conv1d/2d/3d and nn.Linear over a shared warehouse."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -47,11 +49,12 @@ class KWLayer(ConvGeometry):
                            getattr(self, "_name", None) or f"{type(self).__name__}#{index}")
 
     def _bind(self, layer_plan: LayerPlan, plan: WarehousePlan) -> None:
-        """(Re)build the attention for this layer's share of the warehouse (called by the warehouse)."""
+        """(Re)build the attention for this share of the warehouse, in the layer's train/eval mode."""
         cells = self.warehouse.cells
         factory = {"device": cells.device, "dtype": cells.dtype}
         self.attention = KWAttention(self.in_channels, layer_plan.m, plan.n, layer_plan.beta, layer_plan.start,
-                                     self.warehouse.config, **factory)
+                                     self.warehouse.config, **factory, out_channels=self.out_channels,
+                                     spatial=layer_plan.grid[0]).train(self.training)
         self.m, self.grid = layer_plan.m, layer_plan.grid
 
     @property
@@ -75,10 +78,16 @@ class KWLayer(ConvGeometry):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
         self.warehouse.check_complete()
+        if not torch.compiler.is_compiling():  # a flag flipped inside a compiled graph would force a recompile
+            self.warehouse.mark_used()
         cells, bias = self.warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)
-        attn = self.attention(x)
+        if self.attention.omni:  # KW*: input channels scaled before the conv, output channels after it
+            attn, channel, filter_ = self.attention.forward_omni(x)
+            x = x * channel.view(*channel.shape, *(1,) * self.dims)
+        else:
+            attn = self.attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
             x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
@@ -91,6 +100,8 @@ class KWLayer(ConvGeometry):
             y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
                         stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
                         backend=self.backend)
+        if self.attention.omni:
+            y = y * filter_.view(*filter_.shape, *(1,) * self.dims).to(y.dtype)
         return y.squeeze(0) if unbatched else y
 
 
@@ -120,6 +131,8 @@ class KWConv3d(KWLayer):
 class KWLinear(KWLayer):
     """KW drop-in for nn.Linear: x [B, ..., in_features] -> [B, ..., out_features].
 
+    Like nn.Linear it takes an empty batch (B = 0) and an unbatched input [in_features].
+
     As in the paper (SPEC §2) the input is treated as [B, in_features, L] (L = product of the
     middle dims) and goes through a KW 1-D convolution with kernel 1; the attention pools
     over the L tokens of each sample.
@@ -144,14 +157,15 @@ class KWLinear(KWLayer):
                 f"warehouse={self.warehouse.name!r}, m={self.m}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, ..., in_features] -> [B, ..., out_features]."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError(f"KWLinear: expected input [B, ..., {self.in_features}] (at least 2-D), got "
+        """x [B, ..., in_features] (or unbatched [in_features]) -> [B, ..., out_features]; B may be 0."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise ValueError(f"KWLinear: expected input [B, ..., {self.in_features}] or [{self.in_features}], got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"KWLinear: expected {self.in_features} input features, got {x.shape[-1]} "
                              f"(input shape {tuple(x.shape)})")
-        tokens = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
+        if x.dim() == 1:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        tokens = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), self.in_features).transpose(1, 2)
         y = super().forward(tokens)
         return y.transpose(1, 2).reshape(*x.shape[:-1], self.out_features)
-

@@ -37,7 +37,8 @@ class LayerPlan:
 
     grid:  (S, GO, GI): spatial cells, output-channel blocks, input-channel blocks; m = S*GO*GI.
     start: first warehouse cell of the layer's slice; consumed: cells in the slice.
-    beta:  the cell each mixture is assigned at τ = 1 (ZERO_CELL for e_z), length m.
+    beta:  the cell each mixture is assigned at τ = 1 (ZERO_CELL for e_z), length m; a tuple of
+           cells per mixture for KWConfig.init 'all_to_one', 'many_to_one' and 'none' (empty).
     """
 
     name: str
@@ -85,24 +86,45 @@ class WarehousePlan:
             raise PlanningError(
                 f"warehouse {self.name!r}: its {self.n} cells cannot be assigned one-to-one: the layers "
                 f"{layers} take {self.consumed} cells in all (Σm = {self.total_mixtures}). Choose a budget "
-                f"for which every layer's m is a multiple of k² (b = 1/k), or an integer budget."
+                f"for which every layer's m is a multiple of k² (b = 1/k), a budget < 1 that is not 1/k "
+                f"(the first n mixtures get the n cells), or an integer budget."
             )
 
 
-def _beta_slice(m: int, start: int, config: KWConfig) -> tuple[tuple[int, ...], int]:
-    """β of one layer's mixtures and the number of cells its slice takes (SPEC §4)."""
-    if config.budget >= 1:
+def _beta_slice(m: int, start: int, n: int, config: KWConfig) -> tuple[tuple, int]:
+    """β of one layer's mixtures and the number of cells its slice takes (SPEC §4, Table 13).
+
+    An entry is a cell index (ZERO_CELL: the zero cell) or, for the strategies that give a mixture
+    several cells or none, a tuple of cell indices.
+    """
+    b, init = config.budget, config.init
+    if init == "many_to_one":
         per = config.cells_per_mixture
-        return tuple(start + j * per for j in range(m)), m * per
-    k = config.mixtures_per_cell
-    beta, taken = [], 0
-    for j in range(m):
-        if j % k == (j // k) % k:
-            beta.append(start + taken)
-            taken += 1
-        else:
-            beta.append(ZERO_CELL)
-    return tuple(beta), taken
+        return tuple(tuple(range(start + j * per, start + (j + 1) * per)) for j in range(m)), m * per
+    if init == "one_to_many":
+        k = config.mixtures_per_cell
+        return tuple(start + j // k for j in range(m)), -(-m // k)
+    if b >= 1:
+        per = config.cells_per_mixture
+        beta, taken = tuple(start + j * per for j in range(m)), m * per
+    elif config.mixtures_per_cell is not None:  # b = 1/k: the authors' pattern
+        k = config.mixtures_per_cell
+        beta, taken = [], 0
+        for j in range(m):
+            if j % k == (j // k) % k:
+                beta.append(start + taken)
+                taken += 1
+            else:
+                beta.append(ZERO_CELL)
+        beta = tuple(beta)
+    else:  # any other b < 1: the first n mixtures of the warehouse get the n cells
+        taken = max(min(m, n - start), 0)
+        beta = tuple(start + j if j < taken else ZERO_CELL for j in range(m))
+    if init == "all_to_one":
+        beta = (tuple(range(n)),) * m
+    elif init == "none":
+        beta = ((),) * m
+    return beta, taken
 
 
 def plan_warehouse(name: str, shapes: Sequence[WeightShape], config: KWConfig) -> WarehousePlan:
@@ -150,7 +172,7 @@ def plan_warehouse(name: str, shapes: Sequence[WeightShape], config: KWConfig) -
     n = max(int(config.budget * total), 1)
     layers, start = [], 0
     for s, grid in zip(shapes, grids):
-        beta, taken = _beta_slice(math.prod(grid), start, config)
+        beta, taken = _beta_slice(math.prod(grid), start, n, config)
         layers.append(LayerPlan(s.name, grid, start, taken, beta))
         start += taken
     return WarehousePlan(name, cell_out, cell_in, cell_kernel, n, tuple(layers))

@@ -7,6 +7,7 @@ them under every member, as PyTorch does for any shared module.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -23,12 +24,15 @@ class Warehouse(nn.Module):
     Layers join in construction order and are handed cells in that order (SPEC §4); every join
     re-plans the warehouse (cell shape, n, β) and re-initialises it and its members' attention.
     `kw_ops.convert` and `kw_ops.assign_cells(model)` put members into module registration
-    order, the order of the authors' code. Build big networks inside `planning_deferred()` to
-    plan once.
+    order, the order of the authors' code. Build a warehouse's layers inside `planning_deferred()`
+    to plan once: a re-plan that replaces the tensors of an earlier plan warns (an optimizer made
+    before holds the old ones), and once the warehouse has run a forward or loaded weights, a
+    re-plan (a layer joining, a new order) is refused.
 
     >>> wh = Warehouse("stage1", KWConfig(budget=1))
     >>> from kw_ops import KWConv2d
-    >>> a, b = KWConv2d(64, 64, 3, padding=1, warehouse=wh), KWConv2d(64, 128, 1, warehouse=wh)
+    >>> with wh.planning_deferred():
+    ...     a, b = KWConv2d(64, 64, 3, padding=1, warehouse=wh), KWConv2d(64, 128, 1, warehouse=wh)
     >>> tuple(wh.cells.shape)   # cells of 64x64: m = 9 + 2
     (11, 64, 64, 1, 1)
     """
@@ -43,6 +47,7 @@ class Warehouse(nn.Module):
         self._members: list[nn.Module] = []
         self._plan: WarehousePlan | None = None
         self._deferred = 0
+        self._settled: str | None = None  # why the plan may no longer change: ran a forward, loaded weights
 
     # -- membership and planning -------------------------------------------------------------
     @property
@@ -70,11 +75,18 @@ class Warehouse(nn.Module):
         self.cells = nn.Parameter(torch.empty(0, device=device, dtype=dtype), requires_grad=cells.requires_grad)
 
     def join(self, layer: nn.Module) -> None:
-        """Bind a KW layer (called by the layer's constructor); re-plans unless deferred."""
+        """Bind a KW layer (called by the layer's constructor); re-plans unless deferred.
+
+        Refused (PlanningError) once the warehouse has run a forward or holds loaded weights.
+        """
+        shape = layer.weight_shape(len(self._members))
+        joining = (f"layer {shape.name} (weight [{shape.out_channels}, {shape.in_per_group}, "
+                   f"{', '.join(map(str, shape.kernel))}])")
+        self._refuse_if_settled(f"{joining} cannot join it")
         self._members.append(layer)
         if not self._deferred:
             try:
-                self.replan()
+                self._replan_replacing(f"{joining} joined")
             except PlanningError:
                 self._members.pop()  # the warehouse stays as it was
                 raise
@@ -88,15 +100,47 @@ class Warehouse(nn.Module):
         finally:
             self._deferred -= 1
             if not self._deferred and self._members:
-                self.replan()
+                self._replan_replacing("layers joined inside planning_deferred()")
 
     def reorder(self, order: list[nn.Module]) -> None:
         """Hand out cells in the given order of members (e.g. module registration order) and re-plan."""
         if sorted(map(id, order)) != sorted(map(id, self._members)):
             raise ValueError(f"warehouse {self.name!r}: reorder() needs exactly its members")
         if [id(m) for m in order] != [id(m) for m in self._members] or self._plan is None:
+            self._refuse_if_settled("its layers cannot be put in another order")
             self._members = list(order)
-            self.replan()
+            self._replan_replacing("its layers were put in module order")
+
+    def _refuse_if_settled(self, what: str) -> None:
+        """Raise PlanningError once a re-plan would wipe cells that ran a forward, were trained or were loaded."""
+        settled = self._settled or ("has gradients from a backward" if self.cells.grad is not None else None)
+        if settled is not None:
+            names = ", ".join(p.name for p in self.plan.layers)
+            raise PlanningError(
+                f"warehouse {self.name!r} {settled}: {what}, because re-planning would re-initialise the "
+                f"cells and attention of its layers ({names}). Build every layer of a warehouse before running or "
+                f"loading it, or give the new layer a warehouse of its own."
+            )
+
+    def _replan_replacing(self, event: str) -> None:
+        """replan(), then a warning when it replaced the cells and attention of an earlier plan."""
+        earlier = self._plan
+        before = tuple(self.cells.shape)
+        self.replan()
+        if earlier is not None:
+            names = ", ".join(p.name for p in earlier.layers)
+            warnings.warn(
+                f"warehouse {self.name!r}: {event} after its plan was made; re-planning replaced its cells {before} "
+                f"by new cells {tuple(self.cells.shape)} and re-initialised them and the attention of its layers "
+                f"({names}): an optimizer made before holds the old tensors and values set on them are lost. Build "
+                f"a warehouse's layers inside `warehouse.planning_deferred()` (or with kw_ops.convert) to plan once.",
+                stacklevel=4)
+
+    def mark_used(self) -> None:
+        """Note that the cells ran a forward: from now on the plan may not change (called by KW layers'
+        eager forwards; a compiled forward is caught by the gradients it leaves on the cells)."""
+        if self._settled is None:
+            self._settled = "has run a forward"
 
     def replan(self) -> None:
         """Plan cells for the current members and re-initialise the warehouse and their attention."""
@@ -139,6 +183,12 @@ class Warehouse(nn.Module):
             self.init_slice(layer_plan)
 
     # -- torch.nn.Module plumbing -------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Load as any module does; cells loaded from a state_dict settle the plan."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "cells" in state_dict:
+            self._settled = "holds loaded weights"
+
     def _apply(self, fn, recurse=True):
         # Module.to(memory_format=channels_last) refuses 5-D tensors and would restride 4-D ones;
         # cells have no memory format, so conversions see them as [n, c_out, rest].

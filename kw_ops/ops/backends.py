@@ -52,7 +52,7 @@ BACKENDS: dict[str, Backend] = {
                      "pure PyTorch (grouped conv / blocked im2col GEMM), every device"),
     "triton": Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops.ops.triton",
                       "pip install triton (and a CUDA build of torch)",
-                      "fused mixing + implicit-GEMM conv Triton kernels on CUDA tensors"),
+                      "tensor-core mixing GEMM + implicit-GEMM conv Triton kernels on CUDA tensors"),
     "cuda": Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops._C",
                     "pip install -e . --no-build-isolation on a machine with CUDA torch and nvcc",
                     "ahead-of-time compiled CUDA kernels (csrc/, the extension kw_ops._C)"),

@@ -29,7 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16 adds a GradScaler)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--out", default="runs/train", help="folder for log.csv, last.pt and best.pt")
+    p.add_argument("--out", help="folder for log.csv, last.pt and best.pt (default: a new runs/train/MODEL-TIME); "
+                   "one holding checkpoints is refused unless --resume or --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="delete the checkpoints and log in --out first")
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/last.pt if present")
     p.add_argument("--max-steps", type=int, help="stop after this many iterations (smoke tests)")
     p.add_argument("--seed", type=int, default=0)

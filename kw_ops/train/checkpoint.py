@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Position", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint"]
+__all__ = ["Position", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "check_train_checkpoint",
+           "TRAIN_CHECKPOINT_KEYS"]
+
+#: what `python -m kw_ops train` saves, and needs to resume
+TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "temperature", "position", "rng", "model_name",
+                         "classes")
 
 
 @dataclasses.dataclass
@@ -51,6 +56,28 @@ def save_checkpoint(path, **state) -> None:
     os.replace(partial, path)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint` (it holds Python objects: only load your own)."""
-    return torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(path, map_location="cpu"):
+    """Load a file written by `torch.save` (it may hold Python objects: only load your own).
+
+    Raises FileNotFoundError when there is no such file and ValueError, naming the file, when it
+    cannot be read (truncated, or not a torch.save file at all, e.g. an image).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # unpickling a foreign or truncated file can fail with any exception type
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
+                         f"{type(error).__name__}: {reason}") from error
+
+
+def check_train_checkpoint(state, path) -> None:
+    """Raise ValueError unless `state` is a checkpoint of `python -m kw_ops train` (not, e.g., a state_dict)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a `kw_ops train` checkpoint")
+    missing = [key for key in TRAIN_CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a `kw_ops train` checkpoint (a plain state_dict?): it lacks "
+                         f"{', '.join(repr(key) for key in missing)}; resume only from a last.pt written by train")

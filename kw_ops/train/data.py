@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-__all__ = ["ImageFolder", "ResumableSampler", "ShardSampler", "random_resized_crop_box", "write_synthetic_image_folder",
-           "IMAGE_EXTENSIONS",
+__all__ = ["ImageFolder", "UnreadableImageError", "class_folders", "ResumableSampler", "ShardSampler",
+           "random_resized_crop_box", "write_synthetic_image_folder", "IMAGE_EXTENSIONS",
            "IMAGENET_MEAN", "IMAGENET_STD", "EVAL_CROP_FRACTION"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -34,15 +34,33 @@ CROP_ATTEMPTS = 10
 _SEED_STRIDE = 1_000_003  # mixes (seed, epoch, index) into one generator seed
 
 
+class UnreadableImageError(ValueError):
+    """An image file Pillow cannot decode. The message is one line naming the file, also when a
+    DataLoader worker raised it (the traceback text the worker sends back is cut to that line)."""
+
+    def __init__(self, message: str):
+        if "Original Traceback" in message:
+            message = message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 def _load_rgb(path: Path) -> torch.Tensor:
-    """Decode an image with Pillow -> uint8 [3, H, W]."""
+    """Decode an image with Pillow -> uint8 [3, H, W]; UnreadableImageError naming the file if it cannot."""
     from PIL import Image  # soft import: `import kw_ops.train` works without Pillow
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            width, height = image.size
+            data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise UnreadableImageError(f"cannot decode image {path}: {type(error).__name__}: {error}") from error
     return data.view(height, width, 3).permute(2, 0, 1)
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The sorted names of the sub-folders of `folder`: the classes of one ImageFolder split."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
 
 
 def random_resized_crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
@@ -85,18 +103,27 @@ class ImageFolder(Dataset):
         self.root = Path(root) / split
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolder: no folder {self.root} (expected {Path(root)}/{split}/<class>/...)")
-        self.classes = classes if classes is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = classes if classes is not None else class_folders(self.root)
         self.samples = [(path, index) for index, name in enumerate(self.classes)
                         for path in sorted((self.root / name).rglob("*"))
                         if path.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.samples:
             raise FileNotFoundError(f"ImageFolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
+        empty = self.empty_classes() if classes is None else []
+        if empty:
+            raise ValueError(f"ImageFolder: class folders without images under {self.root}: {', '.join(empty)} "
+                             f"(each class needs an image: {', '.join(IMAGE_EXTENSIONS)})")
         self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def empty_classes(self) -> list[str]:
+        """The classes without any image in this split."""
+        found = {index for _, index in self.samples}
+        return [name for index, name in enumerate(self.classes) if index not in found]
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation draws of this epoch."""

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["DistInfo", "setup", "cleanup", "wrap", "unwrap", "all_reduce_sum", "check_unique_parameters"]
+__all__ = ["DistInfo", "parse_device", "setup", "cleanup", "wrap", "unwrap", "all_reduce_sum",
+           "check_unique_parameters"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,27 @@ class DistInfo:
         return self.world_size > 1
 
 
+def parse_device(requested: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' as a device this machine has; ValueError naming --device otherwise."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {requested!r}")
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and count == 0:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {requested}: no CUDA device here (torch {torch.__version__}, {build}); "
+                         f"use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ValueError(f"--device {requested}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def _pick_device(requested: str | None, local_rank: int) -> torch.device:
     if requested not in (None, "auto"):
-        device = torch.device(requested)
+        device = parse_device(requested)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
         return device

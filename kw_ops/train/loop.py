@@ -6,7 +6,8 @@
 Every iteration sets τ (TemperatureSchedule, SPEC §5) before the forward, then steps the optimizer
 and the per-iteration LR schedule. After every epoch (and when --max-steps stops a run) rank 0
 evaluates top-1/top-5 on val, appends a row to `<out>/log.csv` and saves `<out>/last.pt`
-(`best.pt` when top-1 improves); `resume=` continues from such a checkpoint exactly.
+(`best.pt` when top-1 improves); `resume=` continues from such a checkpoint exactly. A folder that
+already holds a run's checkpoints is only written to when resuming it or with `overwrite=True`.
 """
 from __future__ import annotations
 
@@ -28,23 +29,30 @@ from torch.utils.data import DataLoader
 from .. import models
 from ..nn import TemperatureSchedule
 from . import distributed
-from .checkpoint import Position, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import ImageFolder, ResumableSampler, ShardSampler
+from .checkpoint import Position, check_train_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import ImageFolder, ResumableSampler, ShardSampler, class_folders
 from .recipes import Recipe, build_lr_scheduler, build_optimizer, get_recipe
 
 __all__ = ["TrainConfig", "StepInfo", "train", "build_model", "evaluate", "CSV_FIELDS"]
 
-CSV_FIELDS = ("epoch", "step", "train_loss", "val_loss", "top1", "top5", "lr", "tau", "images_per_s")
+CSV_FIELDS = ("model", "epoch", "step", "train_loss", "val_loss", "top1", "top5", "lr", "tau", "images_per_s")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOP_K = (1, 5)
+#: parent of the default output folder of a run, `<model>-<local time>` (see `TrainConfig.out`)
+DEFAULT_OUT_ROOT = Path("runs") / "train"
+#: the files a run writes into its output folder
+CHECKPOINT_FILES = ("last.pt", "best.pt")
+LOG_FILE = "log.csv"
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one run. The override fields (None: the recipe's value) change the recipe;
     batch_size is per process. `max_steps` stops the run after that many global iterations
-    (the schedules still span the recipe's epochs). `resume`: a checkpoint path or 'auto'
-    (`<out>/last.pt` if present)."""
+    (the schedules still span the recipe's epochs). `out`: the run's folder (None: a new folder
+    `runs/train/<model>-<YYYYmmdd-HHMMSS>`); a folder holding checkpoints is refused unless resuming
+    that run or `overwrite` (which deletes its checkpoints and log first). `resume`: a checkpoint
+    path or 'auto' (`<out>/last.pt` if present; needs `out`)."""
 
     model: str
     data: str
@@ -58,13 +66,24 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
-    out: str = "runs/train"
+    out: str | None = None
+    overwrite: bool = False
     resume: str | None = None
     max_steps: int | None = None
     seed: int = 0
     device: str | None = None
     log_interval: int = 10
     progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps (--max-steps) must be >= 1, got {self.max_steps}: a run of no step trains "
+                             f"and saves nothing")
+        if self.resume is not None and self.overwrite:
+            raise ValueError(f"resume (--resume {self.resume}) continues a run and overwrite (--overwrite) replaces "
+                             f"it: pass one of them")
+        if self.resume == "auto" and self.out is None:
+            raise ValueError("resume='auto' (--resume auto) needs out (--out), the folder of the run to continue")
 
     def resolved_recipe(self) -> Recipe:
         return get_recipe(self.recipe, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
@@ -120,6 +139,10 @@ def _loaders(config: TrainConfig, recipe: Recipe, info: distributed.DistInfo):
     """Train loader (shuffled shards, drop_last) and val loader (disjoint shards, in order)."""
     train_set = ImageFolder(config.data, "train", recipe.image_size, train=True, seed=config.seed)
     val_set = ImageFolder(config.data, "val", recipe.image_size, train=False, classes=train_set.classes)
+    val_only = sorted(set(class_folders(val_set.root)) - set(train_set.classes))
+    if val_only:
+        raise ValueError(f"classes only in {val_set.root}, not in {train_set.root}: {_names(val_only)} (their "
+                         f"images would never be evaluated)")
     if len(train_set) < recipe.batch_size * info.world_size:
         raise ValueError(f"{len(train_set)} training images, fewer than one global batch of "
                          f"{recipe.batch_size} x {info.world_size} processes")
@@ -179,11 +202,33 @@ def _save(run: _Run, out: Path, best: bool) -> None:
         shutil.copyfile(out / "last.pt", out / "best.pt")
 
 
+def _names(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, comma-separated, with '...' when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _check_resumable(run: _Run, state: dict, path: Path) -> None:
+    """Refuse a checkpoint of another model or class list, or of a run with nothing left to train."""
+    if state["model_name"] != run.config.model:
+        raise ValueError(f"checkpoint {path} is of model {state['model_name']!r}, not {run.config.model!r}")
+    classes = list(state["classes"])
+    if classes != run.classes:
+        raise ValueError(f"checkpoint {path} was trained on {len(classes)} classes ({_names(classes)}), but "
+                         f"{run.config.data} has {len(run.classes)} ({_names(run.classes)})")
+    done = Position(**state["position"])
+    if done.epoch >= run.recipe.epochs:
+        raise ValueError(f"checkpoint {path} is of a finished run ({done.epoch} of {run.recipe.epochs} epochs, "
+                         f"step {done.step}): nothing to resume")
+    if run.config.max_steps is not None and done.step >= run.config.max_steps:
+        raise ValueError(f"checkpoint {path} is at step {done.step}, already at --max-steps {run.config.max_steps}: "
+                         f"nothing to resume")
+
+
 def _resume(run: _Run, path: Path) -> None:
     """Load a checkpoint into the run (every rank loads the same file)."""
     state = load_checkpoint(path, map_location="cpu")
-    if state["model_name"] != run.config.model:
-        raise ValueError(f"checkpoint {path} is of model {state['model_name']!r}, not {run.config.model!r}")
+    check_train_checkpoint(state, path)
+    _check_resumable(run, state, path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -192,6 +237,73 @@ def _resume(run: _Run, path: Path) -> None:
     run.position = Position(**state["position"])
     rng = state["rng"]
     set_rng_state(rng[min(run.info.rank, len(rng) - 1)])
+
+
+def _recorded_model(path: Path) -> str | None:
+    """The model name a checkpoint file records; None if it cannot be read or records none."""
+    try:
+        state = load_checkpoint(path)
+    except ValueError:
+        return None
+    return state.get("model_name") if isinstance(state, dict) else None
+
+
+def _check_run(config: TrainConfig, out: Path, found: list[str]) -> None:
+    """Refuse to write where `found` checkpoints belong to another run: unless resuming it, never into a run
+    of another model, and not `resume='auto'` where only best.pt is left (starting afresh would overwrite it)."""
+    model = _recorded_model(out / found[0])
+    holder = f"{out} holds a run of {repr(model) if model else 'an unknown model'} ({', '.join(found)})"
+    if config.resume is None:
+        raise ValueError(f"{holder}: pass --resume auto to continue it, --overwrite to replace it, or another --out")
+    if config.resume == "auto" and "last.pt" not in found:
+        raise ValueError(f"{holder} but no last.pt to resume from (starting afresh would overwrite best.pt): pass "
+                         f"--overwrite to start over there, or another --out")
+    if model != config.model:
+        raise ValueError(f"{holder}, not of {config.model!r}: pass --overwrite to replace it, or another --out")
+
+
+def _check_log(out: Path) -> None:
+    """Refuse to append to a log.csv with other columns than CSV_FIELDS (one written before the model column)."""
+    path = out / LOG_FILE
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        header = tuple(next(csv.reader(handle), ()))
+    if header and header != CSV_FIELDS:
+        raise ValueError(f"{path} has the columns {','.join(header)}, not {','.join(CSV_FIELDS)}: move it away, or "
+                         f"pass another --out")
+
+
+def _check_out(config: TrainConfig) -> None:
+    """Check the run's folder before anything is written (nothing to check for a new folder, out=None, or
+    with `overwrite`): its checkpoints (`_check_run`) and its log (`_check_log`)."""
+    if config.out is None or config.overwrite:
+        return
+    out = Path(config.out)
+    found = [name for name in CHECKPOINT_FILES if (out / name).is_file()]
+    if found:
+        _check_run(config, out, found)
+    _check_log(out)
+
+
+def _new_out(model: str, create: bool) -> Path:
+    """A new folder `runs/train/<model>-<YYYYmmdd-HHMMSS>[-k]` for a run; created (claimed) when `create`."""
+    stem = DEFAULT_OUT_ROOT / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, attempt = stem, 1
+    while create:
+        try:
+            path.mkdir(parents=True)
+            break
+        except FileExistsError:  # another run started in the same second
+            attempt += 1
+            path = stem.with_name(f"{stem.name}-{attempt}")
+    return path
+
+
+def _clear_out(out: Path) -> None:
+    """Delete the checkpoints and log of the run in `out` (--overwrite)."""
+    for name in (*CHECKPOINT_FILES, LOG_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def _resume_path(config: TrainConfig) -> Path | None:
@@ -308,7 +420,7 @@ def evaluate(model: nn.Module, loader: DataLoader, info: distributed.DistInfo, a
 
 def _log_row(out: Path, row: dict) -> None:
     """Append one row to <out>/log.csv (header on creation)."""
-    path = out / "log.csv"
+    path = out / LOG_FILE
     new = not path.exists()
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
@@ -320,7 +432,7 @@ def _log_row(out: Path, row: dict) -> None:
 def _finish_epoch(run: _Run, epoch: int, stats: dict, out: Path) -> dict:
     """Evaluate, log, advance the position and checkpoint; returns the logged row."""
     metrics = evaluate(run.model, run.val_loader, run.info, run.config.amp, run.config.channels_last)
-    row = {"epoch": epoch + 1, "step": run.position.step, **stats, **metrics}
+    row = {"model": run.config.model, "epoch": epoch + 1, "step": run.position.step, **stats, **metrics}
     if not stats["stopped"] or run.position.batches >= run.iters_per_epoch:  # the epoch is complete
         run.position.epoch, run.position.batches = epoch + 1, 0
     best = metrics["top1"] > run.position.best_top1
@@ -334,26 +446,40 @@ def _finish_epoch(run: _Run, epoch: int, stats: dict, out: Path) -> dict:
     return row
 
 
+def _prepare_out(run: _Run) -> Path:
+    """The run's folder (a new one when `out` is None): emptied for --overwrite, created, announced on the
+    main rank."""
+    if run.config.out is None:
+        run.config = dataclasses.replace(run.config, out=str(_new_out(run.config.model, create=run.info.is_main)))
+    out = Path(run.config.out)
+    if run.info.is_main:
+        if run.config.overwrite:
+            _clear_out(out)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"{run.config.model}: {LOG_FILE} and checkpoints in {out}", file=sys.stderr, flush=True)
+    return out
+
+
 def train(config: TrainConfig, on_step: Callable[[StepInfo], None] | None = None) -> dict:
-    """Run (or resume) training; returns {'history': logged rows, 'position': Position as a dict}."""
+    """Run (or resume) training; returns {'history': logged rows, 'position': Position as a dict, 'out': folder}.
+
+    Everything is checked (output folder, data, checkpoint) before anything is written.
+    """
     info = distributed.setup(config.device)
     try:
+        _check_out(config)
         run = _build(config, info)
         path = _resume_path(config)
         if path is not None:
             _resume(run, path)
-        out = Path(config.out)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+        out = _prepare_out(run)
         history = []
         for epoch in range(run.position.epoch, run.recipe.epochs):
-            if config.max_steps is not None and run.position.step >= config.max_steps:
-                break
             stats = _train_epoch(run, epoch, on_step)
             history.append(_finish_epoch(run, epoch, stats, out))
             if stats["stopped"]:
                 break
-        return {"history": history, "position": dataclasses.asdict(run.position)}
+        return {"history": history, "position": dataclasses.asdict(run.position), "out": str(out)}
     finally:
         distributed.cleanup()
 

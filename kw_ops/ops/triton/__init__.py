@@ -18,7 +18,7 @@ def kw_conv_implementation():
     """(forward, backward) for kw_ops.ops.backends, with the arguments of kw_conv_torch / kw_conv_backward_torch.
 
     The op's `formulation` (the torch path's 'grouped' / 'gemm') does not apply here; the Triton mode
-    (fused or two-phase) is chosen by shape or KW_OPS_TRITON_MODE.
+    (launch.MODES) is chosen by `choose_mode` or KW_OPS_TRITON_MODE.
     """
     from . import launch
 

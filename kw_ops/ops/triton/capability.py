@@ -5,7 +5,7 @@ reason the Triton kernels cannot run this call (an empty list: they can). `suppo
 boolean. Limits of the kernels (see the headers of conv_kernels.py and gemm_kernels.py):
 
 - 1-D and 2-D convolutions (1-D runs as 2-D with a unit height); 3-D falls back to the torch path;
-- groups == 1 only: grouped and depthwise convolutions fall back to the torch path;
+- any groups: groups != 1 (depthwise, grouped) runs the CUDA-core kernels of grouped_kernels.py;
 - CUDA tensors in float16, bfloat16, float32; float64 only under the Triton interpreter
   (TRITON_INTERPRET=1, CPU tensors), where the kernels are tested;
 - batch and the layer's grid below CUDA's 65535 limit of the second and third launch dimensions.
@@ -57,17 +57,15 @@ def not_supported_reasons(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.
     dims = len(kernel_size)
     if dims not in (1, 2):
         reasons.append(f"{dims}-D convolution: the Triton kernels do 1-D and 2-D (3-D uses the torch path)")
-    if groups != 1:
-        reasons.append(f"groups={groups}: the Triton kernels do groups=1 only (grouped/depthwise use the torch path)")
     cell_k = tuple(warehouse.shape[3:])
     if cell_k != tuple(kernel_size) and any(c != 1 for c in cell_k):
         reasons.append(f"cell kernel {cell_k} is neither all ones nor the kernel {tuple(kernel_size)}")
     if x.shape[0] > MAX_GRID_YZ:
         reasons.append(f"batch {x.shape[0]} exceeds the launch grid limit {MAX_GRID_YZ}")
-    if warehouse.dim() >= 3:
-        m = attn.shape[1] if attn.dim() == 3 else 0
-        if m * math.prod(cell_k) > MAX_GRID_YZ:
-            reasons.append(f"{m} mixtures x {math.prod(cell_k)} cell positions exceed the launch grid limit")
+    # the weight-gradient grid has (kernel positions x input channels per group) programs along y for groups != 1
+    wgrad_rows = math.prod(kernel_size) * (x.shape[1] // groups if groups != 1 and x.dim() >= 2 else 1)
+    if wgrad_rows > MAX_GRID_YZ:
+        reasons.append(f"{wgrad_rows} kernel positions x input channels per group exceed the launch grid limit")
     return reasons
 
 

@@ -18,31 +18,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .capability import interpreting
+from .tuning import autotune
 
 __all__ = ["kw_mix_kernel", "kw_matmul_kernel", "kw_bias_grad_kernel"]
 
 
-def _configs(tiles):
-    """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one small config when interpreting."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); chosen free of register spills for sm_90 in bf16
 # (benchmarks/triton_compile_check.py prints registers and stack per config)
-_MIX_TILES = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3)]
+_MIX_TILES = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (32, 64, 16, 4, 3), (16, 128, 32, 4, 3)]
 _MATMUL_TILES = [(64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
                  (128, 128, 32, 8, 3)]
 
 
-@triton.autotune(configs=_configs(_MIX_TILES), key=["rows", "cols", "n"])
+@autotune(_MIX_TILES, ["cols", "n", "RB", "INPUT_PRECISION"], sizes=("rows", "cols", "n"))
 @triton.jit
 def kw_mix_kernel(
     attn_ptr, e_ptr, w_ptr,
-    rows, cols, n, m, c_out, c_in, GO, GI, CK,
+    rows, cols, n, m, c_out, c_in, GO, GI, CK, RB,
     sab, saj, sak, sen, sep, seq, sek, swb, swt, swo, swc,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -79,10 +71,10 @@ def kw_mix_kernel(
              mask=mask_r[:, None] & mask_col[None, :])
 
 
-@triton.autotune(configs=_configs(_MATMUL_TILES), key=["M", "N", "K", "split_len"])
+@autotune(_MATMUL_TILES, ["N", "split_len", "MB", "KB", "INPUT_PRECISION"], sizes=("M", "N", None))
 @triton.jit
 def kw_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, M, N, K, split_len,
+    a_ptr, b_ptr, c_ptr, M, N, K, split_len, MB, KB,
     sam, sak, sbk, sbn, scs, scm, scn,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

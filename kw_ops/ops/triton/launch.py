@@ -1,27 +1,36 @@
 """Launchers of the Triton KW kernels, with the normalised arguments of `kw_conv_torch` (twin signatures).
 
+Entry points (the interface other modules and benchmarks use):
+
     kw_conv_triton_forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation,
-                           groups) -> y
+                           groups, *, mode=None, input_precision=None, chunk_bytes=None) -> y
     kw_conv_triton_backward(dy, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding,
-                            dilation, groups) -> (dx, dattn, dwarehouse, dbias)
+                            dilation, groups, *, output_mask=(True,)*4, mode=None, input_precision=None,
+                            chunk_bytes=None) -> (dx, dattn, dwarehouse, dbias)
+    choose_mode(layer, element_size, direction) -> a name in MODES, by cost_model.py (KW_OPS_TRITON_MODE overrides)
 
-Two modes for the forward and the input gradient (`choose_mode`, by the cost model of DESIGN.md):
-- "fused": one kernel per sample mixes each weight tile in registers and consumes it at once; the
-  per-sample kernels never reach device memory, but a tile is re-mixed (2·n FLOPs per weight element,
-  CUDA cores) for every position tile of the sample: right for late stages (few positions).
-- "two_phase": per chunk of samples (at most KERNEL_CHUNK_BYTES of kernels) the mixing GEMM on tensor
-  cores writes the per-sample kernels, then the conv kernel reads them: right for early stages.
-The weight gradient is computed per chunk of samples (at most KERNEL_CHUNK_BYTES of per-sample gradients,
-in the op's dtype like the torch path), contracted into dattn (split-K GEMM) and dE (GEMM, fp32 sum over
-chunks): never B × the layer's weights in memory.
+MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per chunk of samples whose per-sample kernels fit
+KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tensor cores (K = n) writes
+each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
+while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may set: L2-sized
+chunks cost two launches per chunk (22 chunks for a ResNet50 layer4 3x3 conv at batch 128 in bf16), larger
+ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
+tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
+groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
+The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
+dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
+weights in memory. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums over
+samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
+and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
-fp32 dots use TF32 by default (as Triton, and as cuDNN convolutions in PyTorch by default); set
-KW_OPS_TRITON_FP32_PRECISION=ieee (or tf32x3) or pass input_precision= for full fp32. Outputs are fresh
-contiguous tensors (dx too), as in the torch path; inputs may have any strides (channels_last included).
+2-byte dtypes run channels_last (NHWC) inside: x and dy are converted at the boundary when they come in
+another layout, so the kernels' operand loads are contiguous along channels. Outputs are fresh contiguous
+tensors (dx too), as in the torch path. fp32 dots use TF32 by default (as Triton, and as cuDNN
+convolutions in PyTorch by default); set KW_OPS_TRITON_FP32_PRECISION=ieee (or tf32x3) or pass
+input_precision= for full fp32.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,24 +39,23 @@ import torch
 import triton
 
 from ..torch_impl import conv_output_size
+from . import cost_model
 from .capability import not_supported_reasons
 from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
+from .grouped_kernels import kw_grouped_dx_kernel, kw_grouped_fwd_kernel, kw_grouped_wgrad_kernel
+from .tuning import bucket
 
 __all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
 
-MODES = ("fused", "two_phase")
+MODES = ("two_phase",)
 MODE_ENV = "KW_OPS_TRITON_MODE"
 FP32_PRECISION_ENV = "KW_OPS_TRITON_FP32_PRECISION"
 DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
-# Per-sample kernels (two-phase) or per-sample weight gradients held at once: a chunk of samples.
-KERNEL_CHUNK_BYTES = 256 << 20
-# Cost-model constants of `choose_mode` (H100 SXM orders of magnitude; benchmarks/gpu_check.py measures them).
-CUDA_CORE_FLOPS = 50e12       # fp32 FMA rate of the in-register mixing
-TENSOR_CORE_FLOPS = 600e12    # bf16/fp16 dense rate of the mixing GEMM
-MEMORY_BANDWIDTH = 3.0e12     # bytes/s, per-sample kernels written once and read once
-FUSED_POSITION_TILE = 64      # typical position tile of the conv kernels (a tile is re-mixed once per tile)
+# Per-sample kernels (or per-sample weight gradients) of one chunk of samples: small enough to stay in
+# L2 (50 MB on H100) beside the chunk's activations, so the conv kernels never read them back from DRAM.
+KERNEL_CHUNK_BYTES = 32 << 20
 # Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_LEN = 512
@@ -75,6 +83,7 @@ class _Layer:
     stride: tuple
     padding: tuple
     dilation: tuple
+    groups: int
 
     @property
     def kk(self) -> int:
@@ -85,8 +94,12 @@ class _Layer:
         return self.kk // self.cell_numel * self.grid_out * self.grid_in
 
     @property
+    def in_per_group(self) -> int:
+        return self.channels // self.groups
+
+    @property
     def weight_numel(self) -> int:
-        return self.out_channels * self.channels * self.kk
+        return self.out_channels * self.in_per_group * self.kk
 
     def conv_args(self):
         """The shape arguments shared by the conv kernels: C, H, W, O, OH, OW."""
@@ -98,6 +111,12 @@ class _Layer:
     def conv_params(self):
         return (*self.stride, *self.padding, *self.dilation)
 
+    def cost_shape(self, element_size: int) -> cost_model.ConvShape:
+        """This call as the cost model's shape."""
+        return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
+                                    (self.out_h, self.out_w), (self.kh, self.kw), self.groups, self.n, self.m,
+                                    element_size)
+
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
     """1-D calls as 2-D ones with a unit height; warehouse as [n, c_out, c_in, CK]."""
@@ -108,13 +127,13 @@ def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
     return x, cells, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation)
 
 
-def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation) -> _Layer:
+def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups) -> _Layer:
     batch, channels, height, width = x4.shape
     n, c_out, c_in, ck = cells.shape
     out = conv_output_size((height, width), kernel_size, stride, padding, dilation)
     return _Layer(batch, channels, height, width, out_channels, out[0], out[1], n, c_out, c_in,
-                  out_channels // c_out, channels // c_in, ck, kernel_size[0], kernel_size[1], stride, padding,
-                  dilation)
+                  out_channels // c_out, channels // groups // c_in, ck, kernel_size[0], kernel_size[1], stride,
+                  padding, dilation, groups)
 
 
 def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
@@ -149,80 +168,119 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def choose_mode(positions: int, n: int, element_size: int) -> str:
-    """'fused' or 'two_phase' for a conv kernel over `positions` output (or input, for dx) positions per sample.
+def choose_mode(layer: _Layer, element_size: int, direction: str = "forward") -> str:
+    """The mode of MODES with the least predicted time for the forward or the input gradient ('dx') of `layer`.
 
-    Extra cost per weight element and sample (DESIGN.md cost model): fused re-mixes each weight tile for
-    every position tile on CUDA cores, 2·n·tiles / CUDA_CORE_FLOPS; two-phase mixes once on tensor cores
-    and moves the per-sample kernels through memory, 2·n / TENSOR_CORE_FLOPS + 2·element_size / bandwidth.
-    KW_OPS_TRITON_MODE=fused|two_phase overrides.
+    cost_model.py predicts each mode's time from the DRAM, L2, tensor-core and CUDA-core work of its kernels,
+    with the peaks of KW_OPS_PEAKS (measured by benchmarks/gpu_check.py) or the H100 SXM datasheet.
+    KW_OPS_TRITON_MODE overrides (and is checked against MODES).
     """
     forced = os.environ.get(MODE_ENV)
     if forced:
         if forced not in MODES:
             raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {forced!r}")
         return forced
-    tiles = math.ceil(positions / FUSED_POSITION_TILE)
-    fused = 2 * n * tiles / CUDA_CORE_FLOPS
-    two_phase = 2 * n / TENSOR_CORE_FLOPS + 2 * element_size / MEMORY_BANDWIDTH
-    return "fused" if fused <= two_phase else "two_phase"
+    return cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
 
 
-def _chunk(layer: _Layer, element_size: int) -> int:
-    """Samples per chunk so that their per-sample kernels (or weight gradients) fit KERNEL_CHUNK_BYTES."""
-    return max(1, min(layer.batch, KERNEL_CHUNK_BYTES // max(1, layer.weight_numel * element_size)))
+def _check_mode(mode: str | None, layer: _Layer, element_size: int, direction: str) -> None:
+    """Refuse a mode outside MODES (the default is `choose_mode`'s)."""
+    mode = mode or choose_mode(layer, element_size, direction)
+    if mode not in MODES:
+        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
+
+
+def _chunk(layer: _Layer, element_size: int, chunk_bytes: int | None) -> int:
+    """Samples per chunk so that their per-sample kernels (or weight gradients) fit chunk_bytes
+    (default KERNEL_CHUNK_BYTES)."""
+    budget = KERNEL_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, min(layer.batch, budget // max(1, layer.weight_numel * element_size)))
+
+
+def _native(t4: torch.Tensor) -> torch.Tensor:
+    """The kernels' native layout of an activation [B, C, H, W]: channels_last for 2-byte dtypes (a copy only
+    when it comes in another layout), as given otherwise."""
+    if t4.element_size() == 2:
+        return t4.contiguous(memory_format=torch.channels_last)
+    return t4
 
 
 def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
-    """Phase 1: per-sample kernels [bc, KK, O, C] of a chunk of samples, in the op's dtype."""
+    """Phase 1: per-sample kernels [bc, KK, O, C / groups] of a chunk of samples, in the op's dtype."""
     bc = attn_chunk.shape[0]
-    weights = _empty((bc, layer.kk, layer.out_channels, layer.channels), cells.dtype, cells.device)
+    weights = _empty((bc, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
     rows, cols = bc * layer.m, layer.c_out * layer.c_in * layer.cell_numel
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     kw_mix_kernel[grid](
         attn_chunk, cells, weights, rows, cols, layer.n, layer.m, layer.c_out, layer.c_in, layer.grid_out,
-        layer.grid_in, layer.cell_numel, *attn_chunk.stride(), *cells.stride(), *weights.stride(),
+        layer.grid_in, layer.cell_numel, bucket(rows), *attn_chunk.stride(), *cells.stride(), *weights.stride(),
         INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(cells.dtype))
     return weights
 
 
-def _launch_forward(x4, attn, cells, weights, bias, y4, layer: _Layer, mix: bool, precision: str):
+def _buckets(layer: _Layer, batch: int):
+    """Bucketed autotune keys of the conv kernels: positions per sample and the launch's batch."""
+    return bucket(layer.out_h * layer.out_w), bucket(batch)
+
+
+def _group_args(layer: _Layer):
+    """Input and output channels per group, the grouped kernels' extra shape arguments."""
+    return layer.in_per_group, layer.out_channels // layer.groups
+
+
+def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str):
     batch = x4.shape[0]
     positions = layer.out_h * layer.out_w
-    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
-                         layer.grid_out * triton.cdiv(layer.c_out, meta["BLOCK_N"]), batch)
-    w = weights if weights is not None else cells
-    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]), triton.cdiv(layer.out_channels, meta["BLOCK_N"]),
+                         batch)
+    if layer.groups != 1:
+        kw_grouped_fwd_kernel[grid](
+            x4, weights, bias if bias is not None else weights, y4,
+            *layer.conv_args(), layer.kw, layer.kk, *_group_args(layer), *_buckets(layer, batch),
+            *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
+            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype))
+        return
     kw_conv_fwd_kernel[grid](
-        x4, attn, cells, w, bias if bias is not None else cells, y4,
-        *layer.conv_args(), layer.n, *layer.cell_args(),
-        *x4.stride(), *attn.stride(), *cells.stride(), *w_strides, *y4.stride(), *layer.conv_params(),
-        HAS_BIAS=bias is not None, MIX=mix, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        x4, weights, bias if bias is not None else weights, y4,
+        *layer.conv_args(), layer.kw, layer.kk, *_buckets(layer, batch),
+        *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
+        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
 
 
-def _launch_dx(dy4, attn, cells, weights, dx4, layer: _Layer, mix: bool, precision: str):
+def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str):
     batch = dy4.shape[0]
-    positions = layer.height * layer.width
-    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]),
-                         layer.grid_in * triton.cdiv(layer.c_in, meta["BLOCK_N"]), batch)
-    w = weights if weights is not None else cells
-    w_strides = weights.stride() if weights is not None else (0, 0, 0, 0)
+    sh, sw = layer.stride
+    phases, phase_positions = sh * sw, triton.cdiv(layer.height, sh) * triton.cdiv(layer.width, sw)
+    grid = lambda meta: (phases * triton.cdiv(phase_positions, meta["BLOCK_M"]),
+                         triton.cdiv(layer.channels, meta["BLOCK_N"]), batch)
+    if layer.groups != 1:
+        kw_grouped_dx_kernel[grid](
+            dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_group_args(layer),
+            *_buckets(layer, batch), *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
+            ACC_DTYPE=_acc_dtype(dy4.dtype))
+        return
     kw_conv_dx_kernel[grid](
-        dy4, attn, cells, w, dx4,
-        *layer.conv_args(), layer.n, *layer.cell_args(),
-        *dy4.stride(), *attn.stride(), *cells.stride(), *w_strides, *dx4.stride(), *layer.conv_params(),
-        MIX=mix, ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
+        dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
+        *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
+        ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
 
 
 def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
     """Per-sample weight gradients of a chunk in cell order: [bc, m, c_out, c_in, CK], the op's dtype."""
     bc = x4.shape[0]
     dw = _empty((bc, layer.m, layer.c_out, layer.c_in, layer.cell_numel), x4.dtype, x4.device)
-    grid = lambda meta: (triton.cdiv(layer.c_out, meta["BLOCK_N"]) * triton.cdiv(layer.c_in, meta["BLOCK_K"]),
-                         layer.kk * layer.grid_out * layer.grid_in, bc)
+    if layer.groups != 1:
+        grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]), layer.kk * layer.in_per_group, bc)
+        kw_grouped_wgrad_kernel[grid](
+            x4, dy4, dw, *layer.conv_args(), layer.kw, layer.kk, *_group_args(layer), *_buckets(layer, bc),
+            *layer.cell_args()[:5], *x4.stride(), *dy4.stride(), *dw.stride(), *layer.conv_params(),
+            ACC_DTYPE=_acc_dtype(x4.dtype))
+        return dw
+    grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]) * triton.cdiv(layer.channels, meta["BLOCK_K"]),
+                         layer.kk, bc)
     kw_conv_wgrad_kernel[grid](
-        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *x4.stride(), *dy4.stride(), *dw.stride(),
-        *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *_buckets(layer, bc), *x4.stride(), *dy4.stride(),
+        *dw.stride(), *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
     return dw
 
 
@@ -242,8 +300,8 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     acc = _acc_torch_dtype(a.dtype)
     partial = _empty((splits, M, N), acc, a.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
-    kw_matmul_kernel[grid](a, b, partial, M, N, K, split_len, *a.stride(), *b.stride(), *partial.stride(),
-                           INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(a.dtype))
+    kw_matmul_kernel[grid](a, b, partial, M, N, K, split_len, bucket(M), bucket(K), *a.stride(), *b.stride(),
+                           *partial.stride(), INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(a.dtype))
     return partial[0] if splits == 1 else partial.sum(0)
 
 
@@ -261,32 +319,29 @@ def _bias_grad(dy4: torch.Tensor) -> torch.Tensor:
 def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
                            out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                            padding: Sequence[int], dilation: Sequence[int], groups: int, *, mode: str | None = None,
-                           input_precision: str | None = None) -> torch.Tensor:
+                           input_precision: str | None = None, chunk_bytes: int | None = None) -> torch.Tensor:
     """KW convolution on the Triton kernels; arguments already checked and normalised (as kw_conv_torch).
 
     x [B, C_in, *size] (1-D or 2-D, any strides), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k],
     bias [C_out] or None -> y [B, C_out, *out_size], a fresh contiguous tensor.
-    mode: 'fused' or 'two_phase' (default: `choose_mode`); input_precision: fp32 tl.dot precision.
+    mode: one of MODES (default: `choose_mode`); input_precision: fp32 tl.dot precision; chunk_bytes: the
+    per-sample kernels held per chunk of samples (default KERNEL_CHUNK_BYTES).
     """
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
-    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups)
     y4 = _empty((layer.batch, out_channels, layer.out_h, layer.out_w), x.dtype, x.device)
     y = y4.squeeze(2) if x.dim() == 3 else y4
     if layer.batch == 0:
         return y
     precision = _input_precision(x.dtype, input_precision)
-    mode = mode or choose_mode(layer.out_h * layer.out_w, layer.n, x.element_size())
-    if mode == "fused":
-        _launch_forward(x4, attn, cells, None, bias, y4, layer, True, precision)
-        return y
-    if mode != "two_phase":
-        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
-    chunk = _chunk(layer, x.element_size())
+    _check_mode(mode, layer, x.element_size(), "forward")
+    x4 = _native(x4)
+    chunk = _chunk(layer, x.element_size(), chunk_bytes)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
         weights = _mix(attn[b0:b1], cells, layer, precision)
-        _launch_forward(x4[b0:b1], attn[b0:b1], cells, weights, bias, y4[b0:b1], layer, False, precision)
+        _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision)
     return y
 
 
@@ -294,18 +349,19 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
                             has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                             padding: Sequence[int], dilation: Sequence[int], groups: int, *,
                             output_mask: Sequence[bool] = (True, True, True, True), mode: str | None = None,
-                            input_precision: str | None = None):
+                            input_precision: str | None = None, chunk_bytes: int | None = None):
     """Gradients of `kw_conv_triton_forward` (kernels recomputed, weight gradients in bounded chunks).
 
     dy [B, C_out, *out_size] (any strides); output_mask: which of (x, attn, warehouse, bias) need a gradient.
     -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias);
-    dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse.
+    dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse. mode, input_precision, chunk_bytes:
+    as in `kw_conv_triton_forward` (chunk_bytes also bounds the per-sample weight gradients of a chunk).
     """
     _check(x, attn, warehouse, None, out_channels, kernel_size, stride, padding, dilation, groups)
     need_x, need_attn, need_warehouse, need_bias = output_mask
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
     dy4 = dy.unsqueeze(2) if dy.dim() == 3 else dy
-    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation)
+    layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups)
     dx = _empty(x.shape, x.dtype, x.device) if need_x else None
     dattn = _empty(attn.shape, attn.dtype, attn.device) if need_attn else None
     dcells = torch.zeros(cells.shape, dtype=_acc_torch_dtype(x.dtype), device=x.device) if need_warehouse else None
@@ -320,18 +376,15 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
         return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
     precision = _input_precision(x.dtype, input_precision)
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
-    mode = mode or choose_mode(layer.height * layer.width, layer.n, x.element_size())
-    if mode not in MODES:
-        raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
-    if need_x and mode == "fused":
-        _launch_dx(dy4, attn, cells, None, dx4, layer, True, precision)
-    chunk = _chunk(layer, x.element_size())
+    _check_mode(mode, layer, x.element_size(), "dx")
+    x4, dy4 = _native(x4), _native(dy4)
+    chunk = _chunk(layer, x.element_size(), chunk_bytes)
     flat_cells = cells.reshape(layer.n, -1)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
-        if need_x and mode == "two_phase":
+        if need_x:
             weights = _mix(attn[b0:b1], cells, layer, precision)
-            _launch_dx(dy4[b0:b1], attn[b0:b1], cells, weights, dx4[b0:b1], layer, False, precision)
+            _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision)
             del weights
         if need_attn or need_warehouse:
             # per-sample weight gradients of the chunk in cell order, then the two contractions

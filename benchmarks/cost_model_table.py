@@ -1,0 +1,151 @@
+"""Predicted time per layer and mode by the cost model (kw_ops/ops/triton/cost_model.py), and choose_mode's choice.
+
+No GPU needed: every number is a prediction under the peaks named in the header (datasheet figures, or the
+peaks gpu_check.py measured: --peaks peaks.json). Layer shapes of the KW presets from
+kw_ops.benchmarking.layer_shapes (224x224).
+
+    PYTHONPATH=. python benchmarks/cost_model_table.py [--batches 32 128] [--dtype bf16] [--peaks FILE]
+Writes benchmarks/results/cost_model_<dtype>.md and .csv (or under --out).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kw_ops.benchmarking.layer_shapes import kw_layer_shapes, out_size, shape_text  # noqa: E402
+from kw_ops.benchmarking.model_bench import _environment  # noqa: E402
+from kw_ops.ops.triton import cost_model  # noqa: E402
+
+MODELS = ("resnet18_kw1x", "resnet50_kw1x", "mobilenetv2_100_kw1x")
+SHOWN = ("static", "released", *cost_model.KERNEL_MODES)
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+CSV_FIELDS = ("git_sha", "peaks", "model", "layer", "count", "shape", "batch", "dtype", "pass", "mode", "predicted_ms",
+              "bound", "chosen")
+
+
+def layer_rows(model: str, spec: dict, batch: int, dtype: str, peaks) -> list[dict]:
+    """One row per pass (forward; backward = dx + wgrad) and mode, with the kernel mode choose_mode picks."""
+    shape = cost_model.ConvShape.from_spec(spec, batch, ELEMENT_SIZE[dtype], out_size(spec))
+    rows = []
+    for label, directions in (("forward", ("forward",)), ("backward", ("dx", "wgrad"))):
+        chosen = cost_model.choose_mode(shape, cost_model.KERNEL_MODES, directions[0], peaks)
+        for mode in SHOWN:
+            parts = [cost_model.predict(shape, mode, d, peaks) for d in directions]
+            if any(p is None for p in parts):
+                continue
+            longest = max(parts, key=lambda p: p.seconds)
+            rows.append({"model": model, "layer": spec["layer"], "count": spec["count"], "shape": shape_text(spec),
+                         "batch": batch, "dtype": dtype, "pass": label, "mode": mode,
+                         "predicted_ms": sum(p.ms for p in parts), "bound": longest.bound,
+                         "chosen": mode == chosen})
+    return rows
+
+
+def floor_ms(spec: dict, batch: int, element_size: int, peaks) -> tuple[float, float, float]:
+    """DESIGN.md's forward roofline of one layer: (FLOPs, bytes, floor ms) with x + y + E + attn moved."""
+    shape = cost_model.ConvShape.from_spec(spec, batch, element_size, out_size(spec))
+    flops = shape.conv_flops + shape.mix_flops
+    moved = shape.x_bytes + shape.y_bytes + shape.warehouse_bytes + shape.attn_bytes
+    seconds = max(flops / peaks.tensor_rate(element_size), moved / peaks.dram_bytes_per_s)
+    return flops, moved, seconds * 1e3
+
+
+def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> str:
+    lines = [f"# Cost-model predictions per layer ({dtype})", "",
+             f"git {env['git_sha']}, torch {env['torch']}, triton {env['triton']}, {env['date']} UTC, "
+             f"computed on {platform.machine()} (no GPU: every time below is a PREDICTION)",
+             f"Peaks assumed: {peaks.source}.", "",
+             "Predicted ms per layer call; backward = dx + weight gradient; **bold**: choose_mode's pick among "
+             f"{', '.join(cost_model.KERNEL_MODES)} (forward: by the forward, backward: by dx); `-`: the mode cannot "
+             "run the shape; bound: the term of the longest phase of the pick; floor: DESIGN.md's forward roofline "
+             "(x + y + E + attn moved once, conv + mixing FLOPs). Shapes with g=.. (grouped, depthwise) run on the "
+             "torch path until a grouped kernel exists: their Triton columns model the modes as if it did.", ""]
+    table = {}
+    for r in rows:
+        table.setdefault((r["model"], r["batch"], r["layer"], r["shape"], r["count"]), {})[(r["pass"], r["mode"])] = r
+    totals = {}
+    for (model, batch) in dict.fromkeys((k[0], k[1]) for k in table):
+        lines += [f"## {model}, batch {batch}", "",
+                  "| layer | shape | × | floor fwd | " + " | ".join(f"{m} fwd" for m in SHOWN) + " | fwd bound | "
+                  + " | ".join(f"{m} bwd" for m in SHOWN) + " | bwd bound |",
+                  "|" + "---|" * (5 + 2 * len(SHOWN) + 1)]
+        for key, cells in table.items():
+            if key[:2] != (model, batch):
+                continue
+            _, _, layer, shape, count = key
+            parts = []
+            for label in ("forward", "backward"):
+                texts, bound = [], ""
+                for mode in SHOWN:
+                    r = cells.get((label, mode))
+                    if r is None:
+                        texts.append("-")
+                        continue
+                    total = totals.setdefault((model, batch, label, mode), 0.0)
+                    totals[(model, batch, label, mode)] = total + r["predicted_ms"] * count
+                    texts.append(f"**{r['predicted_ms']:.3f}**" if r["chosen"] else f"{r['predicted_ms']:.3f}")
+                    bound = r["bound"] if r["chosen"] else bound
+                parts.append(" | ".join(texts) + f" | {bound}")
+            lines.append(f"| {layer} | {shape} | {count} | {floors[key][2]:.3f} | " + " | ".join(parts) + " |")
+        pick = {label: sum(r["predicted_ms"] * k[4] for k, c in table.items() if k[:2] == (model, batch)
+                           for (lb, _), r in c.items() if lb == label and r["chosen"])
+                for label in ("forward", "backward")}
+        floor = sum(f[2] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
+        flops = sum(f[0] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
+        moved = sum(f[1] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
+        lines += ["", f"Whole network (each layer × its count): forward floor {floor:.2f} ms "
+                      f"({flops / 1e9:.0f} GFLOP, {moved / 1e9:.2f} GB); choose_mode's picks: forward "
+                      f"{pick['forward']:.2f} ms, backward {pick['backward']:.2f} ms.", "",
+                  "| pass | " + " | ".join(SHOWN) + " |", "|" + "---|" * (1 + len(SHOWN))]
+        for label in ("forward", "backward"):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{totals[(model, batch, label, m)]:.2f}" if (model, batch, label, m) in totals else "-"
+                for m in SHOWN) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 128])
+    parser.add_argument("--dtype", choices=sorted(ELEMENT_SIZE), default="bf16")
+    parser.add_argument("--peaks", help="JSON peaks (gpu_check.py writes peaks.json); default: H100 SXM datasheet")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    peaks = cost_model.load_peaks(args.peaks) if args.peaks else cost_model.H100_SXM_DATASHEET
+    env = _environment()
+    print(f"cost_model_table: git {env['git_sha']}, torch {torch.__version__}, triton {env['triton']}, "
+          f"device: none (predictions), peaks: {peaks.source}", flush=True)
+    rows, floors = [], {}
+    for model in args.models:
+        specs = kw_layer_shapes(model)
+        for batch in args.batches:
+            for spec in specs:
+                rows += layer_rows(model, spec, batch, args.dtype, peaks)
+                key = (model, batch, spec["layer"], shape_text(spec), spec["count"])
+                floors[key] = floor_ms(spec, batch, ELEMENT_SIZE[args.dtype], peaks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"cost_model_{args.dtype}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "git_sha": env["git_sha"], "peaks": peaks.source,
+                             "predicted_ms": f"{r['predicted_ms']:.4f}"})
+    report = markdown(rows, floors, env, peaks, args.dtype)
+    (out / f"cost_model_{args.dtype}.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

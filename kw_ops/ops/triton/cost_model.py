@@ -1,0 +1,360 @@
+"""The cost model of the KW convolution on a GPU: predicted time per layer, pass and mode, and `choose_mode`.
+
+Import-safe (no Triton, no CUDA). A mode is a way to run one pass of the op ("forward", "dx", "wgrad");
+it turns a layer into phases (kernel launches), each a `Work`: tensor-core FLOPs, CUDA-core FLOPs, bytes
+that go to DRAM and bytes served by L2 without reaching DRAM. A phase takes
+
+    max(tensor FLOPs / tensor rate + CUDA-core FLOPs / CUDA-core rate,
+        DRAM bytes / DRAM bandwidth,
+        (DRAM bytes + L2-only bytes) / L2 bandwidth)
+
+(the two compute units share issue slots inside one kernel, so their times add; every DRAM byte also
+passes through L2), and a mode the sum of its phases. The peaks are a parameter (`Peaks`): datasheet
+figures by default, replaced by those benchmarks/gpu_check.py measures (`KW_OPS_PEAKS=peaks.json`).
+
+Modes (`MODES`; `choose_mode` picks among any subset, so new kernels are new entries):
+- static      cuDNN with the layer's static weight: the speed a KW layer is held against.
+- released    the released code's formulation: mixing mm for all samples into B·P kernels in DRAM, a
+              permuted copy, a conv with groups = B; backward through autograd (per-sample dW in DRAM).
+- fused       the re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
+              slice read from L2) once per position tile; dx over every tap of every input position;
+              weight gradient per sample written to DRAM and read twice (chunks larger than L2).
+- two_phase   per chunk of samples whose kernels fit in `l2_budget` of L2: the mixing GEMM on tensor cores
+              writes the per-sample kernels, the conv reads them while they are still in L2 (from DRAM
+              when one sample's kernel does not fit); dx by stride phase; weight gradient contracted into
+              dattn / dE in the epilogue (fp32 partials), never per-sample dW in memory.
+- mix_once    one kernel per (sample, output-channel tile) mixes its weight tile once on tensor cores
+              (K = n) into shared memory and runs every position tile against it; the warehouse is
+              streamed from L2 once per sample; infeasible where a 16-row tile of the kernel does not
+              fit in shared memory. dx and weight gradient as two_phase.
+
+Shapes: P = the layer's static weight count, HW' output positions, E the warehouse slice of the layer
+(n × cell), all bytes in the op's dtype except fp32 partial sums.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+
+__all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "DIRECTIONS", "H100_SXM_DATASHEET",
+           "H200_SXM_DATASHEET", "PEAKS_ENV", "default_peaks", "load_peaks", "save_peaks", "predict", "predict_all",
+           "choose_mode"]
+
+DIRECTIONS = ("forward", "dx", "wgrad")
+PEAKS_ENV = "KW_OPS_PEAKS"
+FP32_PARTIAL_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """The rates the model divides by, and where they come from (`source`)."""
+    source: str
+    dram_bytes_per_s: float      # device memory bandwidth (a large copy: bytes read + written)
+    l2_bytes_per_s: float        # L2 bandwidth for data resident in L2
+    l2_bytes: float              # L2 capacity
+    tensor_flops: float          # dense bf16/fp16 tensor-core rate (tf32: half of it)
+    cuda_core_flops: float       # fp32 FMA rate of the CUDA cores
+    smem_per_block: float        # shared memory one program may hold
+
+    def tensor_rate(self, element_size: int) -> float:
+        """Tensor-core FLOP/s for operands of `element_size` bytes (fp32 runs as tf32 at half the 16-bit rate)."""
+        return self.tensor_flops if element_size <= 2 else self.tensor_flops / 2
+
+
+# L2 bandwidth is on no datasheet: ASSUMED_L2_OVER_DRAM times the datasheet DRAM bandwidth is an assumption
+# of this model, replaced by the L2 copy rate gpu_check.py measures.
+ASSUMED_L2_OVER_DRAM = 2.5
+H100_SXM_DATASHEET = Peaks(
+    source=f"H100 SXM datasheet (HBM3 3.35 TB/s, dense bf16 989 TFLOP/s, fp32 67 TFLOP/s, 50 MB L2, "
+           f"227 KB shared memory per block); L2 bandwidth assumed {ASSUMED_L2_OVER_DRAM}x DRAM",
+    dram_bytes_per_s=3.35e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 3.35e12, l2_bytes=50e6, tensor_flops=989e12,
+    cuda_core_flops=67e12, smem_per_block=227 * 1024)
+H200_SXM_DATASHEET = replace(
+    H100_SXM_DATASHEET,
+    source=f"H200 SXM datasheet (HBM3e 4.8 TB/s; rates and L2 as the H100 SXM); L2 bandwidth assumed "
+           f"{ASSUMED_L2_OVER_DRAM}x DRAM",
+    dram_bytes_per_s=4.8e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 4.8e12)
+
+
+@functools.lru_cache(maxsize=8)
+def load_peaks(path) -> Peaks:
+    """Peaks from a JSON file with the fields of `Peaks` (benchmarks/gpu_check.py writes one); read once per path."""
+    with open(path) as f:
+        return Peaks(**json.load(f))
+
+
+def save_peaks(peaks: Peaks, path) -> None:
+    with open(path, "w") as f:
+        json.dump(asdict(peaks), f, indent=1)
+
+
+def default_peaks() -> Peaks:
+    """Measured peaks from the file named by KW_OPS_PEAKS when set, else the H100 SXM datasheet."""
+    path = os.environ.get(PEAKS_ENV)
+    return load_peaks(path) if path else H100_SXM_DATASHEET
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """One KW layer call: batch, channels, spatial sizes (input as the op sees it), kernel, groups, n, m, dtype size."""
+    batch: int
+    channels: int
+    out_channels: int
+    size: tuple[int, int]
+    out_size: tuple[int, int]
+    kernel: tuple[int, int]
+    groups: int
+    n: int
+    m: int
+    element_size: int
+
+    @classmethod
+    def from_spec(cls, spec: dict, batch: int, element_size: int, out_size) -> ConvShape:
+        """From a kw_ops.benchmarking.layer_shapes spec and its output size."""
+        return cls(batch, spec["channels"], spec["out"], tuple(spec["size"]), tuple(out_size), tuple(spec["kernel"]),
+                   spec["groups"], spec["n"], spec["m"], element_size)
+
+    @property
+    def weight_numel(self) -> int:                       # P
+        return self.out_channels * self.channels // self.groups * math.prod(self.kernel)
+
+    @property
+    def positions(self) -> int:                          # HW'
+        return math.prod(self.out_size)
+
+    @property
+    def in_positions(self) -> int:
+        return math.prod(self.size)
+
+    def bytes_of(self, numel: int) -> int:
+        return numel * self.element_size
+
+    @property
+    def x_bytes(self) -> int:
+        return self.bytes_of(self.batch * self.channels * self.in_positions)
+
+    @property
+    def y_bytes(self) -> int:
+        return self.bytes_of(self.batch * self.out_channels * self.positions)
+
+    @property
+    def warehouse_bytes(self) -> int:                    # E: n cells of P / m elements
+        return self.bytes_of(self.n * self.weight_numel // self.m)
+
+    @property
+    def attn_bytes(self) -> int:
+        return self.bytes_of(self.batch * self.m * self.n)
+
+    @property
+    def kernel_bytes(self) -> int:                       # one sample's kernel W_b
+        return self.bytes_of(self.weight_numel)
+
+    @property
+    def conv_flops(self) -> int:                         # 2·B·HW'·P
+        return 2 * self.batch * self.positions * self.weight_numel
+
+    @property
+    def mix_flops(self) -> int:                          # 2·B·n·P
+        return 2 * self.batch * self.n * self.weight_numel
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one kernel launch does."""
+    tensor_flops: float = 0.0
+    cuda_flops: float = 0.0
+    dram_bytes: float = 0.0
+    l2_bytes: float = 0.0      # served by L2 without reaching DRAM
+
+    def seconds(self, peaks: Peaks, element_size: int) -> float:
+        compute = self.tensor_flops / peaks.tensor_rate(element_size) + self.cuda_flops / peaks.cuda_core_flops
+        return max(compute, self.dram_bytes / peaks.dram_bytes_per_s,
+                   (self.dram_bytes + self.l2_bytes) / peaks.l2_bytes_per_s)
+
+    def bound(self, peaks: Peaks, element_size: int) -> str:
+        """Which term sets the time: 'tensor', 'cuda', 'dram' or 'l2'."""
+        terms = {"tensor": self.tensor_flops / peaks.tensor_rate(element_size),
+                 "cuda": self.cuda_flops / peaks.cuda_core_flops,
+                 "dram": self.dram_bytes / peaks.dram_bytes_per_s,
+                 "l2": (self.dram_bytes + self.l2_bytes) / peaks.l2_bytes_per_s}
+        compute = terms["tensor"] + terms["cuda"]
+        if compute >= max(terms["dram"], terms["l2"]):
+            return "tensor" if terms["tensor"] >= terms["cuda"] else "cuda"
+        return "dram" if terms["dram"] >= terms["l2"] else "l2"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    mode: str
+    direction: str
+    seconds: float
+    phases: tuple[Work, ...]
+    bound: str                 # the bound of the longest phase
+
+    @property
+    def ms(self) -> float:
+        return self.seconds * 1e3
+
+
+# Tiles of the Triton kernels the model counts re-reads with (kernel parameters, not peaks).
+POSITION_TILE = 64        # output (input for dx) positions per program of the conv kernels
+CHANNEL_TILE = 64         # output (input for dx) channels per program of the conv kernels
+MIX_ROW_TILE = 128        # rows (sample, mixture) per program of the mixing GEMM
+MIX_ONCE_CHANNEL_TILE = 16  # output channels per program of the mix-once kernel (its tile lives in shared memory)
+L2_BUDGET = 0.5           # share of L2 the two-phase chunk of per-sample kernels may take (the rest: x, y, E)
+
+
+def _io(shape: ConvShape, direction: str) -> tuple[int, int, int, int]:
+    """(bytes read, bytes written, positions a program tiles over, channels it tiles) of a conv pass."""
+    if direction == "forward":
+        return shape.x_bytes, shape.y_bytes, shape.positions, shape.out_channels
+    return shape.y_bytes, shape.x_bytes, shape.in_positions, shape.channels   # dx: dy in, dx out
+
+
+def _conv_flops(shape: ConvShape, direction: str, all_taps: bool) -> float:
+    """Tensor-core FLOPs of the conv of a pass; dx over every tap of every input position when `all_taps`."""
+    if direction == "dx" and all_taps:
+        return 2 * shape.batch * shape.in_positions * shape.weight_numel
+    return shape.conv_flops
+
+
+def _input_rereads(shape: ConvShape, direction: str, channel_tile: int) -> float:
+    """L2 bytes of reading a conv pass's input once more per extra channel tile of its output (per group);
+    a strided forward gathers only the input positions its taps touch."""
+    read, _, _, channels = _io(shape, direction)
+    if direction == "forward":
+        read *= min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions)
+    return read * (math.ceil(channels // shape.groups / channel_tile) - 1)
+
+
+def _weight_rereads(shape: ConvShape, direction: str, per_sample_kernels: bool) -> float:
+    """L2 bytes of reading a conv pass's weights once more per extra position tile: an implicit GEMM reads its
+    weight operand once per tile of POSITION_TILE rows; rows run over the batch for one shared weight, over one
+    sample for per-sample kernels."""
+    _, _, positions, _ = _io(shape, direction)
+    if per_sample_kernels:
+        return shape.batch * (math.ceil(positions / POSITION_TILE) - 1) * shape.kernel_bytes
+    return (math.ceil(shape.batch * positions / POSITION_TILE) - 1) * shape.kernel_bytes
+
+
+def _rereads(shape: ConvShape, direction: str, per_sample_kernels: bool) -> float:
+    return _input_rereads(shape, direction, CHANNEL_TILE) + _weight_rereads(shape, direction, per_sample_kernels)
+
+
+def _static(shape: ConvShape, direction: str, peaks: Peaks):
+    # x and y (dy) once, the weight read (or its gradient written) once
+    return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.kernel_bytes,
+                 l2_bytes=0 if direction == "wgrad" else _rereads(shape, direction, False))]
+
+
+def _released(shape: ConvShape, direction: str, peaks: Peaks):
+    kernels = shape.batch * shape.kernel_bytes
+    if direction == "forward":
+        return [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels),
+                Work(dram_bytes=2 * kernels),                                       # permuted copy
+                Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels,
+                     l2_bytes=_rereads(shape, direction, True))]
+    if direction == "dx":   # grouped conv backward on the kernels autograd saved
+        return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.y_bytes + shape.x_bytes + kernels,
+                     l2_bytes=_rereads(shape, direction, True))]
+    # grouped weight gradient (B·P written), permuted copy back, then dattn = dW·Eᵀ and dE = attnᵀ·dW: dW read
+    # twice, E and attn read, dattn and dE written
+    return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels),
+            Work(dram_bytes=2 * kernels),
+            Work(tensor_flops=2 * shape.mix_flops,
+                 dram_bytes=2 * kernels + 2 * shape.warehouse_bytes + 2 * shape.attn_bytes)]
+
+
+def _epilogue_wgrad(shape: ConvShape) -> list[Work]:
+    """Weight gradient contracted into dattn and dE in the kernel's epilogue (fp32 partial dE)."""
+    dwarehouse = shape.n * shape.weight_numel // shape.m * FP32_PARTIAL_BYTES
+    return [Work(tensor_flops=shape.conv_flops + 2 * shape.mix_flops,
+                 dram_bytes=shape.x_bytes + shape.y_bytes + shape.warehouse_bytes + 2 * shape.attn_bytes + dwarehouse)]
+
+
+def _fused(shape: ConvShape, direction: str, peaks: Peaks):
+    if direction == "wgrad":   # per-sample dW written, read back for dattn and for dE
+        kernels = shape.batch * shape.kernel_bytes
+        return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels),
+                Work(tensor_flops=2 * shape.mix_flops,
+                     dram_bytes=2 * kernels + shape.warehouse_bytes + 2 * shape.attn_bytes)]
+    read, written, positions, _ = _io(shape, direction)
+    remixes = shape.batch * math.ceil(positions / POSITION_TILE)   # each weight element mixed once per tile
+    return [Work(tensor_flops=_conv_flops(shape, direction, all_taps=True),
+                 cuda_flops=remixes * 2 * shape.n * shape.weight_numel,
+                 dram_bytes=read + written + shape.warehouse_bytes + shape.attn_bytes,
+                 l2_bytes=remixes * shape.bytes_of(shape.n * shape.weight_numel)
+                 + _input_rereads(shape, direction, CHANNEL_TILE))]
+
+
+def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
+    if direction == "wgrad":
+        return _epilogue_wgrad(shape)
+    read, written, _, _ = _io(shape, direction)
+    budget = L2_BUDGET * peaks.l2_bytes
+    chunk = max(1, min(shape.batch, int(budget // shape.kernel_bytes)))
+    chunks = math.ceil(shape.batch / chunk)
+    kernels = shape.batch * shape.kernel_bytes
+    in_l2 = shape.kernel_bytes <= budget
+    row_tiles = chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)   # the warehouse is read once per row tile
+    mix = Work(tensor_flops=shape.mix_flops,
+               dram_bytes=chunks * shape.warehouse_bytes + shape.attn_bytes + (0 if in_l2 else kernels),
+               l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes + (kernels if in_l2 else 0))
+    conv = Work(tensor_flops=_conv_flops(shape, direction, all_taps=False),
+                dram_bytes=read + written + (0 if in_l2 else kernels),
+                l2_bytes=(kernels if in_l2 else 0) + _rereads(shape, direction, True))
+    return [mix, conv]
+
+
+def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
+    if direction == "wgrad":
+        return _epilogue_wgrad(shape)
+    channels_in = shape.channels // shape.groups if direction == "forward" else shape.out_channels // shape.groups
+    if shape.bytes_of(MIX_ONCE_CHANNEL_TILE * channels_in * math.prod(shape.kernel)) > peaks.smem_per_block:
+        return None   # the smallest weight tile does not fit in shared memory
+    read, written, _, _ = _io(shape, direction)
+    return [Work(tensor_flops=_conv_flops(shape, direction, all_taps=False) + shape.mix_flops,
+                 dram_bytes=read + written + shape.warehouse_bytes + shape.attn_bytes,
+                 l2_bytes=shape.batch * shape.bytes_of(shape.n * shape.weight_numel)
+                 + _input_rereads(shape, direction, MIX_ONCE_CHANNEL_TILE))]
+
+
+#: mode name -> phases(shape, direction, peaks) (None: the mode cannot run this shape)
+MODES: dict[str, Callable[[ConvShape, str, Peaks], list[Work] | None]] = {
+    "static": _static, "released": _released, "fused": _fused, "two_phase": _two_phase, "mix_once": _mix_once}
+#: the modes that are KW kernels (static and released are comparison points)
+KERNEL_MODES = ("fused", "two_phase", "mix_once")
+
+
+def predict(shape: ConvShape, mode: str, direction: str = "forward", peaks: Peaks | None = None) -> Prediction | None:
+    """Predicted time of one pass of one layer in `mode`; None when the mode cannot run the shape."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    peaks = peaks or default_peaks()
+    phases = MODES[mode](shape, direction, peaks)
+    if phases is None:
+        return None
+    times = [w.seconds(peaks, shape.element_size) for w in phases]
+    longest = phases[times.index(max(times))]
+    return Prediction(mode, direction, sum(times), tuple(phases), longest.bound(peaks, shape.element_size))
+
+
+def predict_all(shape: ConvShape, modes: Iterable[str], direction: str = "forward",
+                peaks: Peaks | None = None) -> dict[str, Prediction]:
+    """Predictions of the modes that can run the shape, by name."""
+    found = {mode: predict(shape, mode, direction, peaks) for mode in modes}
+    return {mode: p for mode, p in found.items() if p is not None}
+
+
+def choose_mode(shape: ConvShape, modes: Iterable[str], direction: str = "forward", peaks: Peaks | None = None) -> str:
+    """The mode of `modes` with the least predicted time for this pass (ties: the first listed)."""
+    found = predict_all(shape, modes, direction, peaks)
+    if not found:
+        raise ValueError(f"none of the modes {tuple(modes)} can run {shape}")
+    return min(found.values(), key=lambda p: p.seconds).mode

@@ -1,0 +1,104 @@
+"""Any budget 0 < b < 1 (Appendix A.2's rule), per-warehouse budgets, and Table 13's β initialisations."""
+import pytest
+import torch
+import torch.nn as nn
+
+from oracle import kw_conv_loop
+
+import kw_ops
+from kw_ops import KWConfig, PlanningError
+from kw_ops.nn.planning import ZERO_CELL, WeightShape, plan_warehouse
+
+# 16->16 3x3 (m = 9) and 16->16 1x1 (m = 1) at cells 16x16: Σm = 10.
+STAGE = [WeightShape(16, 16, (3, 3), "a"), WeightShape(16, 16, (1, 1), "b")]
+
+
+def test_three_quarters_gives_the_first_n_mixtures_one_cell_each():
+    plan = plan_warehouse("s", STAGE, KWConfig(budget=0.75))
+    assert plan.n == 7  # int(0.75 * 10)
+    assert plan.layers[0].beta == (0, 1, 2, 3, 4, 5, 6, ZERO_CELL, ZERO_CELL)
+    assert plan.layers[1].beta == (ZERO_CELL,) and plan.layers[1].consumed == 0
+    plan.check_complete()
+
+
+def test_one_over_k_keeps_the_authors_pattern():
+    plan = plan_warehouse("s", [WeightShape(16, 16, (4, 4), "a")], KWConfig(budget=0.5))
+    assert plan.layers[0].beta[:4] == (0, ZERO_CELL, ZERO_CELL, 1)  # j % 2 == (j // 2) % 2
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.3, 0.9])
+def test_any_budget_below_one_trains_and_is_the_tiled_conv_at_tau_one(budget):
+    conv = kw_ops.KWConv2d(16, 16, 3, padding=1, warehouse=KWConfig(budget=budget))
+    conv.attention.temperature.fill_(1.0)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    conv.double()
+    cells, weight = conv.warehouse.cells, torch.zeros(16, 16, 3, 3, dtype=torch.float64)
+    for j, cell in enumerate(conv.layer_plan.beta):  # grid (9, 1, 1): mixture j is spatial position j
+        if cell != ZERO_CELL:
+            weight[:, :, j // 3, j % 3] = cells[cell, :, :, 0, 0]
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(x, weight, conv.bias, padding=1))
+    conv(x).sum().backward()
+    assert conv.warehouse.cells.grad is not None
+
+
+def test_per_warehouse_budgets_in_one_model():
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    kw_ops.convert(net, KWConfig(), sharing=lambda name, m: f"w{name}", overrides={"w1": {"budget": 0.75}})
+    assert [w.plan.n for w in kw_ops.warehouses(net)] == [9, 6]
+
+
+@pytest.mark.parametrize("init, budget, rows", [
+    ("all_to_one", 1, 4), ("none", 1, 0), ("many_to_one", 4, 4), ("one_to_many", 0.5, 1)])
+def test_table13_initialisations(init, budget, rows):
+    conv = kw_ops.KWConv2d(8, 8, 2, warehouse=KWConfig(budget=budget, init=init))
+    n = conv.warehouse.plan.n
+    assert conv.attention.beta[:, :n].sum(dim=1).tolist() == [rows] * conv.m
+    if init == "one_to_many":
+        assert conv.layer_plan.beta == (0, 0, 1, 1)
+    conv.attention.temperature.fill_(1.0)
+    conv(torch.randn(2, 8, 5, 5)).sum().backward()
+
+
+def test_no_initialisation_ignores_the_temperature():
+    conv = kw_ops.KWConv2d(8, 8, 3, warehouse=KWConfig(init="none")).eval()
+    x = torch.randn(2, 8, 5, 5)
+    y = conv(x)
+    conv.attention.temperature.fill_(1.0)
+    torch.testing.assert_close(conv(x), y)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"init": "many_to_one", "budget": 1}, "integer budget >= 2"),
+    ({"init": "one_to_many", "budget": 0.75}, "budget 1/k"),
+    ({"init": "diagonal"}, "KWConfig.init"),
+])
+def test_bad_initialisations_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        KWConfig(**changes)
+
+
+def test_one_to_many_that_cannot_share_evenly_is_refused():
+    conv = kw_ops.KWConv2d(8, 8, 3, warehouse=KWConfig(budget=0.5, init="one_to_many"))  # m = 9: 5 cells, n = 4
+    with pytest.raises(PlanningError, match="cannot be assigned one-to-one"):
+        conv(torch.randn(2, 8, 5, 5))
+
+
+def test_kw_star_scales_inputs_spatial_cells_and_outputs():
+    conv = kw_ops.KWConv2d(6, 4, 3, padding=1, bias=False, warehouse=KWConfig(budget=2, omni=True)).double().eval()
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    alpha, channel, filter_ = conv.attention.forward_omni(x)
+    assert alpha.shape == (2, 9, conv.warehouse.plan.n) and channel.shape == (2, 6) and filter_.shape == (2, 4)
+    hidden = conv.attention._hidden(x)
+    conv.attention.omni = False  # α of one-dimensional KW, to check the spatial attention scales its rows
+    plain = conv.attention._alpha(hidden)
+    conv.attention.omni = True
+    spatial = torch.sigmoid(conv.attention.spatial_fc(hidden))  # grid (9, 1, 1): mixture j is position j
+    torch.testing.assert_close(alpha, plain * spatial[:, :, None])
+    expected = kw_conv_loop(x * channel[:, :, None, None], alpha, conv.warehouse.cells, None, 4, (3, 3), (1, 1),
+                            (1, 1), (1, 1), 1) * filter_[:, :, None, None]
+    torch.testing.assert_close(conv(x), expected)
+
+
+def test_kw_star_needs_spatial_partition():
+    with pytest.raises(ValueError, match="spatial_partition"):
+        KWConfig(omni=True, spatial_partition=False)

@@ -1,0 +1,156 @@
+"""The cost model (kw_ops/ops/triton/cost_model.py) on hand-computed cases.
+
+One small layer and round peaks; each case makes a different term the largest (DRAM, L2 bandwidth, tensor
+cores, CUDA cores, L2 capacity), so a missing term or a wrong constant changes at least one expected time.
+
+The layer: batch 2, 4 -> 8 channels, 1x1 kernel on 8x8 (64 positions), n = 4, m = 2, 2-byte elements.
+    P = 8*4 = 32 weights, cell = P/m = 16, E = n*cell*2 = 128 B, one kernel W_b = 64 B, both = 128 B
+    x = 2*4*64*2 = 1024 B, y = 2*8*64*2 = 2048 B, attn = 2*2*4*2 = 32 B
+    conv FLOPs = 2*B*HW'*P = 8192, mixing FLOPs = 2*B*n*P = 512
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from kw_ops.ops.triton import cost_model
+from kw_ops.ops.triton.cost_model import ConvShape, Peaks, predict
+
+PEAKS = Peaks(source="test", dram_bytes_per_s=1e12, l2_bytes_per_s=2e12, l2_bytes=1e6, tensor_flops=100e12,
+              cuda_core_flops=10e12, smem_per_block=1e5)
+SHAPE = ConvShape(batch=2, channels=4, out_channels=8, size=(8, 8), out_size=(8, 8), kernel=(1, 1), groups=1, n=4,
+                  m=2, element_size=2)
+
+
+def seconds(mode, direction="forward", peaks=PEAKS, shape=SHAPE):
+    return predict(shape, mode, direction, peaks).seconds
+
+
+def test_shape_quantities():
+    assert (SHAPE.weight_numel, SHAPE.warehouse_bytes, SHAPE.kernel_bytes) == (32, 128, 64)
+    assert (SHAPE.x_bytes, SHAPE.y_bytes, SHAPE.attn_bytes) == (1024, 2048, 32)
+    assert (SHAPE.conv_flops, SHAPE.mix_flops) == (8192, 512)
+
+
+def test_static_dram_bound():
+    # DRAM x + y + W = 3136 B at 1e12 B/s; L2: (3136 + 64 B of weight re-read by the second 64-row tile) / 2e12
+    assert seconds("static") == pytest.approx(3136 / 1e12)
+    assert predict(SHAPE, "static", "forward", PEAKS).bound == "dram"
+
+
+def test_static_l2_bound():
+    slow_l2 = replace(PEAKS, l2_bytes_per_s=1e11)
+    assert seconds("static", peaks=slow_l2) == pytest.approx((3136 + 64) / 1e11)
+
+
+def test_static_tensor_bound():
+    slow_tc = replace(PEAKS, tensor_flops=1e9)
+    assert seconds("static", peaks=slow_tc) == pytest.approx(8192 / 1e9)
+    # fp32 runs as tf32 at half the rate
+    assert seconds("static", peaks=slow_tc, shape=replace(SHAPE, element_size=4)) == pytest.approx(8192 / 0.5e9)
+
+
+def test_fused_adds_cuda_core_remixing():
+    # one 64-position tile per sample: 2 re-mixes of 2*n*P = 256 FLOPs on CUDA cores, added to the conv's time
+    slow_cc = replace(PEAKS, cuda_core_flops=1e6)
+    assert seconds("fused", peaks=slow_cc) == pytest.approx(8192 / 100e12 + 512 / 1e6)
+    # DRAM x + y + E + attn = 3232 B; L2 re-reads the warehouse slice per re-mix: 2 * n*P*2 = 512 B
+    assert seconds("fused") == pytest.approx(3232 / 1e12)
+    assert seconds("fused", peaks=replace(PEAKS, l2_bytes_per_s=1e11)) == pytest.approx((3232 + 512) / 1e11)
+
+
+def test_two_phase_kernels_in_l2():
+    # one chunk (2 * 64 B << L2/2): mix reads E + attn from DRAM (160 B), writes 128 B of kernels into L2;
+    # the conv reads x, writes y (3072 B DRAM) and reads the kernels from L2 once (one position tile)
+    mix = max(512 / 100e12, 160 / 1e12, (160 + 128) / 2e12)
+    conv = max(8192 / 100e12, 3072 / 1e12, (3072 + 128) / 2e12)
+    assert seconds("two_phase") == pytest.approx(mix + conv)
+
+
+def test_two_phase_kernels_beyond_l2():
+    # L2 of 100 B: half of it (50 B) holds no 64-B kernel, so one sample per chunk, E read per chunk (2 * 128 B)
+    # and the kernels go through DRAM: mix 256 + 32 + 128 B, conv 3072 + 128 B
+    small_l2 = replace(PEAKS, l2_bytes=100)
+    assert seconds("two_phase", peaks=small_l2) == pytest.approx(416 / 1e12 + 3200 / 1e12)
+
+
+def test_released_moves_every_kernel_three_times():
+    # mm: E + attn + kernels written (288 B); permuted copy: 2 * 128 B; grouped conv: x + y + kernels (3200 B)
+    # with 64 B of per-sample kernels read again from L2 by nobody (one position tile per sample)
+    expected = max(512 / 100e12, 288 / 1e12) + 256 / 1e12 + max(8192 / 100e12, 3200 / 1e12, 3200 / 2e12)
+    assert seconds("released") == pytest.approx(expected)
+
+
+def test_backward_passes():
+    # static dx and weight gradient: the same bytes as the forward (dy, dx, W / x, dy, dW)
+    assert seconds("static", "dx") == pytest.approx(3136 / 1e12)
+    assert seconds("static", "wgrad") == pytest.approx(3136 / 1e12)
+    # epilogue weight gradient: x + dy + E + attn read + dattn written + fp32 dE (n * cell * 4 = 256 B)
+    assert seconds("two_phase", "wgrad") == pytest.approx((1024 + 2048 + 128 + 64 + 256) / 1e12)
+    # fused (per-sample dW in DRAM): conv writes 128 B of dW, the contractions read it twice
+    assert seconds("fused", "wgrad") == pytest.approx((3072 + 128) / 1e12 + (256 + 128 + 64) / 1e12)
+
+
+def test_dx_over_every_tap_costs_stride_squared():
+    strided = replace(SHAPE, size=(16, 16), out_size=(8, 8))       # stride 2: 4x the input positions
+    slow_tc = replace(PEAKS, tensor_flops=1e9)
+    assert predict(strided, "fused", "dx", slow_tc).phases[0].tensor_flops == 4 * 8192
+    assert predict(strided, "two_phase", "dx", slow_tc).phases[1].tensor_flops == 8192
+
+
+def test_mix_once_needs_its_tile_in_shared_memory():
+    big = ConvShape(128, 1024, 1024, (14, 14), (14, 14), (3, 3), 1, 100, 9, 2)   # 16 * 1024 * 9 * 2 B > 227 KB
+    assert predict(big, "mix_once", "forward", cost_model.H100_SXM_DATASHEET) is None
+    assert cost_model.choose_mode(big, ("mix_once", "two_phase"), "forward", cost_model.H100_SXM_DATASHEET) == \
+        "two_phase"
+
+
+def test_choose_mode_takes_the_mode_set():
+    # ResNet18 KW1x layer4 (512 -> 512 3x3 on 7x7, n = 27, m = 9) at batch 128 on the H100 datasheet peaks:
+    # re-mixing per position tile loses to mixing once on tensor cores
+    layer4 = ConvShape(128, 512, 512, (9, 9), (7, 7), (3, 3), 1, 27, 9, 2)
+    peaks = cost_model.H100_SXM_DATASHEET
+    assert cost_model.choose_mode(layer4, ("fused", "two_phase"), "forward", peaks) == "two_phase"
+    assert cost_model.choose_mode(layer4, ("fused",), "forward", peaks) == "fused"
+    found = cost_model.predict_all(layer4, cost_model.MODES, "forward", peaks)
+    assert found["static"].seconds < found["two_phase"].seconds < found["fused"].seconds
+    with pytest.raises(ValueError, match="mode must be one of"):
+        predict(layer4, "bogus", "forward", peaks)
+    with pytest.raises(ValueError, match="direction"):
+        predict(layer4, "static", "sideways", peaks)
+
+
+def test_measured_peaks_replace_the_datasheet(tmp_path, monkeypatch):
+    path = tmp_path / "peaks.json"
+    cost_model.save_peaks(PEAKS, path)
+    assert json.loads(path.read_text())["dram_bytes_per_s"] == 1e12
+    monkeypatch.setenv(cost_model.PEAKS_ENV, str(path))
+    assert cost_model.default_peaks() == PEAKS
+    monkeypatch.delenv(cost_model.PEAKS_ENV)
+    assert cost_model.default_peaks() == cost_model.H100_SXM_DATASHEET
+
+
+def test_two_phase_chunk_fills_half_of_l2():
+    # L2 of 128 B: half of it holds exactly one 64-B kernel, so the kernels stay in L2, two chunks of one sample:
+    # mix reads E twice + attn (288 B DRAM) and writes 128 B into L2; conv 3072 B DRAM, 128 B from L2
+    half = replace(PEAKS, l2_bytes=128)
+    mix = max(512 / 100e12, 288 / 1e12, (288 + 128) / 2e12)
+    conv = max(8192 / 100e12, 3072 / 1e12, (3072 + 128) / 2e12)
+    assert seconds("two_phase", peaks=half) == pytest.approx(mix + conv)
+
+
+def test_channel_and_position_tiles_reread_from_l2():
+    # 4 -> 128 channels: P = 512 (1024 B), y = 32768 B; two 64-channel tiles read x (1024 B) once more, and the
+    # second of the two 64-row tiles reads the weight once more (1024 B)
+    wide = replace(SHAPE, out_channels=128)
+    slow_l2 = replace(PEAKS, l2_bytes_per_s=1e11)
+    assert seconds("static", peaks=slow_l2, shape=wide) == pytest.approx((1024 + 32768 + 1024 + 1024 + 1024) / 1e11)
+
+
+def test_mix_once_mixes_on_tensor_cores_and_streams_the_warehouse():
+    # conv + mixing FLOPs on tensor cores (8704); DRAM x + y + E + attn (3232 B); L2: E slice per sample
+    # (B * n*P*2 = 512 B); 16-channel tiles: 8 channels are one tile, no input re-read
+    assert seconds("mix_once", peaks=replace(PEAKS, tensor_flops=1e9)) == pytest.approx(8704 / 1e9)
+    assert seconds("mix_once", peaks=replace(PEAKS, l2_bytes_per_s=1e11)) == pytest.approx((3232 + 512) / 1e11)
