@@ -138,3 +138,15 @@ def test_forcing_triton_on_a_3d_conv_says_why():
     x, attn, warehouse = torch.randn(2, 4, 5, 5, 5), torch.randn(2, 27, 3), torch.randn(3, 4, 4, 1, 1, 1)
     with pytest.raises(BackendUnavailableError, match="3-D"):
         kw_ops.ops.kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, backend="triton")
+
+
+def test_info_reports_an_unknown_env_backend_instead_of_failing(monkeypatch, capsys):
+    from kw_ops.__main__ import main
+
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    assert main(["info"]) == 0
+    choice = next(line for line in capsys.readouterr().out.splitlines() if "backend choice" in line)
+    assert "KW_OPS_BACKEND" in choice and "'bogus'" in choice and "auto, torch, triton, cuda" in choice
+    with pytest.raises(ValueError, match=r"KW_OPS_BACKEND: unknown KW backend 'bogus'; choose one of auto, torch, "
+                                         r"triton, cuda"):
+        _call()

@@ -9,8 +9,9 @@ import torch.nn as nn
 from oracle import kw_conv_loop
 
 import kw_ops
-from kw_ops.ops import kw_conv
-from kw_ops.ops.torch_impl import FORMULATIONS
+from kw_ops.ops import backends, kw_conv, torch_impl
+from kw_ops.ops.export_impl import export_mode
+from kw_ops.ops.torch_impl import output_memory_format
 
 # float64 op vs float64 oracle: only summation order differs.
 TOL_FP64 = {"atol": 1e-10, "rtol": 1e-9}
@@ -117,13 +118,14 @@ def _oracle(case, x, attn, warehouse, bias):
                         case.groups)
 
 
-@pytest.mark.parametrize("formulation", [None, *FORMULATIONS], ids=lambda f: f or "auto")
+@pytest.mark.parametrize("formulation", [None, *torch_impl.FORMULATIONS], ids=lambda f: f or "auto")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_and_gradients_match_loop_oracle(case, formulation):
     x, attn, warehouse, bias = case.tensors()
     y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
     expected = _oracle(case, x, attn, warehouse, bias)
     _assert_close(y, expected, "y")
+    assert y.is_contiguous(memory_format=output_memory_format(x)), "y does not keep x's memory format"
     grad = torch.randn_like(expected)
     inputs = [t for t in (x, attn, warehouse, bias) if t is not None]
     got = torch.autograd.grad(y, inputs, grad)
@@ -152,19 +154,34 @@ def test_output_is_fresh_and_contiguous():
         assert y.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
 
 
-def test_only_requested_gradients_are_computed():
-    case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1)
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_only_requested_gradients_are_computed(monkeypatch, with_bias):
+    """The output mask that reaches the backend's backward asks only for what autograd needs."""
+    forward, backward = backends.implementation("torch")
+    masks = []
+
+    def spy(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation, groups,
+            output_mask, formulation=None):
+        masks.append(list(output_mask))
+        return backward(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation,
+                        groups, output_mask, formulation)
+
+    monkeypatch.setitem(backends._IMPLEMENTATIONS, "torch", (forward, spy))
+    case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1, bias=with_bias)
     x, attn, warehouse, bias = case.tensors()
     x.requires_grad_(False)
-    y = kw_conv(x, attn, warehouse, bias, **case.geometry())
-    y.sum().backward()
-    assert x.grad is None and attn.grad is not None and warehouse.grad is not None and bias.grad is not None
+    kw_conv(x, attn, warehouse, bias, **case.geometry()).sum().backward()
+    warehouse.grad = None
+    attn.requires_grad_(False)
+    kw_conv(x, attn, warehouse, None, **case.geometry()).sum().backward()
+    assert masks == [[False, True, True, with_bias], [False, False, True, False]]
+    assert warehouse.grad is not None
 
 
-OPCHECK_CASES = [CASES[0], CASES[1], CASES[4], CASES[6], CASES[8], CASES[10]]
+OPCHECK_CASES = [CASES[0], CASES[1], CASES[2], CASES[4], CASES[6], CASES[7], CASES[8], CASES[10]]
 
 
-@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("formulation", torch_impl.FORMULATIONS)
 @pytest.mark.parametrize("case", [Case(2, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1),
                                   Case(2, 4, 4, (4,), (3,), 2, 4, 2, padding=1, whole_cells=True),
                                   Case(2, 4, 4, (4, 4), (3, 3), 4, 1, 3, padding=1, groups=4)], ids=lambda c: c.id)
@@ -265,3 +282,109 @@ def test_compiled_backward_matches_eager_for_each_formulation(formulation):
     expected = torch.autograd.grad(run(x, attn, warehouse), (x, attn, warehouse))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+# Pieces forced tiny so that every layer runs in several grouped chunks / gemm blocks, the last one ragged
+# (5 samples in chunks of 2; output blocks of 5 or 3 rows mixed 2 rows at a time).
+PIECE_CASES = [
+    ("grouped", Case(5, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1, groups=2)),
+    ("grouped", Case(5, 6, 4, (4, 5), (3, 3), 2, 3, 3, padding=1, whole_cells=True)),
+    ("gemm", Case(3, 6, 10, (5, 5), (3, 3), 5, 3, 4, padding=1)),
+    ("gemm", Case(3, 4, 6, (5, 5), (3, 3), 3, 4, 3, padding=1, whole_cells=True)),
+]
+
+
+@pytest.mark.parametrize("formulation, case", PIECE_CASES, ids=[f"{f}-{c.id}" for f, c in PIECE_CASES])
+def test_several_chunks_and_blocks_match_loop_oracle(monkeypatch, formulation, case):
+    x, attn, warehouse, bias = case.tensors()
+    kernel_numel = case.c_out * (case.c_in // case.groups) * math.prod(case.kernel)
+    monkeypatch.setattr(torch_impl, "CHUNK_BYTES", 2 * kernel_numel * x.element_size())
+    block_row_bytes = case.batch * case.m // (case.c_out // case.cell_out) * case.cell_in \
+        * math.prod(case.cell_k) * x.element_size()
+    monkeypatch.setattr(torch_impl, "BLOCK_BYTES", 2 * block_row_bytes)
+    if formulation == "grouped":
+        assert torch_impl._sample_chunk(case.batch, kernel_numel, x.element_size()) == 2
+    else:
+        assert torch_impl._gemm_layout(x, warehouse, case.c_out, case.kernel)[-1] == 2
+    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
+    expected = _oracle(case, x, attn, warehouse, bias)
+    _assert_close(y, expected, "y")
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(y, (x, attn, warehouse, bias), grad)
+    want = torch.autograd.grad(expected, (x, attn, warehouse, bias), grad)
+    for name, g, w in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want):
+        _assert_close(g, w, name)
+
+
+def _bad_calls():
+    """(id, message, call): wrong arguments through the functional and straight through the registered op."""
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
+    geometry = {"kernel_size": 3, "padding": 1}
+
+    def op(x=x, attn=attn, warehouse=warehouse, bias=None, out_channels=8, kernel_size=(3, 3), stride=(1, 1),
+           padding=(1, 1), dilation=(1, 1), groups=1, backend="torch"):
+        return torch.ops.kw_ops.kw_conv(x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride),
+                                        list(padding), list(dilation), groups, backend, "")
+
+    return [
+        ("meta-bias", r"bias must be on x's device cpu, got meta",
+         lambda: kw_conv(x, attn, warehouse, torch.zeros(8, device="meta"), out_channels=8, **geometry)),
+        ("negative-out-channels", r"out_channels must be >= 1, got -8",
+         lambda: kw_conv(x, attn, warehouse, out_channels=-8, **geometry)),
+        ("zero-out-channels", r"out_channels must be >= 1, got 0",
+         lambda: kw_conv(x, attn, warehouse, out_channels=0, **geometry)),
+        ("zero-kernel", r"kernel_size must be >= 1, got \[0, 3\]",
+         lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(0, 3))),
+        ("4d-warehouse-int-kernel",
+         r"one cell dim per spatial dim, got x \(2, 8, 5, 5\) \(2 spatial\) and warehouse \(4, 8, 8, 1\) \(1 cell\)",
+         lambda: kw_conv(x, attn, warehouse[..., 0], out_channels=8, **geometry)),
+        ("4d-kernel", r"kernel_size must be an int or 1-3 ints, got \(3, 3, 3, 3\)",
+         lambda: kw_conv(x, attn, warehouse, out_channels=8, kernel_size=(3, 3, 3, 3))),
+        ("op-attn-shape", r"attn must be \[B, m, n\] = \[2, 9, 4\] for this layer and warehouse, got \(2, 8, 4\)",
+         lambda: op(attn=attn[:, :8])),
+        ("op-x-rank", r"x must be \[B, C_in, \*2 spatial dims\] \(4-D\) for a 2-D kernel, got shape \(2, 8, 5\)",
+         lambda: op(x=x[..., 0])),
+        ("op-untileable", r"a weight \[8, 6, \[3, 3\]\] cannot be tiled by cells", lambda: op(x=x[:, :6])),
+        ("op-stride-length", r"stride must have 2 entries like kernel_size \[3, 3\], got \[1\]",
+         lambda: op(stride=(1,))),
+        ("op-negative-out-channels", r"out_channels must be >= 1, got -8", lambda: op(out_channels=-8)),
+        ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
+        ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
+        ("op-bogus-backend", r"backend must be one of torch, triton, cuda, got 'bogus'", lambda: op(backend="bogus")),
+    ]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in _bad_calls()])
+def test_bad_arguments_are_clear_errors(name):
+    """Each wrong argument names itself, what was expected and what came (functional and direct op call)."""
+    message, call = next((message, call) for n, message, call in _bad_calls() if n == name)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton", "export"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_layer_keeps_channels_last_like_nn_conv(path, dims):
+    """A channels_last model and input give a channels_last output, as nn.Conv2d/3d, on every backend."""
+    if path == "triton":
+        pytest.importorskip("triton")
+        from kw_ops.ops.triton import interpreting
+
+        if dims == 3 or not interpreting():
+            pytest.skip("the Triton kernels run 1-D/2-D convs; on CPU they run under TRITON_INTERPRET=1")
+    fmt = torch.channels_last if dims == 2 else torch.channels_last_3d
+    layer_type, conv_type = (kw_ops.KWConv2d, nn.Conv2d) if dims == 2 else (kw_ops.KWConv3d, nn.Conv3d)
+    layer = layer_type(4, 6, 3, padding=1, warehouse=kw_ops.KWConfig()).eval()
+    layer.backend = "triton" if path == "triton" else "torch"
+    layer.to(memory_format=fmt)
+    x = torch.randn(2, 4, *(5,) * dims)
+    with torch.no_grad():
+        expected = layer(x)
+        if path == "export":
+            with export_mode():
+                y = layer(x.to(memory_format=fmt))
+        else:
+            y = layer(x.to(memory_format=fmt))
+    assert conv_type(4, 6, 3).to(memory_format=fmt)(x.to(memory_format=fmt)).is_contiguous(memory_format=fmt)
+    assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)

@@ -71,6 +71,8 @@ def register_implementation(name: str, forward: Callable, backward: Callable) ->
 
 def implementation(name: str) -> tuple[Callable, Callable]:
     """(forward, backward) of a backend, importing its module on first use."""
+    if name not in BACKENDS:
+        raise ValueError(f"kw_conv: backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name not in _IMPLEMENTATIONS:
         if name == "torch":
             from .torch_impl import kw_conv_backward_torch, kw_conv_torch
@@ -211,9 +213,12 @@ def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
 
 def backend_report() -> list[str]:
     """Lines for `python -m kw_ops info`: every backend, whether it can run here, and why not."""
-    lines = []
-    name, source = requested_backend()
-    lines.append(f"backend choice: {name} ({source}); automatic order: {' > '.join(AUTO_ORDER)}")
+    order = " > ".join(AUTO_ORDER)
+    try:
+        name, source = requested_backend()
+        lines = [f"backend choice: {name} ({source}); automatic order: {order}"]
+    except ValueError as error:  # a bad KW_OPS_BACKEND: report it, the op refuses to run until it is fixed
+        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; automatic order: {order}"]
     for backend in BACKENDS.values():
         reasons = not_supported_reasons(backend.name)
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)

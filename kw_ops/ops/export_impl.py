@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .torch_impl import assemble_kernels, conv_output_size
+from .torch_impl import assemble_kernels, conv_output_size, output_memory_format
 
 __all__ = ["export_conv", "exporting", "export_mode"]
 
@@ -44,7 +44,7 @@ def export_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bi
                 out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
     """KW convolution from batched MatMuls over kernel offsets; same contract as kw_ops.ops.kw_conv.
 
-    x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k] -> [B, O, *out]
+    x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k] -> [B, O, *out] (channels_last where x is)
     """
     dims = len(kernel_size)
     channels, size = x.shape[1], x.shape[2:]
@@ -68,4 +68,4 @@ def export_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bi
     y = y.reshape(-1, out_channels, *out)
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * dims))
-    return y
+    return y.contiguous(memory_format=output_memory_format(x))

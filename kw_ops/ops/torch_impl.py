@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kw_conv_torch", "kw_conv_backward_torch", "assemble_kernels", "gather_cells", "choose_formulation",
-           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES", "conv_output_size"]
+           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES", "conv_output_size", "output_memory_format"]
 
 FORMULATIONS = ("grouped", "gemm")
 # Per-sample kernels materialised at once by the grouped formulation (a chunk of samples).
@@ -62,6 +62,15 @@ def conv_output_size(size: Sequence[int], kernel_size, stride, padding, dilation
         (s + 2 * p - d * (k - 1) - 1) // st + 1
         for s, k, st, p, d in zip(size, kernel_size, stride, padding, dilation)
     ]
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The op's output layout for x [B, C, *size]: x's channels-last format where x is in it (as nn.Conv2d/3d
+    keep channels_last), else contiguous."""
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
 
 
 def assemble_kernels(attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, in_per_group: int,
