@@ -55,11 +55,8 @@ DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
 # Per-sample kernels (or per-sample weight gradients) of one chunk of samples: small enough to stay in
 # L2 (50 MB on H100) beside the chunk's activations, so the conv kernels never read them back from DRAM.
-KERNEL_CHUNK_BYTES = 32 << 20
-# Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
-SPLIT_K_TARGET_PROGRAMS = 264
-SPLIT_K_MIN_LEN = 512
-SPLIT_K_ALIGN = 128           # a multiple of every BLOCK_K of the matmul configs
+# Defined in cost_model.py, which models this chunking.
+KERNEL_CHUNK_BYTES = cost_model.KERNEL_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -284,18 +281,11 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
     return dw
 
 
-def _split_k(M: int, N: int, K: int) -> int:
-    """Length of one K split of `_matmul` (a multiple of SPLIT_K_ALIGN, at least SPLIT_K_MIN_LEN)."""
-    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
-    splits = max(1, min(triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles), triton.cdiv(K, SPLIT_K_MIN_LEN)))
-    return triton.cdiv(triton.cdiv(K, splits), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
-
-
 def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a [M, K] @ b [K, N] (any strides, one dtype) in fp32 (fp64 for fp64), split over K where M*N is small."""
     M, K = a.shape
     N = b.shape[1]
-    split_len = _split_k(M, N, K)
+    split_len = cost_model.split_k_len(M, N, K)   # the split the cost model counts
     splits = triton.cdiv(K, split_len)
     acc = _acc_torch_dtype(a.dtype)
     partial = _empty((splits, M, N), acc, a.device)
