@@ -81,7 +81,8 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
     totals = {}
     for (model, batch) in dict.fromkeys((k[0], k[1]) for k in table):
         lines += [f"## {model}, batch {batch}", "",
-                  "| layer | shape | × | floor fwd | " + " | ".join(f"{_label(m)} fwd" for m in SHOWN) + " | fwd bound | "
+                  "| layer | shape | × | floor fwd | " + " | ".join(f"{_label(m)} fwd" for m in SHOWN)
+                  + " | fwd bound | "
                   + " | ".join(f"{_label(m)} bwd" for m in SHOWN) + " | bwd bound |",
                   "|" + "---|" * (5 + 2 * len(SHOWN) + 1)]
         for key, cells in table.items():

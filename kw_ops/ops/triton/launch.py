@@ -9,13 +9,14 @@ Entry points (the interface other modules and benchmarks use):
                             chunk_bytes=None) -> (dx, dattn, dwarehouse, dbias)
     choose_mode(layer, element_size, direction) -> a name in MODES, by cost_model.py (KW_OPS_TRITON_MODE overrides)
 
-MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per chunk of samples whose per-sample kernels fit
-KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tensor cores (K = n) writes
-each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
-while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may set: L2-sized
-chunks cost two launches per chunk (19 chunks of 7 samples for a ResNet50 layer4 3x3 conv at batch 128 in bf16), larger
-ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
-tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
+MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per
+chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing
+GEMM on tensor cores (K = n) writes each per-sample kernel once, then the conv kernels (forward; input gradient by
+stride phase) read it while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may
+set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a ResNet50 layer4 3x3 conv at batch
+128 in bf16), larger ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former
+"fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the DESIGN.md cost
+model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
 dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
