@@ -25,7 +25,7 @@ from kw_ops.benchmarking.model_bench import _environment  # noqa: E402
 from kw_ops.ops.triton import cost_model  # noqa: E402
 
 MODELS = ("resnet18_kw1x", "resnet50_kw1x", "mobilenetv2_100_kw1x")
-SHOWN = ("static", "released", *cost_model.KERNEL_MODES)
+SHOWN = ("static", "released", *cost_model.KERNEL_MODES, *cost_model.MODELLED_ONLY)
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 CSV_FIELDS = ("git_sha", "peaks", "model", "layer", "count", "shape", "batch", "dtype", "pass", "mode", "predicted_ms",
               "bound", "chosen")
@@ -58,24 +58,32 @@ def floor_ms(spec: dict, batch: int, element_size: int, peaks) -> tuple[float, f
     return flops, moved, seconds * 1e3
 
 
+def _label(mode: str) -> str:
+    """A mode's column name: modelled-only modes carry a star."""
+    return f"{mode}*" if mode in cost_model.MODELLED_ONLY else mode
+
+
 def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> str:
     lines = [f"# Cost-model predictions per layer ({dtype})", "",
              f"git {env['git_sha']}, torch {env['torch']}, triton {env['triton']}, {env['date']} UTC, "
              f"computed on {platform.machine()} (no GPU: every time below is a PREDICTION)",
              f"Peaks assumed: {peaks.source}.", "",
              "Predicted ms per layer call; backward = dx + weight gradient; **bold**: choose_mode's pick among "
-             f"{', '.join(cost_model.KERNEL_MODES)} (forward: by the forward, backward: by dx); `-`: the mode cannot "
-             "run the shape; bound: the term of the longest phase of the pick; floor: DESIGN.md's forward roofline "
-             "(x + y + E + attn moved once, conv + mixing FLOPs). Shapes with g=.. (grouped, depthwise) run on the "
-             "torch path until a grouped kernel exists: their Triton columns model the modes as if it did.", ""]
+             f"the built modes ({', '.join(cost_model.KERNEL_MODES)}: what launch.py runs); "
+             f"{', '.join(f'{m}*' for m in cost_model.MODELLED_ONLY)}: modelled, NOT built (comparison points); "
+             "`-`: the mode cannot run the shape; bound: the term of the longest phase of the pick; floor: DESIGN.md's "
+             "forward roofline (x + y + E + attn moved once, conv + mixing FLOPs). Inputs NCHW, as the benchmarks "
+             "pass them: two_phase includes the conversion of x (dy) to channels_last. Shapes with g=.. (grouped, "
+             "depthwise) run the grouped kernels on CUDA cores.", ""]
     table = {}
     for r in rows:
         table.setdefault((r["model"], r["batch"], r["layer"], r["shape"], r["count"]), {})[(r["pass"], r["mode"])] = r
     totals = {}
     for (model, batch) in dict.fromkeys((k[0], k[1]) for k in table):
         lines += [f"## {model}, batch {batch}", "",
-                  "| layer | shape | × | floor fwd | " + " | ".join(f"{m} fwd" for m in SHOWN) + " | fwd bound | "
-                  + " | ".join(f"{m} bwd" for m in SHOWN) + " | bwd bound |",
+                  "| layer | shape | × | floor fwd | " + " | ".join(f"{_label(m)} fwd" for m in SHOWN)
+                  + " | fwd bound | "
+                  + " | ".join(f"{_label(m)} bwd" for m in SHOWN) + " | bwd bound |",
                   "|" + "---|" * (5 + 2 * len(SHOWN) + 1)]
         for key, cells in table.items():
             if key[:2] != (model, batch):
@@ -104,7 +112,7 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
         lines += ["", f"Whole network (each layer × its count): forward floor {floor:.2f} ms "
                       f"({flops / 1e9:.0f} GFLOP, {moved / 1e9:.2f} GB); choose_mode's picks: forward "
                       f"{pick['forward']:.2f} ms, backward {pick['backward']:.2f} ms.", "",
-                  "| pass | " + " | ".join(SHOWN) + " |", "|" + "---|" * (1 + len(SHOWN))]
+                  "| pass | " + " | ".join(map(_label, SHOWN)) + " |", "|" + "---|" * (1 + len(SHOWN))]
         for label in ("forward", "backward"):
             lines.append(f"| {label} | " + " | ".join(
                 f"{totals[(model, batch, label, m)]:.2f}" if (model, batch, label, m) in totals else "-"

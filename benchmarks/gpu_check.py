@@ -7,9 +7,10 @@
 Stages; each has its own deadline, checked inside its loops (what does not fit is a 'skipped' row saying so):
 0. compile every kernel specialisation the stages below launch (captured on meta tensors by
            kw_ops.benchmarking.triton_capture, pinned configs) in parallel processes into Triton's cache.
-a. smoke   bf16 correctness of every launcher path (each mode of launch.MODES, forward and backward) against the
-           torch path in fp64 on the same bf16 inputs: SMOKE_CASES, every autotuned kernel pinned to its first
-           config (no autotuning), outputs poisoned with NaN, stop at the --maxfail-th failure.
+a. smoke   bf16 correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch path
+           in fp64 on the same bf16 inputs: SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted
+           to channels_last and channels_last ones; dx by stride phase; several chunks), every autotuned kernel
+           pinned to its first config (no autotuning), outputs poisoned with NaN, stop at the --maxfail-th failure.
 b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
            matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
 c. layers  forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
@@ -254,8 +255,8 @@ def planned_launches(specs, modes) -> dict[str, set]:
 # -- stage a: smoke ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SmokeCase:
-    """C_in -> C_out on `size` with a kernel, stride, padding and cell (c_out, c_in); whole_cells: cells hold the
-    whole kernel (else 1x1 spatial cells)."""
+    """C_in -> C_out on `size` with a kernel, stride, padding, groups and cell (c_out, c_in: c_in input channels of
+    one group); whole_cells: cells hold the whole kernel (else 1x1 spatial cells)."""
     channels: int
     out: int
     size: tuple
@@ -268,27 +269,33 @@ class SmokeCase:
     channels_last: bool = False
     batch: int = 16
     n: int = 47
+    groups: int = 1
+    dilation: int = 1
 
     @property
     def name(self) -> str:
         k = "x".join(map(str, self.kernel))
         return (f"B{self.batch}-C{self.channels}-O{self.out}-{'x'.join(map(str, self.size))}-k{k}-s{self.stride[0]}"
+                f"{f'-g{self.groups}' if self.groups != 1 else ''}{f'-d{self.dilation}' if self.dilation != 1 else ''}"
                 f"{'-whole' if self.whole_cells else ''}{'-bias' if self.bias else ''}"
                 f"{'-nhwc' if self.channels_last else ''}")
 
     def spec(self) -> dict:
         cell_k = self.kernel if self.whole_cells else (1,) * len(self.kernel)
-        grid = (self.out // self.cell[0]) * (self.channels // self.cell[1])
+        grid = (self.out // self.cell[0]) * (self.channels // self.groups // self.cell[1])
         m = grid * (1 if self.whole_cells else math.prod(self.kernel))
         return {"channels": self.channels, "out": self.out, "size": self.size, "kernel": self.kernel,
-                "stride": self.stride, "padding": self.padding, "dilation": (1,) * len(self.kernel), "groups": 1,
+                "stride": self.stride, "padding": self.padding, "dilation": (self.dilation,) * len(self.kernel),
+                "groups": self.groups,
                 "bias": self.bias, "n": self.n, "m": m, "cell": (*self.cell, *cell_k), "layer": self.name,
                 "count": 1}
 
 
 # Six with the integer patterns of ResNet50 KW1x layers at batch 128 (channels multiples of 64, sizes 7 / 14 / 28,
 # n = 47, no bias), so stage c reuses their compiles; then odd channels and sizes with whole-kernel cells and a bias,
-# channels_last, 1-D and a 5x5 kernel. Each runs in every mode of launch.MODES, forward and backward.
+# channels_last (no conversion), 1-D and a 5x5 kernel; the input gradient by stride phase (odd sizes, dilation,
+# a 3-channel stem with 8-row cells); depthwise and grouped layers (the grouped kernels); a layer4 3x3 layer whose
+# 16 samples take three chunks of KERNEL_CHUNK_BYTES. Each runs in every mode of launch.MODES, forward and backward.
 SMOKE_SHAPES = (
     SmokeCase(64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (64, 64)),
     SmokeCase(64, 256, (14, 14), (1, 1), (1, 1), (0, 0), (64, 64)),
@@ -300,6 +307,16 @@ SMOKE_SHAPES = (
     SmokeCase(64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (64, 64), channels_last=True),
     SmokeCase(16, 32, (33,), (3,), (1,), (1,), (16, 16), bias=True, batch=4, n=5),
     SmokeCase(24, 40, (11, 11), (5, 5), (1, 1), (2, 2), (20, 24), batch=5, n=5),
+    SmokeCase(32, 32, (15, 15), (3, 3), (2, 2), (1, 1), (32, 32), batch=4, n=5),
+    SmokeCase(64, 128, (14, 14), (3, 3), (2, 2), (1, 1), (64, 64), whole_cells=True, channels_last=True, batch=4),
+    SmokeCase(16, 24, (13, 13), (3, 3), (2, 2), (2, 2), (8, 16), dilation=2, batch=3, n=5),
+    SmokeCase(3, 16, (16, 16), (3, 3), (2, 2), (1, 1), (8, 3), bias=True, batch=4, n=5),
+    SmokeCase(32, 32, (14, 14), (3, 3), (1, 1), (1, 1), (32, 1), groups=32, batch=8),
+    SmokeCase(48, 48, (15, 15), (3, 3), (2, 2), (1, 1), (16, 1), groups=48, bias=True, batch=4, n=5),
+    SmokeCase(64, 64, (7, 7), (3, 3), (1, 1), (1, 1), (64, 1), groups=64, channels_last=True, batch=8),
+    SmokeCase(32, 64, (10, 10), (3, 3), (1, 1), (1, 1), (16, 8), groups=4, whole_cells=True, bias=True, batch=3, n=5),
+    SmokeCase(16, 16, (33,), (5,), (2,), (2,), (4, 4), groups=4, batch=4, n=5),
+    SmokeCase(512, 512, (7, 7), (3, 3), (1, 1), (1, 1), (128, 128)),
 )
 
 
@@ -331,7 +348,7 @@ def smoke_item(case: SmokeCase, mode: str) -> Item:
         from kw_ops.ops.triton import launch
 
         spec, x, attn, warehouse, bias, dy = _smoke_inputs(case)
-        geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], 1)
+        geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
         f64 = lambda t: None if t is None else t.double()   # the same bf16 values, exact arithmetic
         ref_y = kw_conv_torch(f64(x), f64(attn), f64(warehouse), f64(bias), *geometry)
         ref_grads = kw_conv_backward_torch(f64(dy), f64(x), f64(attn), f64(warehouse), case.bias, *geometry,

@@ -13,11 +13,13 @@
    every one), for sm_90 with Triton's compiler and ptxas; cuobjdump reads registers and stack frame, Triton
    the shared memory; occupancy from the compute capability 9.0 limits.
 Exit status 1 when a compile fails, a config cannot launch (shared memory), or a bf16/fp16 kernel spills.
+--budget-s stops compiling at a time limit (2-byte dtypes first); the report then says it is partial.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import platform
 import sys
@@ -66,11 +68,16 @@ def group(launches: dict, every: bool) -> dict:
     return {key: sorted(members, key=lambda m: -len(m[1])) for key, members in groups.items()}
 
 
-def compile_all(groups: dict, arch: int) -> list[dict]:
-    """Compile the most requested specialisation of each group."""
+def compile_all(groups: dict, arch: int, deadline: float) -> tuple[list[dict], int]:
+    """Compile the most requested specialisation of each group, 2-byte dtypes first, until time.time() passes
+    `deadline`. -> (rows, groups left uncompiled)."""
     rows = []
-    todo = sorted(groups.items(), key=lambda kv: str(kv[0]))
+    order = {dtype: i for i, dtype in enumerate(("bf16", "fp16"))}
+    todo = sorted(groups.items(), key=lambda kv: (order.get(kv[0][1], len(order)), str(kv[0])))
     for i, (key, members) in enumerate(todo):
+        if time.time() > deadline:
+            print(file=sys.stderr)
+            return rows, len(todo) - i
         kernel, dtype, config, flags = key[:4]
         launch = members[0][0]
         row = {"kernel": kernel, "dtype": dtype, "config": config, "switches": flags, "launch": launch,
@@ -82,12 +89,15 @@ def compile_all(groups: dict, arch: int) -> list[dict]:
         rows.append(row)
         print(f"\r[{i + 1}/{len(todo)}] {kernel} {dtype} {config}" + " " * 20, end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return rows
+    return rows, 0
 
 
-def markdown(rows, launches, skipped, env, args, seconds) -> tuple[str, list[str]]:
+def markdown(rows, left, launches, skipped, env, args, seconds) -> tuple[str, list[str]]:
     problems = []
+    partial = (f"**PARTIAL RUN**: stopped at its {args.budget_s:.0f} s budget with {left} of {len(rows) + left} "
+               f"groups not compiled (the table lists the {len(rows)} compiled; 2-byte dtypes go first).")
     lines = [f"# Triton KW kernels compiled for sm_{args.arch} from real launches", "",
+             *([partial, ""] if left else []),
              f"git {env['git_sha']}, torch {env['torch']}, triton {env['triton']}, {env['date']} UTC, compiled on "
              f"{platform.machine()} (no GPU; Triton's compiler and ptxas), {seconds:.0f} s", "",
              f"Calls: the forward and backward launchers on every distinct KW layer of {len(args.models)} presets "
@@ -143,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="also channels_last inputs")
     parser.add_argument("--all", action="store_true",
                         help="compile every specialisation, not one per kernel, dtype, config and switches")
+    parser.add_argument("--budget-s", type=float, default=math.inf,
+                        help="stop compiling after this many seconds; the report then says it is partial")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "triton_sm90_compile.md"))
     args = parser.parse_args(argv)
     start = time.time()
@@ -157,8 +169,8 @@ def main(argv=None) -> int:
     groups = group(launches, args.all)
     print(f"{len(launches)} specialisations, {len(groups)} to compile, "
           f"{len(skipped)} calls not taken ({time.time() - start:.0f} s)", flush=True)
-    rows = compile_all(groups, args.arch)
-    report, problems = markdown(rows, launches, skipped, env, args, time.time() - start)
+    rows, left = compile_all(groups, args.arch, start + args.budget_s)
+    report, problems = markdown(rows, left, launches, skipped, env, args, time.time() - start)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
     print(report)

@@ -7,6 +7,7 @@ The layer: batch 2, 4 -> 8 channels, 1x1 kernel on 8x8 (64 positions), n = 4, m 
     P = 8*4 = 32 weights, cell = P/m = 16, E = n*cell*2 = 128 B, one kernel W_b = 64 B, both = 128 B
     x = 2*4*64*2 = 1024 B, y = 2*8*64*2 = 2048 B, attn = 2*2*4*2 = 32 B
     conv FLOPs = 2*B*HW'*P = 8192, mixing FLOPs = 2*B*n*P = 512
+NHWC is the same layer with channels_last inputs (no boundary conversion in two_phase).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ PEAKS = Peaks(source="test", dram_bytes_per_s=1e12, l2_bytes_per_s=2e12, l2_byte
               cuda_core_flops=10e12, smem_per_block=1e5)
 SHAPE = ConvShape(batch=2, channels=4, out_channels=8, size=(8, 8), out_size=(8, 8), kernel=(1, 1), groups=1, n=4,
                   m=2, element_size=2)
+NHWC = replace(SHAPE, channels_last=True)
 
 
 def seconds(mode, direction="forward", peaks=PEAKS, shape=SHAPE):
@@ -62,18 +64,68 @@ def test_fused_adds_cuda_core_remixing():
 
 
 def test_two_phase_kernels_in_l2():
-    # one chunk (2 * 64 B << L2/2): mix reads E + attn from DRAM (160 B), writes 128 B of kernels into L2;
-    # the conv reads x, writes y (3072 B DRAM) and reads the kernels from L2 once (one position tile)
-    mix = max(512 / 100e12, 160 / 1e12, (160 + 128) / 2e12)
+    # one chunk (2 * 64 B << KERNEL_CHUNK_BYTES): mix reads E + attn (160 B) and writes 128 B of kernels (to DRAM
+    # once: L2 is write-back); the conv reads x, writes y (3072 B DRAM) and reads the kernels from L2 (128 B)
+    mix = max(512 / 100e12, 288 / 1e12, 288 / 2e12)
     conv = max(8192 / 100e12, 3072 / 1e12, (3072 + 128) / 2e12)
-    assert seconds("two_phase") == pytest.approx(mix + conv)
+    assert seconds("two_phase", shape=NHWC) == pytest.approx(mix + conv)
+    # NCHW 2-byte input: x converted to NHWC first (1024 B read + written)
+    assert seconds("two_phase") == pytest.approx(2048 / 1e12 + mix + conv)
+    # fp32 runs in the caller's layout: no conversion, every byte doubled (DRAM-bound phases: twice the time)
+    assert seconds("two_phase", shape=replace(SHAPE, element_size=4)) == pytest.approx(2 * (mix + conv))
 
 
 def test_two_phase_kernels_beyond_l2():
-    # L2 of 100 B: half of it (50 B) holds no 64-B kernel, so one sample per chunk, E read per chunk (2 * 128 B)
-    # and the kernels go through DRAM: mix 256 + 32 + 128 B, conv 3072 + 128 B
+    # L2 of 100 B holds no chunk of kernels (128 B): the conv reads them from DRAM (3072 + 128 B)
     small_l2 = replace(PEAKS, l2_bytes=100)
-    assert seconds("two_phase", peaks=small_l2) == pytest.approx(416 / 1e12 + 3200 / 1e12)
+    assert seconds("two_phase", peaks=small_l2, shape=NHWC) == pytest.approx(288 / 1e12 + 3200 / 1e12)
+
+
+def test_two_phase_chunks_of_kernel_chunk_bytes(monkeypatch):
+    # chunks of one 64-B kernel: two chunks, E read from DRAM per chunk: mix 2 * 128 + 32 + 128 B; conv unchanged
+    monkeypatch.setattr(cost_model, "KERNEL_CHUNK_BYTES", 64)
+    mix, conv = predict(NHWC, "two_phase", "forward", PEAKS).phases
+    assert (mix.dram_bytes, mix.l2_bytes, conv.dram_bytes, conv.l2_bytes) == (416, 0, 3072, 128)
+    assert seconds("two_phase", shape=NHWC) == pytest.approx((416 + 3072) / 1e12)
+
+
+def test_two_phase_weight_gradient_round_trips_dw_through_l2():
+    # wgrad kernel: x + dy read, 128 B of per-sample dW written (3200 B DRAM); one channel tile: no re-read.
+    # dattn: dW from L2 (128 B), E (128 B), fp32 partial [1 split, 16] written and read (128 B), attn (32 B).
+    # dE: dW from L2, attn (32 B), fp32 partial [1, 4, 16] = 256 B written, then dE += it: 3 * 256 B.
+    wgrad, dattn, dwarehouse = predict(NHWC, "two_phase", "wgrad", PEAKS).phases
+    assert (wgrad.tensor_flops, wgrad.dram_bytes, wgrad.l2_bytes) == (8192, 3200, 0)
+    assert (dattn.tensor_flops, dattn.dram_bytes, dattn.l2_bytes) == (512, 288, 128)
+    assert (dwarehouse.dram_bytes, dwarehouse.l2_bytes) == (32 + 1024, 128)
+    expected = 3200 / 1e12 + 288 / 1e12 + 1056 / 1e12
+    assert seconds("two_phase", "wgrad", shape=NHWC) == pytest.approx(expected)
+    # NCHW: x converted first
+    assert seconds("two_phase", "wgrad") == pytest.approx(2048 / 1e12 + expected)
+
+
+def test_split_k_len():
+    # launch._matmul's split: 1 tile of 64 x 64 -> up to 264 splits of at least 512, aligned to 128
+    assert cost_model.split_k_len(4, 4, 16) == 128
+    assert cost_model.split_k_len(54, 47, 262144) == 1024          # 256 splits
+    assert cost_model.split_k_len(47, 262144, 54) == 128           # 4096 tiles: one split
+
+
+def test_grouped_layers_run_on_cuda_cores():
+    # depthwise 8 channels 3x3 pad 1 on 8x8, n = 4, m = 9: P = 72 (144 B), cell 8, E = 64 B, attn = 144 B,
+    # x = y = 2048 B; conv 2*2*64*72 = 18432 FLOPs on CUDA cores, mixing 1152 FLOPs on tensor cores.
+    # mix: E + attn + 288 B kernels = 496 B DRAM; conv: 4096 B DRAM, L2: kernels (288 B) + x re-read for the
+    # two further kernel rows (2 * 2048 B)
+    dw = ConvShape(2, 8, 8, (8, 8), (8, 8), (3, 3), 8, 4, 9, 2, channels_last=True)
+    mix, conv = predict(dw, "two_phase", "forward", PEAKS).phases
+    assert (mix.tensor_flops, mix.dram_bytes) == (1152, 496)
+    assert (conv.tensor_flops, conv.cuda_flops, conv.dram_bytes, conv.l2_bytes) == (0, 18432, 4096, 4384)
+    slow_cc = replace(PEAKS, cuda_core_flops=1e6)
+    assert seconds("two_phase", peaks=slow_cc, shape=dw) == pytest.approx(496 / 1e12 + 18432 / 1e6)
+    slow_l2 = replace(PEAKS, l2_bytes_per_s=1e11)
+    assert seconds("two_phase", peaks=slow_l2, shape=dw) == pytest.approx(496 / 1e11 + (4096 + 4384) / 1e11)
+    # weight gradient: dy and x read once per (tap, channel of the group) program: 9 times, 8 from L2
+    wgrad = predict(dw, "two_phase", "wgrad", PEAKS).phases[0]
+    assert (wgrad.tensor_flops, wgrad.cuda_flops, wgrad.l2_bytes) == (0, 18432, 8 * 2048 + 8 * 2048)
 
 
 def test_released_moves_every_kernel_three_times():
@@ -87,8 +139,6 @@ def test_backward_passes():
     # static dx and weight gradient: the same bytes as the forward (dy, dx, W / x, dy, dW)
     assert seconds("static", "dx") == pytest.approx(3136 / 1e12)
     assert seconds("static", "wgrad") == pytest.approx(3136 / 1e12)
-    # epilogue weight gradient: x + dy + E + attn read + dattn written + fp32 dE (n * cell * 4 = 256 B)
-    assert seconds("two_phase", "wgrad") == pytest.approx((1024 + 2048 + 128 + 64 + 256) / 1e12)
     # fused (per-sample dW in DRAM): conv writes 128 B of dW, the contractions read it twice
     assert seconds("fused", "wgrad") == pytest.approx((3072 + 128) / 1e12 + (256 + 128 + 64) / 1e12)
 
@@ -97,7 +147,7 @@ def test_dx_over_every_tap_costs_stride_squared():
     strided = replace(SHAPE, size=(16, 16), out_size=(8, 8))       # stride 2: 4x the input positions
     slow_tc = replace(PEAKS, tensor_flops=1e9)
     assert predict(strided, "fused", "dx", slow_tc).phases[0].tensor_flops == 4 * 8192
-    assert predict(strided, "two_phase", "dx", slow_tc).phases[1].tensor_flops == 8192
+    assert predict(strided, "two_phase", "dx", slow_tc).phases[-1].tensor_flops == 8192   # by stride phase
 
 
 def test_mix_once_needs_its_tile_in_shared_memory():
@@ -132,13 +182,12 @@ def test_measured_peaks_replace_the_datasheet(tmp_path, monkeypatch):
     assert cost_model.default_peaks() == cost_model.H100_SXM_DATASHEET
 
 
-def test_two_phase_chunk_fills_half_of_l2():
-    # L2 of 128 B: half of it holds exactly one 64-B kernel, so the kernels stay in L2, two chunks of one sample:
-    # mix reads E twice + attn (288 B DRAM) and writes 128 B into L2; conv 3072 B DRAM, 128 B from L2
-    half = replace(PEAKS, l2_bytes=128)
-    mix = max(512 / 100e12, 288 / 1e12, (288 + 128) / 2e12)
-    conv = max(8192 / 100e12, 3072 / 1e12, (3072 + 128) / 2e12)
-    assert seconds("two_phase", peaks=half) == pytest.approx(mix + conv)
+def test_built_modes_are_the_launchers():
+    pytest.importorskip("triton")
+    from kw_ops.ops.triton import launch
+
+    assert launch.MODES == cost_model.KERNEL_MODES and launch.KERNEL_CHUNK_BYTES == cost_model.KERNEL_CHUNK_BYTES
+    assert not set(cost_model.MODELLED_ONLY) & set(launch.MODES)
 
 
 def test_channel_and_position_tiles_reread_from_l2():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -86,11 +87,39 @@ def test_maxfail_and_errors_are_rows(gpu_check, tmp_path):
     assert [r["stage"] for r in read_rows(tmp_path / "gpu_check.csv")] == ["smoke", "smoke", "peaks"]
 
 
-def test_smoke_cases_cover_every_mode(gpu_check):
-    names = [c.name for c in gpu_check.SMOKE_SHAPES]
+def test_smoke_cases_cover_every_kernel_path(gpu_check):
+    from kw_ops.ops.triton import launch
+
+    cases = gpu_check.SMOKE_SHAPES
+    names = [c.name for c in cases]
     assert len(set(names)) == len(names)
-    items = gpu_check.smoke_items(("fused", "two_phase"))
-    assert len(items) == 2 * len(gpu_check.SMOKE_SHAPES) and 15 <= len(items) <= 30
+    items = gpu_check.smoke_items(launch.MODES)
+    assert len(items) == len(launch.MODES) * len(cases) and 15 <= len(items) <= 30
+    assert all(c.spec()["m"] * c.spec()["cell"][0] * c.spec()["cell"][1] * math.prod(c.spec()["cell"][2:])
+               == c.out * c.channels // c.groups * math.prod(c.kernel) for c in cases)     # cells tile the weight
+    # the grouped kernels: depthwise (one input channel per group) and wider groups, NHWC among them
+    assert any(c.groups == c.channels for c in cases) and any(1 < c.groups < c.channels for c in cases)
+    assert any(c.groups != 1 and c.channels_last for c in cases)
+    # dx by stride phase: stride-2 3x3 layers with even and odd sizes, with dilation; channels_last for groups = 1
+    strided = [c for c in cases if c.stride[0] == 2 and c.kernel[0] == 3 and c.groups == 1]
+    assert {c.size[0] % 2 for c in strided} == {0, 1} and any(c.dilation == 2 for c in strided)
+    assert any(c.channels_last and c.groups == 1 for c in cases) and any(len(c.size) == 1 for c in cases)
+    # several chunks of per-sample kernels in one call
+    assert any(c.batch * c.out * c.channels // c.groups * math.prod(c.kernel) * 2 > 2 * launch.KERNEL_CHUNK_BYTES
+               for c in cases)
+
+
+def test_pinned_configs_keep_one_config_of_every_kernel(gpu_check):
+    from triton.runtime.autotuner import Autotuner
+
+    from kw_ops.ops.triton import launch
+
+    tuned = {name: v for name, v in vars(launch).items() if isinstance(v, Autotuner)}
+    assert {"kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel", "kw_grouped_fwd_kernel",
+            "kw_grouped_dx_kernel", "kw_grouped_wgrad_kernel", "kw_mix_kernel", "kw_matmul_kernel"} <= set(tuned)
+    first = {name: t.configs[0] for name, t in tuned.items()}
+    with gpu_check.pinned_configs():
+        assert all(t.configs == [first[name]] for name, t in tuned.items())
 
 
 @pytest.mark.slow

@@ -224,13 +224,13 @@ def test_fp16_error_within_twice_the_torch_path(case):
 def test_chunks_and_split_k(monkeypatch, case):
     """Several sample chunks (per-sample kernels, weight gradients; dense and grouped) and several K splits
     give the same result."""
-    monkeypatch.setattr(launch, "SPLIT_K_MIN_LEN", 16)
-    monkeypatch.setattr(launch, "SPLIT_K_ALIGN", 16)
+    monkeypatch.setattr(launch.cost_model, "SPLIT_K_MIN_LEN", 16)
+    monkeypatch.setattr(launch.cost_model, "SPLIT_K_ALIGN", 16)
     x, attn, warehouse, bias = case.inputs()
     dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
     y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy)
     cell_size = math.prod(warehouse.shape[1:])
-    assert launch.triton.cdiv(cell_size, launch._split_k(case.batch * case.m, case.n, cell_size)) > 1
+    assert launch.triton.cdiv(cell_size, launch.cost_model.split_k_len(case.batch * case.m, case.n, cell_size)) > 1
     y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), chunk_bytes=1)  # one sample per chunk
     _assert_close(y, y_ref, case.dtype, "y")
     grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), chunk_bytes=1)

@@ -15,23 +15,31 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a fresh interpreter: the capture needs Triton's JIT functions, and this test process has the
-# kernels imported under TRITON_INTERPRET=1.
+# kernels imported under TRITON_INTERPRET=1. Calls: a stride-2 3x3 layer with bias, its depthwise twin
+# (groups = channels), both in bf16 and fp32, NCHW and channels_last; a 3-D layer (NCHW only) the backend does not take.
 PROGRAM = r"""
 import json, torch
 from kw_ops.benchmarking import triton_capture as tc
 spec = {"channels": 16, "out": 32, "size": (8, 8), "kernel": (3, 3), "stride": (2, 2), "padding": (1, 1),
         "dilation": (1, 1), "groups": 1, "n": 4, "m": 18, "cell": (16, 16, 1, 1), "bias": True, "layer": "toy"}
-grouped = {**spec, "groups": 16, "out": 16, "cell": (16, 1, 1, 1), "m": 9}
-calls = tc.layer_calls([("toy", spec), ("dw", grouped)], [2], [torch.bfloat16], (False, True))
+depthwise = {**spec, "groups": 16, "out": 16, "cell": (16, 1, 1, 1), "m": 9}
+cube = {**spec, "size": (4, 4, 4), "kernel": (1, 1, 1), "stride": (1, 1, 1), "padding": (0, 0, 0),
+        "dilation": (1, 1, 1), "m": 2, "cell": (16, 16, 1, 1, 1)}
+calls = tc.layer_calls([("toy", spec), ("dw", depthwise), ("3d", cube)], [2], [torch.bfloat16, torch.float32],
+                       (False, True))
 found, skipped = tc.capture(calls)
 out = []
 for launch, labels in found.items():
-    out.append({"kernel": launch.kernel, "signature": dict(launch.signature), "constexprs": {k: str(v) for k, v in
-                launch.constexprs}, "divisible": [k for k, pairs in launch.attrs if ["tt.divisibility", 16] in
-                [list(p) for p in pairs]], "options": dict(launch.options), "labels": labels,
-                "text": launch.specialisation(), "key_matches": launch.launch_key == tc.compile_key(launch)})
+    out.append({"kernel": launch.kernel, "dtype": launch.dtype, "signature": dict(launch.signature),
+                "constexprs": {k: str(v) for k, v in launch.constexprs}, "divisible": [k for k, pairs in launch.attrs
+                if ["tt.divisibility", 16] in [list(p) for p in pairs]], "options": dict(launch.options),
+                "labels": labels, "text": launch.specialisation(),
+                "key_matches": launch.launch_key == tc.compile_key(launch)})
 print(json.dumps({"launches": out, "skipped": skipped}))
 """
+CONV = ("kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel")
+GROUPED = ("kw_grouped_fwd_kernel", "kw_grouped_dx_kernel", "kw_grouped_wgrad_kernel")
+GEMM = ("kw_mix_kernel", "kw_matmul_kernel", "kw_bias_grad_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -42,36 +50,60 @@ def captured():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_forward_launch_specialisation(captured):
-    fwd = [x for x in captured["launches"] if x["kernel"] == "kw_conv_fwd_kernel" and "NHWC" not in x["labels"][0]]
+def launches_of(captured, kernel, dtype, label):
+    """The launches of `kernel` in `dtype` that the call labelled exactly `label` requests."""
+    return [x for x in captured["launches"] if x["kernel"] == kernel and x["dtype"] == dtype and label in x["labels"]]
+
+
+def test_bf16_forward_runs_channels_last(captured):
+    fwd = launches_of(captured, "kw_conv_fwd_kernel", "bf16", "toy/toy B2 bfloat16")
     assert fwd, [x["kernel"] for x in captured["launches"]]
     launch = fwd[0]
     sig, const = launch["signature"], launch["constexprs"]
-    # x [2, 16, 8, 8] NCHW bf16: strides (1024, 64, 8, 1); output 4x4
+    # x [2, 16, 8, 8] comes NCHW and reaches the kernel channels_last: strides (1024, 1, 128, 16); y 4x4 NCHW
     assert sig["x_ptr"] == "*bf16" and "x_ptr" in launch["divisible"]
-    assert const["sxw"] == "1" and sig["sxw"] == "constexpr"              # unit stride: a constant
-    assert sig["sxc"] == "i32" and "sxc" in launch["divisible"]           # 64: divisible by 16
-    assert sig["sxh"] == "i32" and "sxh" not in launch["divisible"]       # 8: not
+    assert const["sxc"] == "1" and sig["sxc"] == "constexpr"               # unit channel stride: a constant
+    assert sig["sxw"] == "i32" and "sxw" in launch["divisible"]            # 16: divisible by 16
+    assert const["syw"] == "1" and "sxh" in launch["divisible"]
     assert "OH" not in launch["divisible"] and const["HAS_BIAS"] == "True"
-    assert sig["stride_h"] == "i32" and sig["pad_h"] == "constexpr"           # 2: a plain i32; 1: a constant
-    assert "sxw=1" in launch["text"] and "sxc:16" in launch["text"]
+    assert sig["stride_h"] == "i32" and sig["pad_h"] == "constexpr"       # 2: a plain i32; 1: a constant
+    assert "sxc=1" in launch["text"] and "sxw:16" in launch["text"]
     # one launch per autotune config, each with its own warps / stages
     configs = {tuple(x["constexprs"][b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (x["options"]["num_warps"],
                x["options"]["num_stages"]) for x in fwd}
     assert len(configs) == len(fwd) > 1
+    # the same launches for the channels_last input: the conversion happens before the kernel
+    assert all("toy/toy B2 bfloat16 NHWC" in x["labels"] for x in fwd)
 
 
-def test_channels_last_and_backward_launches(captured):
-    kernels = {x["kernel"] for x in captured["launches"]}
-    assert {"kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel", "kw_matmul_kernel"} <= kernels
-    nhwc = [x for x in captured["launches"] if x["kernel"] == "kw_conv_fwd_kernel" and "NHWC" in x["labels"][0]]
-    assert nhwc and all(x["constexprs"]["sxc"] == "1" for x in nhwc)      # channels_last: unit channel stride
+def test_fp32_keeps_the_callers_layout(captured):
+    nchw = launches_of(captured, "kw_conv_fwd_kernel", "fp32", "toy/toy B2 float32")
+    nhwc = launches_of(captured, "kw_conv_fwd_kernel", "fp32", "toy/toy B2 float32 NHWC")
+    assert nchw and nhwc and not any("toy/toy B2 float32 NHWC" in x["labels"] for x in nchw)
+    assert all(x["constexprs"].get("sxw") == "1" and "sxc" not in x["constexprs"] for x in nchw)
+    assert all(x["constexprs"].get("sxc") == "1" and "sxw" not in x["constexprs"] for x in nhwc)
+
+
+def test_every_kernel_is_launched_and_grouped_calls_take_the_grouped_kernels(captured):
+    for dtype in ("bf16", "fp32"):
+        kernels = {x["kernel"] for x in captured["launches"] if x["dtype"] == dtype}
+        assert set(CONV + GROUPED + GEMM) <= kernels, dtype
+    for x in captured["launches"]:
+        calls = {label.split("/")[0] for label in x["labels"]}
+        if x["kernel"] in GROUPED:
+            assert calls == {"dw"}, x["kernel"]
+            assert x["constexprs"]["Ig"] == x["constexprs"]["Og"] == "1"     # depthwise: one channel per group
+        elif x["kernel"] in CONV:
+            assert calls == {"toy"}, x["kernel"]
+    # the depthwise call mixes its per-sample kernels with the same GEMM and contracts its gradients likewise
+    for kernel in ("kw_mix_kernel", "kw_matmul_kernel"):
+        assert any(label.startswith("dw/") for x in captured["launches"] if x["kernel"] == kernel
+                   for label in x["labels"]), kernel
 
 
 def test_calls_the_backend_does_not_take_are_listed(captured):
-    reasons = [r for label, rs in captured["skipped"].items() if label.startswith("toy/") is False for r in rs]
-    assert any("groups=16" in r for r in reasons)
-    assert not any(label.startswith("toy/") for label in captured["skipped"])
+    assert sorted(captured["skipped"]) == ["3d/toy B2 bfloat16", "3d/toy B2 float32"]
+    assert all(any("3-D convolution" in r for r in rs) for rs in captured["skipped"].values())
 
 
 def test_compiling_a_capture_fills_the_cache_the_launch_reads(captured):

@@ -173,11 +173,12 @@ def _cache_key(source, backend, options: dict) -> str:
 
 
 def layer_calls(specs: Iterable[tuple[str, dict]], batches, dtypes, channels_last=(False,)) -> list[LayerCall]:
+    """Every (spec, batch, dtype, memory format) call; channels_last applies to 2-D layers only (others once)."""
     calls = []
     for model, spec in specs:
         for batch in batches:
             for dtype in dtypes:
-                for cl in channels_last:
+                for cl in channels_last if len(spec["size"]) == 2 else (False,):
                     label = f"{model}/{spec['layer']} B{batch} {str(dtype)[6:]}{' NHWC' if cl else ''}"
                     calls.append(LayerCall(spec, batch, dtype, cl, label))
     return calls

@@ -12,21 +12,27 @@ that go to DRAM and bytes served by L2 without reaching DRAM. A phase takes
 passes through L2), and a mode the sum of its phases. The peaks are a parameter (`Peaks`): datasheet
 figures by default, replaced by those benchmarks/gpu_check.py measures (`KW_OPS_PEAKS=peaks.json`).
 
-Modes (`MODES`; `choose_mode` picks among any subset, so new kernels are new entries):
-- static      cuDNN with the layer's static weight: the speed a KW layer is held against.
-- released    the released code's formulation: mixing mm for all samples into B·P kernels in DRAM, a
-              permuted copy, a conv with groups = B; backward through autograd (per-sample dW in DRAM).
-- fused       the re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
+Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = launch.MODES):
+- two_phase   what launch.py runs. Per chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES: the
+              mixing GEMM on tensor cores (K = n) writes the chunk's kernels, the conv kernels read them from L2
+              (from DRAM when the chunk's kernels exceed the L2 capacity); L2 is write-back, so every kernel is
+              written to DRAM once. groups = 1: implicit GEMMs on tensor cores, dx by stride phase (only the
+              taps that reach a phase: the forward's FLOPs). groups != 1: the grouped kernels on CUDA cores.
+              2-byte NCHW activations are converted to NHWC at the boundary (x in the forward and the weight
+              gradient, dy in dx). Weight gradient per chunk: per-sample dW (op dtype, cell order) written to L2
+              and read back by the two contractions (dattn: split-K GEMM; dE: GEMM into fp32 partials added
+              to an fp32 dE in DRAM once per chunk).
+Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built mode is what it is):
+- fused       the former re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
               slice read from L2) once per position tile; dx over every tap of every input position;
-              weight gradient per sample written to DRAM and read twice (chunks larger than L2).
-- two_phase   per chunk of samples whose kernels fit in `l2_budget` of L2: the mixing GEMM on tensor cores
-              writes the per-sample kernels, the conv reads them while they are still in L2 (from DRAM
-              when one sample's kernel does not fit); dx by stride phase; weight gradient contracted into
-              dattn / dE in the epilogue (fp32 partials), never per-sample dW in memory.
+              weight gradient per sample written to DRAM and read twice.
 - mix_once    one kernel per (sample, output-channel tile) mixes its weight tile once on tensor cores
               (K = n) into shared memory and runs every position tile against it; the warehouse is
               streamed from L2 once per sample; infeasible where a 16-row tile of the kernel does not
-              fit in shared memory. dx and weight gradient as two_phase.
+              fit in shared memory. Weight gradient as two_phase.
+Comparison points of the baselines: static (cuDNN with the layer's static weight: the speed a KW layer is held
+against) and released (the released code's formulation: mixing mm for all samples into B·P kernels in DRAM, a
+permuted copy, a conv with groups = B; backward through autograd, per-sample dW in DRAM).
 
 Shapes: P = the layer's static weight count, HW' output positions, E the warehouse slice of the layer
 (n × cell), all bytes in the op's dtype except fp32 partial sums.
@@ -40,9 +46,9 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "DIRECTIONS", "H100_SXM_DATASHEET",
-           "H200_SXM_DATASHEET", "PEAKS_ENV", "default_peaks", "load_peaks", "save_peaks", "predict", "predict_all",
-           "choose_mode"]
+__all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "MODELLED_ONLY", "DIRECTIONS",
+           "H100_SXM_DATASHEET", "H200_SXM_DATASHEET", "PEAKS_ENV", "KERNEL_CHUNK_BYTES", "default_peaks", "load_peaks",
+           "save_peaks", "predict", "predict_all", "choose_mode", "split_k_len"]
 
 DIRECTIONS = ("forward", "dx", "wgrad")
 PEAKS_ENV = "KW_OPS_PEAKS"
@@ -111,6 +117,7 @@ class ConvShape:
     n: int
     m: int
     element_size: int
+    channels_last: bool = False          # the caller's activation layout (2-byte NCHW is converted at the boundary)
 
     @classmethod
     def from_spec(cls, spec: dict, batch: int, element_size: int, out_size) -> ConvShape:
@@ -200,12 +207,28 @@ class Prediction:
         return self.seconds * 1e3
 
 
-# Tiles of the Triton kernels the model counts re-reads with (kernel parameters, not peaks).
+# Per-sample kernels (or per-sample weight gradients) of one chunk of samples (launch.py's chunking): small enough
+# to stay in L2 (50 MB on H100) beside the chunk's activations.
+KERNEL_CHUNK_BYTES = 32 << 20
+# Tiles of the Triton kernels the model counts re-reads with (kernel parameters, not peaks): the first
+# (pinned) config of each kernel.
 POSITION_TILE = 64        # output (input for dx) positions per program of the conv kernels
-CHANNEL_TILE = 64         # output (input for dx) channels per program of the conv kernels
-MIX_ROW_TILE = 128        # rows (sample, mixture) per program of the mixing GEMM
+CHANNEL_TILE = 64         # output (input for dx) channels per program of the conv kernels; o and c of the wgrad
+MIX_ROW_TILE = 64         # rows (sample, mixture) per program of the mixing GEMM
+MATMUL_TILE = 64          # rows and columns per program of the contraction GEMMs
 MIX_ONCE_CHANNEL_TILE = 16  # output channels per program of the mix-once kernel (its tile lives in shared memory)
-L2_BUDGET = 0.5           # share of L2 the two-phase chunk of per-sample kernels may take (the rest: x, y, E)
+# Split-K of the dattn / dE contractions (launch._matmul): enough programs to fill the GPU.
+SPLIT_K_TARGET_PROGRAMS = 264
+SPLIT_K_MIN_LEN = 512
+SPLIT_K_ALIGN = 128       # a multiple of every BLOCK_K of the matmul configs
+
+
+def split_k_len(rows: int, cols: int, depth: int) -> int:
+    """Length of one K split of an [rows, depth] @ [depth, cols] contraction (a multiple of SPLIT_K_ALIGN, at
+    least SPLIT_K_MIN_LEN): launch._matmul's split."""
+    tiles = -(-rows // MATMUL_TILE) * -(-cols // MATMUL_TILE)
+    splits = max(1, min(-(-SPLIT_K_TARGET_PROGRAMS // tiles), -(-depth // SPLIT_K_MIN_LEN)))
+    return -(-(-(-depth // splits)) // SPLIT_K_ALIGN) * SPLIT_K_ALIGN
 
 
 def _io(shape: ConvShape, direction: str) -> tuple[int, int, int, int]:
@@ -269,13 +292,6 @@ def _released(shape: ConvShape, direction: str, peaks: Peaks):
                  dram_bytes=2 * kernels + 2 * shape.warehouse_bytes + 2 * shape.attn_bytes)]
 
 
-def _epilogue_wgrad(shape: ConvShape) -> list[Work]:
-    """Weight gradient contracted into dattn and dE in the kernel's epilogue (fp32 partial dE)."""
-    dwarehouse = shape.n * shape.weight_numel // shape.m * FP32_PARTIAL_BYTES
-    return [Work(tensor_flops=shape.conv_flops + 2 * shape.mix_flops,
-                 dram_bytes=shape.x_bytes + shape.y_bytes + shape.warehouse_bytes + 2 * shape.attn_bytes + dwarehouse)]
-
-
 def _fused(shape: ConvShape, direction: str, peaks: Peaks):
     if direction == "wgrad":   # per-sample dW written, read back for dattn and for dE
         kernels = shape.batch * shape.kernel_bytes
@@ -291,28 +307,95 @@ def _fused(shape: ConvShape, direction: str, peaks: Peaks):
                  + _input_rereads(shape, direction, CHANNEL_TILE))]
 
 
+def _chunks(shape: ConvShape) -> tuple[int, int]:
+    """(samples per chunk, chunks): launch._chunk with KERNEL_CHUNK_BYTES."""
+    chunk = max(1, min(shape.batch, KERNEL_CHUNK_BYTES // shape.kernel_bytes))
+    return chunk, math.ceil(shape.batch / chunk)
+
+
+def _to_nhwc(shape: ConvShape, tensor_bytes: int) -> list[Work]:
+    """The boundary conversion of a 2-byte NCHW activation to channels_last: read and written once."""
+    if shape.element_size != 2 or shape.channels_last:
+        return []
+    return [Work(dram_bytes=2 * tensor_bytes)]
+
+
+def _kernels_in_l2(shape: ConvShape, peaks: Peaks) -> bool:
+    """Whether one chunk's per-sample kernels (or weight gradients) fit in L2."""
+    return _chunks(shape)[0] * shape.kernel_bytes <= peaks.l2_bytes
+
+
+def _mix_phase(shape: ConvShape) -> Work:
+    """The mixing GEMM over every chunk: E from DRAM once per chunk and from L2 for the chunk's other row tiles,
+    attn read, the per-sample kernels written (to DRAM once: L2 is write-back)."""
+    chunk, chunks = _chunks(shape)
+    row_tiles = chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)
+    return Work(tensor_flops=shape.mix_flops,
+                dram_bytes=chunks * shape.warehouse_bytes + shape.attn_bytes + shape.batch * shape.kernel_bytes,
+                l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes)
+
+
+def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
+    """dattn = dW·Eᵀ and dE = attnᵀ·dW per chunk on tensor cores (launch._matmul, fp32 split-K partials): each
+    reads the chunk's per-sample dW once (from L2 when a chunk's dW fits), E read by every row tile of dattn;
+    dE's fp32 partials [splits, n, cell] are written, summed when split, and added into the fp32 dE in DRAM."""
+    chunk, chunks = _chunks(shape)
+    cell = shape.weight_numel // shape.m
+    dw = shape.batch * shape.kernel_bytes
+    rows, dattn_numel = chunk * shape.m, shape.batch * shape.m * shape.n
+    dattn_splits = math.ceil(cell / split_k_len(rows, shape.n, cell))
+    de_splits = math.ceil(rows / split_k_len(shape.n, cell, rows))
+    de = shape.n * cell * FP32_PARTIAL_BYTES
+    de_traffic = chunks * (de_splits * de + (de_splits * de + de if de_splits > 1 else 0) + 3 * de)
+    e_reads = chunks * math.ceil(rows / MATMUL_TILE)
+    dattn = Work(tensor_flops=shape.mix_flops,
+                 dram_bytes=(0 if dw_in_l2 else dw) + chunks * shape.warehouse_bytes
+                 + 2 * dattn_splits * dattn_numel * FP32_PARTIAL_BYTES + shape.attn_bytes,
+                 l2_bytes=(dw if dw_in_l2 else 0) + (e_reads - chunks) * shape.warehouse_bytes)
+    dwarehouse = Work(tensor_flops=shape.mix_flops, dram_bytes=(0 if dw_in_l2 else dw) + shape.attn_bytes + de_traffic,
+                      l2_bytes=dw if dw_in_l2 else 0)
+    return [dattn, dwarehouse]
+
+
+def _wgrad_kernel(shape: ConvShape) -> Work:
+    """Per-sample dW of every chunk: x and dy from DRAM once; a program (o tile, c tile, tap, sample) reads its
+    dy tile once per input-channel tile and tap and its x tile once per output-channel tile and tap, the
+    re-reads from L2; dW written (to DRAM once). Tensor cores for groups = 1; the grouped kernel reduces on CUDA
+    cores over programs (o tile, (tap, channel of the group), sample)."""
+    kk = math.prod(shape.kernel)
+    gather = min(1.0, shape.positions * kk / shape.in_positions)
+    if shape.groups == 1:
+        dy_reads = kk * math.ceil(shape.channels / CHANNEL_TILE)
+        x_reads = kk * math.ceil(shape.out_channels / CHANNEL_TILE)
+        flops = {"tensor_flops": shape.conv_flops}
+    else:
+        dy_reads = x_reads = kk * (shape.channels // shape.groups)
+        flops = {"cuda_flops": shape.conv_flops}
+    return Work(**flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.batch * shape.kernel_bytes,
+                l2_bytes=(dy_reads - 1) * shape.y_bytes + max(0.0, x_reads * gather - 1) * shape.x_bytes)
+
+
 def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
-    if direction == "wgrad":
-        return _epilogue_wgrad(shape)
-    read, written, _, _ = _io(shape, direction)
-    budget = L2_BUDGET * peaks.l2_bytes
-    chunk = max(1, min(shape.batch, int(budget // shape.kernel_bytes)))
-    chunks = math.ceil(shape.batch / chunk)
+    in_l2 = _kernels_in_l2(shape, peaks)
     kernels = shape.batch * shape.kernel_bytes
-    in_l2 = shape.kernel_bytes <= budget
-    row_tiles = chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)   # the warehouse is read once per row tile
-    mix = Work(tensor_flops=shape.mix_flops,
-               dram_bytes=chunks * shape.warehouse_bytes + shape.attn_bytes + (0 if in_l2 else kernels),
-               l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes + (kernels if in_l2 else 0))
-    conv = Work(tensor_flops=_conv_flops(shape, direction, all_taps=False),
-                dram_bytes=read + written + (0 if in_l2 else kernels),
-                l2_bytes=(kernels if in_l2 else 0) + _rereads(shape, direction, True))
-    return [mix, conv]
+    if direction == "wgrad":
+        return [*_to_nhwc(shape, shape.x_bytes), _wgrad_kernel(shape), *_contractions(shape, in_l2)]
+    read, written, _, _ = _io(shape, direction)
+    l2 = (kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
+    if shape.groups == 1:
+        conv = Work(tensor_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
+                    l2_bytes=l2 + _input_rereads(shape, direction, CHANNEL_TILE))
+    else:   # CUDA cores; column taps served by L1, the input read again from L2 for each further kernel row
+        gathered = read * (min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions)
+                           if direction == "forward" else 1.0)
+        conv = Work(cuda_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
+                    l2_bytes=l2 + (shape.kernel[0] - 1) * gathered)
+    return [*_to_nhwc(shape, shape.x_bytes if direction == "forward" else shape.y_bytes), _mix_phase(shape), conv]
 
 
 def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
     if direction == "wgrad":
-        return _epilogue_wgrad(shape)
+        return _two_phase(shape, direction, peaks)
     channels_in = shape.channels // shape.groups if direction == "forward" else shape.out_channels // shape.groups
     if shape.bytes_of(MIX_ONCE_CHANNEL_TILE * channels_in * math.prod(shape.kernel)) > peaks.smem_per_block:
         return None   # the smallest weight tile does not fit in shared memory
@@ -326,8 +409,10 @@ def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
 #: mode name -> phases(shape, direction, peaks) (None: the mode cannot run this shape)
 MODES: dict[str, Callable[[ConvShape, str, Peaks], list[Work] | None]] = {
     "static": _static, "released": _released, "fused": _fused, "two_phase": _two_phase, "mix_once": _mix_once}
-#: the modes that are KW kernels (static and released are comparison points)
-KERNEL_MODES = ("fused", "two_phase", "mix_once")
+#: the mode the Triton kernels build (launch.MODES)
+KERNEL_MODES = ("two_phase",)
+#: KW kernel modes modelled for comparison and NOT built (no kernel runs them)
+MODELLED_ONLY = ("fused", "mix_once")
 
 
 def predict(shape: ConvShape, mode: str, direction: str = "forward", peaks: Peaks | None = None) -> Prediction | None:

@@ -9,13 +9,14 @@ Entry points (the interface other modules and benchmarks use):
                             chunk_bytes=None) -> (dx, dattn, dwarehouse, dbias)
     choose_mode(layer, element_size, direction) -> a name in MODES, by cost_model.py (KW_OPS_TRITON_MODE overrides)
 
-MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per chunk of samples whose per-sample kernels fit
-KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing GEMM on tensor cores (K = n) writes
-each per-sample kernel once, then the conv kernels (forward; input gradient by stride phase) read it
-while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may set: L2-sized
-chunks cost two launches per chunk (22 chunks for a ResNet50 layer4 3x3 conv at batch 128 in bf16), larger
-ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former "fused" mode (every weight tile re-mixed on CUDA cores for every position
-tile) is gone: by the DESIGN.md cost model it is never the cheapest (issue 12).
+MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per
+chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing
+GEMM on tensor cores (K = n) writes each per-sample kernel once, then the conv kernels (forward; input gradient by
+stride phase) read it while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may
+set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a ResNet50 layer4 3x3 conv at batch
+128 in bf16), larger ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former
+"fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the DESIGN.md cost
+model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
 dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
@@ -55,11 +56,8 @@ DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
 # Per-sample kernels (or per-sample weight gradients) of one chunk of samples: small enough to stay in
 # L2 (50 MB on H100) beside the chunk's activations, so the conv kernels never read them back from DRAM.
-KERNEL_CHUNK_BYTES = 32 << 20
-# Split-K of the dattn contraction (K = the cell size, M*N small): enough programs to fill the GPU.
-SPLIT_K_TARGET_PROGRAMS = 264
-SPLIT_K_MIN_LEN = 512
-SPLIT_K_ALIGN = 128           # a multiple of every BLOCK_K of the matmul configs
+# Defined in cost_model.py, which models this chunking.
+KERNEL_CHUNK_BYTES = cost_model.KERNEL_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -284,18 +282,11 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
     return dw
 
 
-def _split_k(M: int, N: int, K: int) -> int:
-    """Length of one K split of `_matmul` (a multiple of SPLIT_K_ALIGN, at least SPLIT_K_MIN_LEN)."""
-    tiles = triton.cdiv(M, 64) * triton.cdiv(N, 64)
-    splits = max(1, min(triton.cdiv(SPLIT_K_TARGET_PROGRAMS, tiles), triton.cdiv(K, SPLIT_K_MIN_LEN)))
-    return triton.cdiv(triton.cdiv(K, splits), SPLIT_K_ALIGN) * SPLIT_K_ALIGN
-
-
 def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
     """a [M, K] @ b [K, N] (any strides, one dtype) in fp32 (fp64 for fp64), split over K where M*N is small."""
     M, K = a.shape
     N = b.shape[1]
-    split_len = _split_k(M, N, K)
+    split_len = cost_model.split_k_len(M, N, K)   # the split the cost model counts
     splits = triton.cdiv(K, split_len)
     acc = _acc_torch_dtype(a.dtype)
     partial = _empty((splits, M, N), acc, a.device)
