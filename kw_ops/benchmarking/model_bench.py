@@ -335,7 +335,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--size", type=int)
-    parser.add_argument("--repeat", type=int, help="interleaved rounds per model, at least 2 (default: 2, 5 on GPU; --full: 5, 7 on GPU)")
+    parser.add_argument("--repeat", type=int,
+                        help="interleaved rounds per model, at least 2 (default: 2, 5 on GPU; --full: 5, 7 on GPU)")
     parser.add_argument("--min-time", type=float,
                         help="seconds each timed block lasts at least, in whole steps (default: 0.02 CPU, 0.05 GPU; "
                         "--full: 0.5 CPU, 0.2 GPU)")
