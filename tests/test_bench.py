@@ -33,12 +33,16 @@ def test_summarise_flags_rows_to_distrust(seconds, static, waits, flags):
 
 
 def test_warning_names_the_flagged_rows_only():
-    rows = [{"model": "m", "method": "static", "flags": ""}, {"model": "m", "method": "KW (1x) kw_ops", "flags": ""}]
+    rows = [{"model": "m", "method": "static", "status": "ok", "flags": ""},
+            {"model": "m", "method": "KW (1x) kw_ops", "status": "ok", "flags": ""},
+            {"model": "m", "method": "KW (3x) kw_ops", "status": "skipped"}]
     assert busy_warning(rows) is None
     rows[1]["flags"] = "train spread 40%"
     warning = busy_warning(rows)
     assert warning.startswith("warning: the machine was busy") and "m KW (1x) kw_ops" in warning
     assert "m static" not in warning
+    rows[0]["flags"] = "infer waited 30% for a CPU"
+    assert busy_warning(rows).endswith("distrust every row")
 
 
 def test_csv_with_older_columns_is_moved_aside(tmp_path):

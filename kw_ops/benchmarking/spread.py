@@ -45,5 +45,6 @@ def busy_warning(rows: list[dict]) -> str | None:
     flagged = [f"{r['model']} {r['method']}" for r in rows if r.get("flags")]
     if not flagged:
         return None
+    which = "every row" if len(flagged) == sum(r["status"] == "ok" for r in rows) else "; ".join(flagged)
     return (f"warning: the machine was busy while {len(flagged)} row(s) ran (marked !: spread over {SPREAD_LIMIT:.0%}, "
-            f"rounds disagreeing, or run-queue wait over {WAIT_LIMIT:.0%}); distrust {'; '.join(flagged)}")
+            f"rounds disagreeing, or run-queue wait over {WAIT_LIMIT:.0%}); distrust {which}")
