@@ -1,25 +1,30 @@
-"""`python -m kw_ops bench`: images/s, training step time, peak memory and parameters of static,
-DY-Conv, ODConv and KW networks (released formulation and kw_ops) on this device, side by side in
-one run: the paper's Tables 12 and 16 on your machine."""
+"""`python -m kw_ops bench`: images/s, training step time, memory and parameters of static, DY-Conv,
+ODConv and KW networks (released formulation and kw_ops) on this device, side by side in one run: the
+paper's Tables 12 and 16 on your machine.
+
+Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
+timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
+over the rounds, the min-max spread, and the median of its per-round ratio to the static network.
+Rows measured while the machine was busy are marked and named in one warning line (spread.py)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import datetime
+import math
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .. import models
-from ..baselines import set_baseline_formulation
-from ..nn.describe import count_parameters
-from .measure import inference_seconds, make_inputs, step_peak_mb, train_step_seconds
-from .released import released_formulation
+from .spread import busy_warning, schedule, summarise
+from .worker import Worker, WorkerError
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenetv2_100")
 #: the paper's KW budgets per backbone (Tables 1-4); the quick default runs 1x and 4x
@@ -30,9 +35,14 @@ QUICK_BUDGETS = ("1x", "4x")
 BASELINES = (("DY-Conv (4x)", "dy4x"), ("ODConv (4x)", "od4x"))
 #: second word of a method label: the released codes' formulation, or ours
 RELEASED, FAST = "released", "kw_ops"
+KINDS = ("infer", "train")
 CSV_FIELDS = ("date", "git_sha", "device", "torch", "triton", "model", "method", "status", "reason", "params",
-              "batch", "train_batch", "size", "amp", "channels_last", "threads", "infer_images_per_s",
-              "train_step_ms", "infer_peak_mb", "train_peak_mb", "memory_kind")
+              "batch", "train_batch", "size", "amp", "channels_last", "threads", "rounds",
+              "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max", "infer_spread_pct",
+              "infer_vs_static", "infer_ratio_spread_pct",
+              "train_step_ms", "train_step_ms_min", "train_step_ms_max", "train_spread_pct",
+              "train_vs_static", "train_ratio_spread_pct", "cpu_wait_pct", "flags",
+              "infer_rss_mb", "infer_alloc_mb", "train_rss_mb", "train_alloc_mb", "memory_kind", "timer")
 
 
 @dataclasses.dataclass
@@ -41,23 +51,25 @@ class Settings:
     batch: int
     train_batch: int
     size: int
-    iters: int
-    warmup: int
+    repeat: int          # interleaved rounds
+    min_time: float      # seconds a timed block lasts at least (whole steps; at least one)
     amp: str | None
     channels_last: bool
-    memory: bool
+    threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
 
 def quick_settings(device: str) -> Settings:
+    """A first result in about a minute on a 2-core CPU: the smallest batch the attention's BatchNorm trains on,
+    32x32, two rounds (the least that shows a spread)."""
     if device == "cuda":
-        return Settings(device, 32, 16, 224, 10, 3, "bf16", True, True)
-    return Settings(device, 4, 2, 64, 5, 2, None, False, True)
+        return Settings(device, 32, 16, 224, 5, 0.05, "bf16", True)
+    return Settings(device, 2, 2, 32, 2, 0.02, None, False)
 
 
 def full_settings(device: str) -> Settings:
     if device == "cuda":  # Table 12: batch 100 at 224x224
-        return Settings(device, 100, 64, 224, 30, 5, "bf16", True, True)
-    return Settings(device, 8, 8, 224, 5, 2, None, False, True)
+        return Settings(device, 100, 64, 224, 7, 0.2, "bf16", True)
+    return Settings(device, 8, 8, 224, 5, 0.5, None, False)
 
 
 @dataclasses.dataclass
@@ -115,124 +127,159 @@ def device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _build(name: str, settings: Settings):
-    model = models.create(name).to(settings.device)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-@contextlib.contextmanager
-def formulation(model, released: bool):
-    """Inside the block, KW, DY-Conv and ODConv layers run as the released codes compute them."""
-    if not released:
-        yield model
-        return
-    set_baseline_formulation(model, "released")
-    try:
-        with released_formulation(model):
-            yield model
-    finally:
-        set_baseline_formulation(model, "fast")
-
-
-def _measure(method: Method, model, settings: Settings, xs, ys, train_xs, train_ys) -> dict:
-    device, amp = settings.device, settings.amp
-    with formulation(model, method.released):
-        infer = inference_seconds(model, xs, device, amp, settings.warmup, settings.iters)
-        row = {"infer_images_per_s": settings.batch / infer}
-        if settings.memory:
-            row["infer_peak_mb"] = step_peak_mb(lambda: inference_seconds(model, xs[:1], device, amp, 0, 1), device)
-        train = train_step_seconds(model, train_xs, train_ys, device, amp, settings.warmup, settings.iters)
-        row["train_step_ms"] = train * 1e3
-        if settings.memory:
-            row["train_peak_mb"] = step_peak_mb(
-                lambda: train_step_seconds(model, train_xs[:1], train_ys[:1], device, amp, 0, 1), device)
-    row["memory_kind"] = memory_kind(device) if settings.memory else "not measured"
-    return row
-
-
 def memory_kind(device: str) -> str:
     if torch.device(device).type == "cuda":
-        return "CUDA allocator peak of one step above what was allocated before"
-    return "CPU allocator peak of one step above the start (torch.profiler memory events; oneDNN scratch unseen)"
+        return ("alloc: CUDA allocator peak of the first step above what was allocated before "
+                "(torch.cuda.max_memory_allocated); rss: not measured")
+    return ("rss: peak resident-set growth of the first step in a fresh process (VmHWM - VmRSS, after "
+            "malloc_trim); alloc: CPU allocator peak of that step (torch.profiler memory events; oneDNN "
+            "scratch unseen)")
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 24
-    filled = width * done // max(total, 1)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<40}", end="", file=sys.stderr,
-          flush=True)
+def timer_kind(device: str) -> str:
+    return "CUDA events around each block" if torch.device(device).type == "cuda" else "perf_counter around each block"
 
 
-def run(model_names, budgets_for, settings: Settings) -> list[dict]:
-    """Measure every method of every model; returns CSV rows (skipped rows carry their reason)."""
-    env = {**_environment(), "device": device_name(settings.device)}
-    plan = [(m, method) for m in model_names for method in methods_for(m, budgets_for(m))]
-    rows, built = [], {}
-    xs, ys = make_inputs(settings.batch, settings.size, settings.device, settings.channels_last)
-    train_xs, train_ys = make_inputs(settings.train_batch, settings.size, settings.device, settings.channels_last)
-    for index, (model_name, method) in enumerate(plan):
-        _progress(index, len(plan), f"{model_name} {method.label}")
-        row = {**env, "model": model_name, "method": method.label, "batch": settings.batch,
-               "train_batch": settings.train_batch, "size": settings.size, "amp": settings.amp or "fp32",
-               "channels_last": settings.channels_last, "threads": torch.get_num_threads()}
+def _summary_fields(kind: str, seconds, static_seconds, waits, batch: int) -> tuple[dict, list[str]]:
+    s = summarise(seconds, static_seconds, waits)
+    if kind == "infer":
+        fields = {"infer_images_per_s": batch / s["median"], "infer_images_per_s_min": batch / s["max"],
+                  "infer_images_per_s_max": batch / s["min"], "infer_vs_static": 1 / s["ratio"] if "ratio" in s
+                  else None}
+    else:
+        fields = {"train_step_ms": s["median"] * 1e3, "train_step_ms_min": s["min"] * 1e3,
+                  "train_step_ms_max": s["max"] * 1e3, "train_vs_static": s.get("ratio")}
+    fields[f"{kind}_spread_pct"] = 100 * s["spread"]
+    fields[f"{kind}_ratio_spread_pct"] = 100 * s["ratio_spread"] if "ratio_spread" in s else None
+    fields[f"{kind}_wait"] = s["wait"]
+    return fields, [f"{kind} {flag}" for flag in s["flags"]]
+
+
+def measure_model(model_name: str, methods: list[Method], settings: Settings, base: dict, bar) -> list[dict]:
+    """The rows of one model: start a worker per method (memory of its first steps), then time every method
+    in `settings.repeat` interleaved rounds."""
+    rows = [{**base, "model": model_name, "method": m.label, "status": "ok", "reason": ""} for m in methods]
+    workers, ready = {}, {}
+    for i, method in enumerate(methods):
+        bar.set_description(f"{model_name} {method.label}: start")
         if method.model_name is None:
-            rows.append({**row, "status": "skipped", "reason": method.reason})
+            rows[i].update(status="skipped", reason=method.reason)
+            bar.update(1 + settings.repeat)
             continue
+        worker = Worker(method.model_name, method.released, settings)
         try:
-            if method.model_name not in built:
-                built.clear()  # keep one model alive at a time
-                built[method.model_name] = _build(method.model_name, settings)
-            model = built[method.model_name]
-            row["params"] = count_parameters(model)
-            row.update(_measure(method, model, settings, xs, ys, train_xs, train_ys))
-            rows.append({**row, "status": "ok", "reason": ""})
-        except (RuntimeError, NotImplementedError, ValueError) as error:
-            rows.append({**row, "status": "skipped", "reason": f"{type(error).__name__}: {error}"})
-    _progress(len(plan), len(plan), "done")
-    print(file=sys.stderr)
+            ready[i] = worker.start()
+            workers[i] = worker
+            bar.update(1)
+        except WorkerError as error:
+            worker.close()
+            rows[i].update(status="skipped", reason=str(error))
+            bar.update(1 + settings.repeat)
+    order = list(workers)
+    iters = {(i, kind): max(1, math.ceil(settings.min_time / ready[i][f"{kind}_first_s"]))
+             for i in order for kind in KINDS}
+    blocks = {(i, kind): [] for i in order for kind in KINDS}
+    try:
+        for _, m in schedule(len(order), settings.repeat):
+            i = order[m]
+            bar.set_description(f"{model_name} {methods[i].label}")
+            for kind in KINDS:
+                blocks[i, kind].append(workers[i].block(kind, iters[i, kind]))
+            bar.update(1)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    static = next((i for i in order if methods[i].label == "static"), None)
+    for i in order:
+        row = rows[i]
+        # blocks: per kind, the timed blocks (start on the monotonic clock, seconds and wait per step)
+        row.update(params=ready[i]["params"], rounds=settings.repeat, blocks={k: blocks[i, k] for k in KINDS})
+        flags, waits = [], []
+        for kind in KINDS:
+            seconds = [b["seconds"] for b in blocks[i, kind]]
+            static_seconds = None if static is None else [b["seconds"] for b in blocks[static, kind]]
+            batch = settings.batch if kind == "infer" else settings.train_batch
+            fields, kind_flags = _summary_fields(kind, seconds, static_seconds, [b["wait"] for b in blocks[i, kind]],
+                                                 batch)
+            waits.append(fields.pop(f"{kind}_wait"))
+            row.update(fields)
+            flags += kind_flags
+            row[f"{kind}_rss_mb"], row[f"{kind}_alloc_mb"] = ready[i][f"{kind}_rss_mb"], ready[i][f"{kind}_alloc_mb"]
+        row.update(cpu_wait_pct=100 * max(waits), flags="; ".join(flags))
     return rows
 
 
-def _ratio(row: dict, base: dict, key: str) -> str:
-    return f"{row[key] / base[key]:.2f}x" if row.get(key) and base.get(key) else "–"
+def run(plan: list[tuple[str, list[Method]]], settings: Settings, on_model=None) -> list[dict]:
+    """Measure every (model, methods) of `plan`; returns CSV rows (skipped rows carry their reason).
+    `on_model(rows)` is called with each model's rows as soon as they exist."""
+    env = {**_environment(), "device": device_name(settings.device)}
+    base = {**env, "batch": settings.batch, "train_batch": settings.train_batch, "size": settings.size,
+            "amp": settings.amp or "fp32", "channels_last": settings.channels_last, "threads": settings.threads,
+            "memory_kind": memory_kind(settings.device), "timer": timer_kind(settings.device)}
+    total = sum(len(methods) for _, methods in plan) * (1 + settings.repeat)
+    rows = []
+    with tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False) as bar:
+        for model_name, methods in plan:
+            model_rows = measure_model(model_name, methods, settings, base, bar)
+            rows += model_rows
+            if on_model is not None:
+                on_model(model_rows)
+    return rows
 
 
-def _megabytes(row: dict, key: str) -> str:
-    return f"{row[key]:.0f}" if row.get(key) is not None else "–"
+def _number(value, digits: int = 1, suffix: str = "") -> str:
+    return "–" if value is None or value == "" else f"{float(value):.{digits}f}{suffix}"
+
+
+TABLE_HEADER = ("| model | method | params (M) | infer img/s | spread | vs static | train step ms | spread | vs static "
+                "| infer RSS MB | infer alloc MB | train RSS MB | train alloc MB | ! |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_rows(rows: list[dict]) -> list[str]:
+    """Markdown lines of `rows`; spread: min-max over the rounds in % of the median; vs static: median of the
+    per-round ratios; !: a row measured while the machine was busy."""
+    lines = []
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||||||| ")
+            continue
+        lines.append(" | ".join((
+            f"| {r['model']}", r["method"], f"{r['params'] / 1e6:.2f}", _number(r["infer_images_per_s"]),
+            _number(r["infer_spread_pct"], 0, "%"), _number(r["infer_vs_static"], 2, "x"),
+            _number(r["train_step_ms"]), _number(r["train_spread_pct"], 0, "%"),
+            _number(r["train_vs_static"], 2, "x"), _number(r["infer_rss_mb"], 0), _number(r["infer_alloc_mb"], 0),
+            _number(r["train_rss_mb"], 0), _number(r["train_alloc_mb"], 0), "!" if r["flags"] else "")) + " |")
+    return lines
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Rows as a markdown table with ratios to the static network of the same model."""
-    static = {r["model"]: r for r in rows if r["method"] == "static" and r["status"] == "ok"}
-    lines = ["| model | method | params (M) | infer img/s | vs static | train step ms | vs static | "
-             "infer peak MB | train peak MB | train mem vs static |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||| ")
-            continue
-        base = static.get(r["model"], {})
-        lines.append(f"| {r['model']} | {r['method']} | {r['params'] / 1e6:.2f} | {r['infer_images_per_s']:.1f} | "
-                     f"{_ratio(r, base, 'infer_images_per_s')} | {r['train_step_ms']:.1f} | "
-                     f"{_ratio(r, base, 'train_step_ms')} | {_megabytes(r, 'infer_peak_mb')} | "
-                     f"{_megabytes(r, 'train_peak_mb')} | {_ratio(r, base, 'train_peak_mb')} |")
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER, *table_rows(rows)])
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path) -> str:
+    """Append `rows` to the CSV at `path`; a file with other columns (an older version) is moved aside first."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    note = ""
+    if path.exists():
+        with path.open() as handle:
+            header = next(csv.reader(handle), [])
+        if tuple(header) != CSV_FIELDS:
+            aside = path.with_name(f"{path.stem}.old-columns{path.suffix}")
+            path.replace(aside)
+            note = f" (its older rows, with other columns, moved to {aside})"
     new = not path.exists()
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+    return note
 
 
 def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
-    """A PNG of images/s and training memory per method from the CSV rows of one run (git sha)."""
+    """A PNG of images/s, training step time (bars: medians; whiskers: min-max over the rounds) and training
+    memory per method from the CSV rows of the latest run at `git_sha`."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -246,18 +293,32 @@ def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
     run_date = max(r["date"] for r in rows)
     rows = [r for r in rows if r["date"] == run_date]
     model_names = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(model_names), figsize=(5 * len(model_names), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(model_names), figsize=(5 * len(model_names), 10), squeeze=False)
     for col, model_name in enumerate(model_names):
         sub = [r for r in rows if r["model"] == model_name]
-        labels = [r["method"] for r in sub]
-        axes[0][col].barh(labels, [float(r["infer_images_per_s"]) for r in sub], color="tab:blue")
-        axes[0][col].set_title(f"{model_name}: inference images/s")
-        axes[1][col].barh(labels, [float(r["train_peak_mb"] or 0) for r in sub], color="tab:orange")
-        axes[1][col].set_title("training peak memory (MB)")
+        labels = [r["method"] + (" !" if r["flags"] else "") for r in sub]
+        for ax, key, title, color in ((axes[0][col], "infer_images_per_s", f"{model_name}: inference images/s",
+                                       "tab:blue"),
+                                      (axes[1][col], "train_step_ms", "training step ms", "tab:green")):
+            median = [float(r[key]) for r in sub]
+            low = [m - float(r[f"{key}_min"]) for m, r in zip(median, sub)]
+            high = [float(r[f"{key}_max"]) - m for m, r in zip(median, sub)]
+            ax.barh(labels, median, xerr=[low, high], color=color, capsize=2)
+            ax.set_title(title)
+        memory = axes[2][col]
+        ys = range(len(sub))
+        memory.barh([y - 0.2 for y in ys], [float(r["train_rss_mb"] or 0) for r in sub], height=0.4,
+                    color="tab:orange", label="RSS growth")
+        memory.barh([y + 0.2 for y in ys], [float(r["train_alloc_mb"] or 0) for r in sub], height=0.4,
+                    color="tab:red", label="allocator peak")
+        memory.set_yticks(list(ys), labels)
+        memory.set_title("training step memory (MB)")
+        memory.legend(fontsize=7)
         for ax in axes[:, col]:
             ax.invert_yaxis()
             ax.tick_params(labelsize=7)
-    fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · {git_sha} · {run_date} UTC", fontsize=9)
+    fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · {git_sha} · {run_date} UTC · "
+                 f"median of {rows[0]['rounds']} interleaved rounds, whiskers min-max", fontsize=9)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
@@ -265,7 +326,8 @@ def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated backbones")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated KW budgets (default: 1x,4x; --full: the paper's)")
@@ -273,21 +335,26 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--size", type=int)
-    parser.add_argument("--iters", type=int)
+    parser.add_argument("--repeat", type=int,
+                        help="interleaved rounds per model, at least 2 (default: 2, 5 on GPU; --full: 5, 7 on GPU)")
+    parser.add_argument("--min-time", type=float,
+                        help="seconds each timed block lasts at least, in whole steps (default: 0.02 CPU, 0.05 GPU; "
+                        "--full: 0.5 CPU, 0.2 GPU)")
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
     parser.add_argument("--channels-last", choices=("on", "off"), help="default: on for CUDA, off for CPU")
-    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the PNG")
     args = parser.parse_args(argv)
+    started = time.perf_counter()
     settings = full_settings(args.device) if args.full else quick_settings(args.device)
-    for field in ("batch", "size", "iters"):
-        if getattr(args, field):
+    for field in ("batch", "size", "repeat", "min_time"):
+        if getattr(args, field) is not None:
             setattr(settings, field, getattr(args, field))
     if args.batch:
         settings.train_batch = max(2, min(settings.train_batch, args.batch))
+    if settings.repeat < 2:
+        parser.error("--repeat must be at least 2: one round has no spread")
     if args.amp:
         settings.amp = None if args.amp == "none" else args.amp
-    settings.memory = not args.no_memory
     if args.channels_last:
         settings.channels_last = args.channels_last == "on"
     model_names = [m for m in args.models.split(",") if m]
@@ -300,20 +367,31 @@ def main(argv=None) -> int:
         budgets_for = lambda m: PAPER_BUDGETS.get(m, ("1x",))
     else:
         budgets_for = lambda m: QUICK_BUDGETS
-    rows = run(model_names, budgets_for, settings)
+    plan = [(m, methods_for(m, budgets_for(m))) for m in model_names]
+    header = [TABLE_HEADER]
+
+    def show(model_rows):  # each model's rows as soon as they exist, above the progress bar
+        tqdm.write("\n".join(header + table_rows(model_rows)), file=sys.stderr)
+        header.clear()
+
+    rows = run(plan, settings, on_model=show)
     out = Path(args.out)
     csv_path = out / f"bench_models_{settings.device}.csv"
-    write_csv(rows, csv_path)
+    moved = write_csv(rows, csv_path)
     note = plot(csv_path, out / f"bench_models_{settings.device}.png", rows[0]["git_sha"])
     print(f"\n{device_name(settings.device)} · torch {rows[0]['torch']} · triton {rows[0]['triton']} · "
-          f"git {rows[0]['git_sha']} · {rows[0]['date']} UTC")
-    memory_kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "not measured")
+          f"git {rows[0]['git_sha']} · {rows[0]['date']} UTC · {time.perf_counter() - started:.0f} s")
     print(f"settings: inference batch {settings.batch}, training batch {settings.train_batch}, "
-          f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}, "
-          f"median of {settings.iters} after {settings.warmup} warm-up; memory: {memory_kind}"
+          f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}; "
+          f"median of {settings.repeat} interleaved rounds, blocks of at least {settings.min_time} s "
+          f"({timer_kind(settings.device)}); spread: min-max over the rounds in % of the median; vs static: "
+          f"median of the per-round ratios; memory: {memory_kind(settings.device)}"
           + ("" if args.full else " (quick settings; --full for the paper's)"))
-    print(f"csv: {csv_path}; {note}\n")
+    print(f"csv: {csv_path}{moved}; {note}\n")
     print(markdown_table(rows))
+    warning = busy_warning(rows)
+    if warning:
+        print(f"\n{warning}")
     return 0
 
 
