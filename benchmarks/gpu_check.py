@@ -57,7 +57,7 @@ SMOKE_REL_TOL = 1e-2           # bf16 operands: relative error between 1e-3 and 
 NETWORK_METHODS = (("resnet50", "static", False), ("resnet50_kw1x", "released", True),
                    ("resnet50_kw1x", "kw_ops", False))
 # Table 12 times batch 100; 128 and NCHW here so that the Triton launches reuse stage c's compiles
-NETWORK_BATCH = NETWORK_TRAIN_BATCH = LAYER_BATCH
+NETWORK_BATCH = LAYER_BATCH
 NETWORK_WARMUP, NETWORK_ITERS = 2, 5   # per measure; each memory measure is one more call
 # Estimate (--plan) inputs that are assumptions until a run measures them:
 ASSUMED_COMPILE_S = 3.0        # one Triton compile on one core (1.3-3.4 s measured on the shared CPU machine)
@@ -478,26 +478,31 @@ def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
 
 # -- stage d: network --------------------------------------------------------------------------------------
 def network_items(network_estimate_s: float) -> list[Item]:
-    from kw_ops.benchmarking import model_bench
+    from kw_ops import models
+    from kw_ops.benchmarking import measure, worker
 
-    settings = model_bench.Settings("cuda", NETWORK_BATCH, NETWORK_TRAIN_BATCH, 224, iters=NETWORK_ITERS,
-                                    warmup=NETWORK_WARMUP, amp="bf16", channels_last=False, memory=True)
     items = []
     for name, label, released in NETWORK_METHODS:
         def run(deadline, name=name, label=label, released=released):
-            model = model_bench._build(name, settings)
-            xs, ys = model_bench.make_inputs(settings.batch, settings.size, "cuda", settings.channels_last)
-            txs, tys = model_bench.make_inputs(settings.train_batch, settings.size, "cuda", settings.channels_last)
-            method = model_bench.Method(label, name, released)
-            row = model_bench._measure(method, model, settings, xs, ys, txs, tys)
-            del model
+            model = models.create(name, num_classes=worker.NUM_CLASSES).cuda()
+            xs, ys = measure.make_inputs(NETWORK_BATCH, 224, "cuda", False, worker.NUM_CLASSES)
+            steps = {"inference": measure.inference_step(model, xs, "cuda", "bf16"),
+                     "train step": measure.train_step(model, xs, ys, "cuda", "bf16")}
+            rows = []
+            with worker.formulation(model, released):
+                for mode, step in steps.items():
+                    memory_mib = measure.step_memory_mb(step, "cuda")["alloc"]
+                    for _ in range(NETWORK_WARMUP):
+                        step()
+                    seconds, _ = measure.block_seconds(step, NETWORK_ITERS, "cuda")
+                    value, unit = ((NETWORK_BATCH / seconds, "images/s") if mode == "inference" else
+                                   (seconds * 1e3, "ms"))
+                    rows += [(mode, value, unit), (f"{mode} memory", memory_mib, "MiB")]
+            del model, steps
             torch.cuda.empty_cache()
-            note = f"batch {settings.batch} / train {settings.train_batch}, bf16 autocast, NCHW, pinned configs"
-            return [{"provider": label, "mode": mode, "status": "ok", "value": f"{row[key]:.1f}", "unit": unit,
-                     "note": note} for mode, key, unit in (("inference", "infer_images_per_s", "images/s"),
-                                                           ("train step", "train_step_ms", "ms"),
-                                                           ("inference memory", "infer_peak_mb", "MiB"),
-                                                           ("train memory", "train_peak_mb", "MiB"))]
+            note = f"batch {NETWORK_BATCH}, bf16 autocast, NCHW, pinned configs"
+            return [{"provider": label, "mode": mode, "status": "ok", "value": f"{value:.1f}", "unit": unit,
+                     "note": note} for mode, value, unit in rows]
         items.append(Item(f"{name} {label}", run, estimate_s=network_estimate_s))
     return items
 
@@ -508,9 +513,9 @@ def network_estimate_s(specs, triton_modes) -> float:
     fwd = sum(_predicted_ms(s, "triton", "forward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
               for s in specs) * NETWORK_BATCH / LAYER_BATCH
     bwd = sum(_predicted_ms(s, "triton", "backward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
-              for s in specs) * NETWORK_TRAIN_BATCH / LAYER_BATCH
+              for s in specs) * NETWORK_BATCH / LAYER_BATCH
     calls = NETWORK_WARMUP + NETWORK_ITERS + 1
-    return calls * (fwd + (fwd * NETWORK_TRAIN_BATCH / NETWORK_BATCH + bwd)) * ASSUMED_SLOWDOWN / 1e3
+    return calls * (2 * fwd + bwd) * ASSUMED_SLOWDOWN / 1e3  # inference, then a training step's forward + backward
 
 
 # -- plan ----------------------------------------------------------------------------------------------------
