@@ -1,0 +1,133 @@
+"""The `cpp` backend: the compiled CPU kernel of the KW op (csrc/, the extension kw_ops._C).
+
+Same normalised arguments as kw_ops.ops.torch_impl (twin signatures). Two formulations, chosen per layer
+shape by `choose_path` (or forced with formulation='gemm' / 'grouped', the torch backend's names):
+
+    gemm     groups = 1: im2col once, output-channel blocks of mixed kernels consumed at once by GEMMs
+    grouped  any groups: per sample and output block, mix, then ATen's convolution ('conv' in csrc/)
+
+`BLOCK_BYTES` / `CONV_BLOCK_BYTES` bound the thread-local buffer of mixed kernels (tests lower them to
+force several and ragged blocks). The extension is optional: `unavailable_reasons()` says why it
+cannot run (not built, build skipped or failed, import error).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .torch_impl import conv_output_size
+
+__all__ = ["available", "unavailable_reasons", "choose_path", "prefers_cpp", "kw_conv_cpp",
+           "kw_conv_backward_cpp", "kw_conv_implementation", "BLOCK_BYTES", "CONV_BLOCK_BYTES"]
+
+# Mixed kernels of one output block for all samples (gemm path): a few L2s, resident in L3.
+BLOCK_BYTES = 2 << 20
+# One sample's mixed kernel block (conv path).
+CONV_BLOCK_BYTES = 4 << 20
+# gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO (measured,
+# benchmarks/bench_cpp.py) and the im2col of the batch stays below GEMM_COLS_BYTES.
+GEMM_MIX_RATIO = 0.1
+GEMM_COLS_BYTES = 64 << 20
+_PATHS = {"gemm": 1, "grouped": 2}
+_BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build.txt")
+
+try:
+    from kw_ops import _C  # noqa: F401  (loading it registers torch.ops.kw_ops_C)
+    _IMPORT_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+
+def available() -> bool:
+    return _IMPORT_ERROR is None
+
+
+def unavailable_reasons() -> list[str]:
+    """Why the compiled kernel cannot run here (empty: it can)."""
+    if _IMPORT_ERROR is None:
+        return []
+    note = ""
+    if os.path.exists(_BUILD_NOTE):
+        with open(_BUILD_NOTE) as f:
+            note = f.read().strip()
+    how = "pip install -e . --no-build-isolation with a C++ compiler"
+    if note and note != "kw_ops._C built":
+        return [f"{note} ({how})"]
+    return [f"the compiled extension kw_ops._C is not importable ({_IMPORT_ERROR}; {how})"]
+
+
+def choose_path(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
+                kernel_size: Sequence[int], stride, padding, dilation, groups: int, element_size: int = 4) -> str:
+    """'gemm' for groups = 1 where mixing is a large share (n / HW' >= GEMM_MIX_RATIO) and the batch's
+    im2col is small, else 'grouped' (per-sample ATen convolution)."""
+    if groups != 1:
+        return "grouped"
+    positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
+    cols_bytes = x_shape[0] * x_shape[1] * math.prod(kernel_size) * positions * element_size
+    if cols_bytes > GEMM_COLS_BYTES:
+        return "grouped"
+    return "gemm" if warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
+
+
+def prefers_cpp(x: torch.Tensor, warehouse: torch.Tensor, geometry: dict) -> bool:
+    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape
+    (measured per layer in benchmarks/bench_cpp.py: faster on every KW1x/KW4x ResNet18/50 and MobileNetV2
+    layer shape measured)."""
+    return True
+
+
+def _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
+    if formulation == "gemm" and groups == 1:
+        return "gemm"
+    if formulation in ("gemm", "grouped"):
+        return "grouped"
+    return choose_path(x.shape, warehouse.shape, out_channels, kernel_size, stride, padding, dilation, groups,
+                       x.element_size())
+
+
+def _block_bytes(path: str) -> int:
+    return BLOCK_BYTES if path == "gemm" else CONV_BLOCK_BYTES
+
+
+def kw_conv_cpp(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                out_channels: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, formulation: str | None = None) -> torch.Tensor:
+    """KW convolution by the compiled CPU kernel; the twin of kw_ops.ops.torch_impl.kw_conv_torch.
+
+    x [B, C_in, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [C_out] or None
+    -> y [B, C_out, *out_size] (a fresh contiguous tensor)
+    """
+    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    y = torch.ops.kw_ops_C.kw_conv_forward(x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels,
+                                           list(kernel_size), list(stride), list(padding), list(dilation), groups,
+                                           _PATHS[path], _block_bytes(path))
+    if bias is not None:
+        y += bias.view(1, -1, *([1] * (x.dim() - 2)))
+    return y
+
+
+def kw_conv_backward_cpp(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
+                         has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                         padding: Sequence[int], dilation: Sequence[int], groups: int,
+                         output_mask: Sequence[bool], formulation: str | None = None):
+    """Gradients of `kw_conv_cpp`: (dx, dattn, dwarehouse, dbias), None where not asked for."""
+    need_x, need_attn, need_warehouse, need_bias = output_mask
+    dbias = grad.sum(dim=[d for d in range(grad.dim()) if d != 1]) if has_bias and need_bias else None
+    if not (need_x or need_attn or need_warehouse):
+        return None, None, None, dbias
+    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    dx, dattn, dwarehouse = torch.ops.kw_ops_C.kw_conv_backward(
+        grad.contiguous(), x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels, list(kernel_size),
+        list(stride), list(padding), list(dilation), groups, [int(need_x), int(need_attn), int(need_warehouse)],
+        _PATHS[path], _block_bytes(path))
+    return (dx if need_x else None, dattn if need_attn else None, dwarehouse if need_warehouse else None, dbias)
+
+
+def kw_conv_implementation():
+    """(forward, backward) for kw_ops.ops.backends; raises ImportError with the reason when not built."""
+    if not available():
+        raise ImportError("kw_ops cpp backend: " + "; ".join(unavailable_reasons()))
+    return kw_conv_cpp, kw_conv_backward_cpp
