@@ -49,7 +49,7 @@ def extensions():
                 _note("kw_ops._C built")
 
     print(f"kw_ops: building kw_ops._C from {sources}")
-    ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3"], py_limited_api=False)
+    ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3", "-g0"], py_limited_api=False)
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 

@@ -16,10 +16,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(kw_ops_C, m) {
   m.def("kw_conv_forward(Tensor x, Tensor attn, Tensor warehouse, int out_channels, int[] kernel_size, "
-        "int[] stride, int[] padding, int[] dilation, int groups, int path, int block_bytes) -> Tensor");
+        "int[] stride, int[] padding, int[] dilation, int groups, int path, int block_bytes, int conv_samples) -> Tensor");
   m.def("kw_conv_backward(Tensor grad, Tensor x, Tensor attn, Tensor warehouse, int out_channels, "
         "int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, int[] output_mask, int path, "
-        "int block_bytes) -> (Tensor, Tensor, Tensor)");
+        "int block_bytes, int conv_samples) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kw_ops_C, CPU, m) {

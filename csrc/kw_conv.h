@@ -18,7 +18,7 @@ namespace kw_ops {
 // Which formulation the CPU kernel runs (the Python side picks by shape, kw_ops/ops/cpp.py).
 enum class CpuPath : int64_t {
   kGemm = 1,  // groups = 1: im2col once; per output block, mix all samples, consume per sample by one GEMM
-  kConv = 2,  // any groups: per sample and output block, mix, then ATen's convolution (oneDNN)
+  kConv = 2,  // any groups: per sample (or chunk of samples) and output block, mix, then ATen's convolution
 };
 
 struct Geometry {
@@ -37,11 +37,12 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, const at::Te
 at::Tensor kw_conv_forward_cpu(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
                                int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t path,
-                               int64_t block_bytes);
+                               int64_t block_bytes, int64_t conv_samples);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kw_conv_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
     int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_mask, int64_t path, int64_t block_bytes);
+    at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_mask, int64_t path, int64_t block_bytes,
+    int64_t conv_samples);
 
 }  // namespace kw_ops

@@ -152,11 +152,11 @@ def test_kernel_refuses_bad_inputs_with_a_message():
     x, attn, warehouse = case.tensors()[:3]
     with pytest.raises(RuntimeError, match="do not tile"):
         torch.ops.kw_ops_C.kw_conv_forward(x.detach(), attn.detach()[:, :5].contiguous(), warehouse.detach(), 8,
-                                           [3, 3], [1, 1], [1, 1], [1, 1], 1, 1, 1 << 20)
+                                           [3, 3], [1, 1], [1, 1], [1, 1], 1, 1, 1 << 20, 0)
     x, attn, warehouse = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1, groups=2).tensors()[:3]
     with pytest.raises(RuntimeError, match="groups = 1"):
         torch.ops.kw_ops_C.kw_conv_forward(x.detach(), attn.detach(), warehouse.detach(), 8, [3, 3], [1, 1], [1, 1],
-                                           [1, 1], 2, 1, 1 << 20)
+                                           [1, 1], 2, 1, 1 << 20, 0)
 
 
 def test_oracle_helper_is_the_loop():  # keeps the import honest: the oracle module is the float64 loop

@@ -80,12 +80,10 @@ def test_layer_backend_attribute_is_passed_to_the_op():
     assert layer(torch.randn(2, 8, 5, 5)).shape == (2, 8, 5, 5)
 
 
-def test_automatic_choice_on_cpu_is_cpp_or_torch_without_warning():
-    from kw_ops.ops import cpp
-
+def test_automatic_choice_on_cpu_is_torch_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.select_backend(*_inputs(), None) == ("cpp" if cpp.available() else "torch")
+        assert backends.select_backend(*_inputs(), None) == "torch"
 
 
 class _FakeCudaTensor:

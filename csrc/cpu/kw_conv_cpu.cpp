@@ -302,16 +302,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(const at::Tensor& g
 
 // -- conv formulation ----------------------------------------------------------------------------------------
 // Blocks of output rows made of whole tiles (c_out rows) and, with groups, whole groups.
+// Where one block holds the whole kernel, up to `samples` samples share one call (groups = samples * groups).
 struct ConvBlocks {
-  int64_t unit, rows, count;
+  int64_t rows, count, samples, chunks;
 };
 
-ConvBlocks conv_blocks(const Geometry& g, int64_t element_size, int64_t block_bytes) {
+ConvBlocks conv_blocks(const Geometry& g, int64_t element_size, int64_t block_bytes, int64_t max_samples) {
   int64_t unit = g.c_out;
   if (g.groups > 1) unit = std::lcm(g.c_out, g.out_per_group);
-  const int64_t rows = rows_per_block(block_bytes, g.in_per_group * g.kernel_numel * element_size, unit,
-                                      g.out_channels);
-  return {unit, rows, (g.out_channels + rows - 1) / rows};
+  const int64_t row_bytes = g.in_per_group * g.kernel_numel * element_size;
+  const int64_t rows = rows_per_block(block_bytes, row_bytes, unit, g.out_channels);
+  int64_t samples = 1;
+  if (rows == g.out_channels)
+    samples = std::max<int64_t>(1, std::min<int64_t>(block_bytes / std::max<int64_t>(1, rows * row_bytes), g.batch));
+  if (max_samples > 0) samples = std::min(samples, max_samples);
+  return {rows, (g.out_channels + rows - 1) / rows, samples, (g.batch + samples - 1) / samples};
 }
 
 // Mixes the kernel rows o0:o0+nr of sample b into `kernel` [nr, I, *k]; `tiles` receives the mixed tiles and
@@ -325,39 +330,52 @@ void mix_conv_block(const at::Tensor& attn_b, const at::Tensor& cells, const Geo
   scatter_tiles<true>(tiles, kernel, g, ngo);
 }
 
-at::Tensor conv_input(const at::Tensor& x_b, const Geometry& g, int64_t o0, int64_t nr) {
-  if (g.groups == 1) return x_b.unsqueeze(0);
-  return x_b.narrow(0, o0 / g.out_per_group * g.in_per_group, nr / g.out_per_group * g.in_per_group).unsqueeze(0);
-}
-
 std::vector<int64_t> kernel_shape(const Geometry& g, int64_t nr) {
   std::vector<int64_t> shape{nr, g.in_per_group};
   shape.insert(shape.end(), g.kernel.begin(), g.kernel.end());
   return shape;
 }
 
+// x rows of samples b0:b0+bs for output rows o0:o0+nr, as one convolution input [1, bs * channels', *size].
+at::Tensor conv_input(const at::Tensor& x, const Geometry& g, int64_t b0, int64_t bs, int64_t o0, int64_t nr) {
+  std::vector<int64_t> shape{1, bs * g.channels};
+  shape.insert(shape.end(), g.size.begin(), g.size.end());
+  if (g.groups == 1 || nr == g.out_channels) return x.narrow(0, b0, bs).view(shape);
+  shape[1] = nr / g.out_per_group * g.in_per_group;
+  return x[b0].narrow(0, o0 / g.out_per_group * g.in_per_group, shape[1]).view(shape);
+}
+
+int64_t conv_groups(const Geometry& g, int64_t bs, int64_t nr) {
+  return g.groups == 1 ? bs : bs * (nr / g.out_per_group);
+}
+
 at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse, const Geometry& g,
-                        int64_t block_bytes) {
-  const ConvBlocks blocks = conv_blocks(g, x.element_size(), block_bytes);
+                        int64_t block_bytes, int64_t max_samples) {
+  const ConvBlocks blocks = conv_blocks(g, x.element_size(), block_bytes, max_samples);
   const at::Tensor cells = warehouse.view({g.n, g.cell});
   const std::vector<int64_t> zeros(g.size.size(), 0);
+  const int64_t kernel_rows = g.in_per_group * g.kernel_numel;
   at::Tensor y = at::empty({g.batch, g.out_channels, g.positions}, x.options());
-  at::parallel_for(0, g.batch * blocks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks.chunks * blocks.count, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
-    at::Tensor attn_buf = at::empty({max_tiles * g.n}, x.options());
+    at::Tensor attn_buf = at::empty({max_tiles * g.n}, x.options());  // thread-local buffers
     at::Tensor tile_buf = at::empty({max_tiles * g.cell}, x.options());
-    at::Tensor kernel_buf = at::empty({blocks.rows * g.in_per_group * g.kernel_numel}, x.options());
+    at::Tensor kernel_buf = at::empty({blocks.samples * blocks.rows * kernel_rows}, x.options());
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks.count, o0 = (item % blocks.count) * blocks.rows;
+      const int64_t b0 = item / blocks.count * blocks.samples, bs = std::min(blocks.samples, g.batch - b0);
+      const int64_t o0 = (item % blocks.count) * blocks.rows;
       const int64_t nr = std::min(blocks.rows, g.out_channels - o0), tiles = g.spatial * (nr / g.c_out) * g.gi;
       at::Tensor attn_rows = attn_buf.narrow(0, 0, tiles * g.n).view({tiles, g.n});
       at::Tensor tile_blk = tile_buf.narrow(0, 0, tiles * g.cell).view({tiles, g.cell});
-      at::Tensor kernel = kernel_buf.narrow(0, 0, nr * g.in_per_group * g.kernel_numel);
-      mix_conv_block(attn[b], cells, g, o0, nr, attn_rows, tile_blk, kernel);
-      const int64_t conv_groups = g.groups == 1 ? 1 : nr / g.out_per_group;
-      at::Tensor out = at::convolution(conv_input(x[b], g, o0, nr), kernel.view(kernel_shape(g, nr)), {}, g.stride,
-                                       g.padding, g.dilation, false, zeros, conv_groups);
-      y[b].narrow(0, o0, nr).copy_(out.view({nr, g.positions}));
+      for (int64_t i = 0; i < bs; ++i) {  // Step 1: each sample's kernel rows into the buffer
+        at::Tensor kernel = kernel_buf.narrow(0, i * nr * kernel_rows, nr * kernel_rows);
+        mix_conv_block(attn[b0 + i], cells, g, o0, nr, attn_rows, tile_blk, kernel);
+      }
+      // Step 2: one convolution for these samples (groups = samples * groups), written into y
+      at::Tensor out = at::convolution(conv_input(x, g, b0, bs, o0, nr),
+                                       kernel_buf.narrow(0, 0, bs * nr * kernel_rows).view(kernel_shape(g, bs * nr)),
+                                       {}, g.stride, g.padding, g.dilation, false, zeros, conv_groups(g, bs, nr));
+      y.narrow(0, b0, bs).narrow(1, o0, nr).copy_(out.view({bs, nr, g.positions}));
     }
   });
   return y;
@@ -366,55 +384,61 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& attn, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& x,
                                                              const at::Tensor& attn, const at::Tensor& warehouse,
                                                              const Geometry& g, bool need_x, bool need_attn,
-                                                             bool need_warehouse, int64_t block_bytes) {
+                                                             bool need_warehouse, int64_t block_bytes,
+                                                             int64_t max_samples) {
   const bool need_weight = need_attn || need_warehouse;
   const auto acc = x.options().dtype(acc_type(x.scalar_type()));
-  const ConvBlocks blocks = conv_blocks(g, x.element_size(), block_bytes);
+  const ConvBlocks blocks = conv_blocks(g, x.element_size(), block_bytes, max_samples);
   const at::Tensor cells = warehouse.view({g.n, g.cell});
   const std::vector<int64_t> zeros(g.size.size(), 0);
-  const std::vector<int64_t> out_shape = [&] {
-    std::vector<int64_t> s{1, 0};
-    s.insert(s.end(), g.out.begin(), g.out.end());
-    return s;
-  }();
+  const int64_t kernel_rows = g.in_per_group * g.kernel_numel;
   at::Tensor dx = need_x ? at::zeros(x.sizes(), acc) : at::Tensor();
   at::Tensor dattn = need_attn ? at::empty(attn.sizes(), attn.options()) : at::Tensor();
   Partials dcells(need_warehouse ? at::zeros({g.n, g.cell}, acc) : at::Tensor());
-  // Samples in parallel (each owns dx[b] and dattn[b]); dE in per-thread partial sums.
-  at::parallel_for(0, g.batch, 1, [&](int64_t begin, int64_t end) {
+  // Sample chunks in parallel (each owns dx and dattn of its samples); dE in per-thread partial sums.
+  at::parallel_for(0, blocks.chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
-    at::Tensor attn_buf = at::empty({max_tiles * g.n}, x.options());
-    at::Tensor tile_buf = at::empty({max_tiles * g.cell}, x.options());
-    at::Tensor kernel_buf = at::empty({blocks.rows * g.in_per_group * g.kernel_numel}, x.options());
-    for (int64_t b = begin; b < end; ++b) {
+    at::Tensor attn_buf = at::empty({blocks.samples * max_tiles * g.n}, x.options());
+    at::Tensor tile_buf = at::empty({blocks.samples * max_tiles * g.cell}, x.options());
+    at::Tensor kernel_buf = at::empty({blocks.samples * blocks.rows * kernel_rows}, x.options());
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t b0 = chunk * blocks.samples, bs = std::min(blocks.samples, g.batch - b0);
       for (int64_t blk = 0; blk < blocks.count; ++blk) {
         const int64_t o0 = blk * blocks.rows, nr = std::min(blocks.rows, g.out_channels - o0);
         const int64_t ngo = nr / g.c_out, tiles = g.spatial * ngo * g.gi;
-        at::Tensor attn_rows = attn_buf.narrow(0, 0, tiles * g.n).view({tiles, g.n});
-        at::Tensor tile_blk = tile_buf.narrow(0, 0, tiles * g.cell).view({tiles, g.cell});
-        at::Tensor kernel = kernel_buf.narrow(0, 0, nr * g.in_per_group * g.kernel_numel);
-        mix_conv_block(attn[b], cells, g, o0, nr, attn_rows, tile_blk, kernel);  // W needed for dx
-        const int64_t conv_groups = g.groups == 1 ? 1 : nr / g.out_per_group;
-        std::vector<int64_t> dy_shape = out_shape;
-        dy_shape[1] = nr;
-        const at::Tensor dy = grad[b].narrow(0, o0, nr).reshape(dy_shape);
-        const at::Tensor xs = conv_input(x[b], g, o0, nr);
-        auto grads = at::convolution_backward(dy, xs, kernel.view(kernel_shape(g, nr)), c10::nullopt, g.stride,
-                                              g.padding, g.dilation, false, zeros, conv_groups,
-                                              {need_x, need_weight, false});
+        for (int64_t i = 0; i < bs; ++i) {  // recompute the kernels (needed for dx)
+          at::Tensor attn_rows = attn_buf.narrow(0, i * tiles * g.n, tiles * g.n).view({tiles, g.n});
+          at::Tensor tile_blk = tile_buf.narrow(0, i * tiles * g.cell, tiles * g.cell).view({tiles, g.cell});
+          at::Tensor kernel = kernel_buf.narrow(0, i * nr * kernel_rows, nr * kernel_rows);
+          mix_conv_block(attn[b0 + i], cells, g, o0, nr, attn_rows, tile_blk, kernel);
+        }
+        std::vector<int64_t> dy_shape{1, bs * nr};
+        dy_shape.insert(dy_shape.end(), g.out.begin(), g.out.end());
+        const at::Tensor dy = (nr == g.out_channels ? grad.narrow(0, b0, bs) : grad[b0].narrow(0, o0, nr)).reshape(dy_shape);
+        const at::Tensor xs = conv_input(x, g, b0, bs, o0, nr);
+        auto grads = at::convolution_backward(
+            dy, xs, kernel_buf.narrow(0, 0, bs * nr * kernel_rows).view(kernel_shape(g, bs * nr)), c10::nullopt,
+            g.stride, g.padding, g.dilation, false, zeros, conv_groups(g, bs, nr), {need_x, need_weight, false});
         if (need_x) {
-          at::Tensor target = g.groups == 1 ? dx[b] : dx[b].narrow(0, o0 / g.out_per_group * g.in_per_group, xs.size(1));
-          target.add_(std::get<0>(grads)[0]);
+          at::Tensor target = nr == g.out_channels ? dx.narrow(0, b0, bs)
+                                                   : g.groups == 1 ? dx[b0]
+                                                   : dx[b0].narrow(0, o0 / g.out_per_group * g.in_per_group, xs.size(1));
+          target.add_(std::get<0>(grads).view(target.sizes()));
         }
         if (need_weight) {
           at::Tensor dkernel = std::get<1>(grads).contiguous();
-          scatter_tiles<false>(tile_blk, dkernel, g, ngo);  // dW back into tiles [tiles, cell]
-          if (need_attn) {
-            const int64_t go0 = o0 / g.c_out;
-            dattn[b].view({g.spatial, g.go * g.gi, g.n}).narrow(1, go0 * g.gi, ngo * g.gi)
-                .copy_(at::mm(tile_blk, cells.t()).view({g.spatial, ngo * g.gi, g.n}));
+          for (int64_t i = 0; i < bs; ++i) {
+            at::Tensor attn_rows = attn_buf.narrow(0, i * tiles * g.n, tiles * g.n).view({tiles, g.n});
+            at::Tensor tile_blk = tile_buf.narrow(0, i * tiles * g.cell, tiles * g.cell).view({tiles, g.cell});
+            at::Tensor dk = dkernel.narrow(0, i * nr, nr);
+            scatter_tiles<false>(tile_blk, dk, g, ngo);  // dW back into tiles [tiles, cell]
+            if (need_attn) {
+              const int64_t go0 = o0 / g.c_out;
+              dattn[b0 + i].view({g.spatial, g.go * g.gi, g.n}).narrow(1, go0 * g.gi, ngo * g.gi)
+                  .copy_(at::mm(tile_blk, cells.t()).view({g.spatial, ngo * g.gi, g.n}));
+            }
+            if (need_warehouse) add_mm(dcells.mine(), attn_rows.t(), tile_blk);
           }
-          if (need_warehouse) add_mm(dcells.mine(), attn_rows.t(), tile_blk);
         }
       }
     }
@@ -438,7 +462,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& attn, const at::Tensor&
 at::Tensor kw_conv_forward_cpu(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
                                int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t path,
-                               int64_t block_bytes) {
+                               int64_t block_bytes, int64_t conv_samples) {
   check_inputs(x, attn, warehouse);
   const Geometry g = make_geometry(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups);
   std::vector<int64_t> shape{g.batch, g.out_channels};
@@ -448,13 +472,14 @@ at::Tensor kw_conv_forward_cpu(const at::Tensor& x, const at::Tensor& attn, cons
     TORCH_CHECK(groups == 1, "kw_ops._C: the gemm formulation needs groups = 1");
     return gemm_forward(x, attn, warehouse, g, block_bytes).view(shape);
   }
-  return conv_forward(x, attn, warehouse, g, block_bytes).view(shape);
+  return conv_forward(x, attn, warehouse, g, block_bytes, conv_samples).view(shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kw_conv_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
     int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_mask, int64_t path, int64_t block_bytes) {
+    at::IntArrayRef dilation, int64_t groups, at::IntArrayRef output_mask, int64_t path, int64_t block_bytes,
+    int64_t conv_samples) {
   check_inputs(x, attn, warehouse);
   TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == x.scalar_type(), "kw_ops._C: grad must be contiguous");
   TORCH_CHECK(output_mask.size() == 3, "kw_ops._C: output_mask has one flag per x, attn, warehouse");
@@ -467,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kw_conv_backward_cpu(
     TORCH_CHECK(groups == 1, "kw_ops._C: the gemm formulation needs groups = 1");
     return gemm_backward(grad, x, attn, warehouse, g, need_x, need_attn, need_warehouse, block_bytes);
   }
-  return conv_backward(grad, x, attn, warehouse, g, need_x, need_attn, need_warehouse, block_bytes);
+  return conv_backward(grad, x, attn, warehouse, g, need_x, need_attn, need_warehouse, block_bytes, conv_samples);
 }
 
 }  // namespace kw_ops

@@ -23,10 +23,14 @@ from .torch_impl import conv_output_size
 __all__ = ["available", "unavailable_reasons", "choose_path", "prefers_cpp", "kw_conv_cpp",
            "kw_conv_backward_cpp", "kw_conv_implementation", "BLOCK_BYTES", "CONV_BLOCK_BYTES"]
 
-# Mixed kernels of one output block for all samples (gemm path): a few L2s, resident in L3.
-BLOCK_BYTES = 2 << 20
-# One sample's mixed kernel block (conv path).
+# Mixed kernels of one output block for all samples (gemm path), resident in L3: smaller blocks make the
+# per-sample GEMMs too thin (measured best at 4 MiB on the ResNet18 layer4 shape, benchmarks/bench_cpp.py).
+BLOCK_BYTES = 4 << 20
+# Mixed kernels per convolution call (conv path): one sample's block, or several samples' whole kernels.
 CONV_BLOCK_BYTES = 4 << 20
+# Output positions from which the conv path convolves one sample per call (oneDNN is efficient at batch 1
+# there); below it, as many samples as CONV_BLOCK_BYTES holds go into one call with groups = samples.
+PER_SAMPLE_POSITIONS = 56 * 56
 # gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO (measured,
 # benchmarks/bench_cpp.py) and the im2col of the batch stays below GEMM_COLS_BYTES.
 GEMM_MIX_RATIO = 0.1
@@ -61,22 +65,28 @@ def unavailable_reasons() -> list[str]:
 
 def choose_path(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
                 kernel_size: Sequence[int], stride, padding, dilation, groups: int, element_size: int = 4) -> str:
-    """'gemm' for groups = 1 where mixing is a large share (n / HW' >= GEMM_MIX_RATIO) and the batch's
-    im2col is small, else 'grouped' (per-sample ATen convolution)."""
+    """'gemm' for groups = 1 where mixing is a large share (n / HW' >= GEMM_MIX_RATIO) or the kernel is 1x1
+    (its im2col is a strided copy of x), and the batch's im2col is small; else 'grouped' (ATen convolutions)."""
     if groups != 1:
         return "grouped"
     positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
     cols_bytes = x_shape[0] * x_shape[1] * math.prod(kernel_size) * positions * element_size
     if cols_bytes > GEMM_COLS_BYTES:
         return "grouped"
-    return "gemm" if warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
+    pointwise = math.prod(kernel_size) == 1
+    return "gemm" if pointwise or warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
 
 
 def prefers_cpp(x: torch.Tensor, warehouse: torch.Tensor, geometry: dict) -> bool:
-    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape
-    (measured per layer in benchmarks/bench_cpp.py: faster on every KW1x/KW4x ResNet18/50 and MobileNetV2
-    layer shape measured)."""
-    return True
+    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape: where
+    its gemm formulation runs (mixing-heavy late layers, 1x1 convs: measured faster than the torch path, see
+    benchmarks/results/cpp_layers.md); where the convolution dominates, the torch path's single grouped
+    convolution over the batch measured as fast or faster."""
+    geo = geometry or {}
+    if not geo:
+        return False
+    return choose_path(x.shape, warehouse.shape, geo["out_channels"], geo["kernel_size"], geo["stride"],
+                       geo["padding"], geo["dilation"], geo["groups"], x.element_size()) == "gemm"
 
 
 def _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
@@ -92,6 +102,12 @@ def _block_bytes(path: str) -> int:
     return BLOCK_BYTES if path == "gemm" else CONV_BLOCK_BYTES
 
 
+def _conv_samples(x, kernel_size, stride, padding, dilation) -> int:
+    """Samples per convolution call on the conv path: 1 for large maps, else 0 (as many as the buffer holds)."""
+    positions = math.prod(conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation))
+    return 1 if positions >= PER_SAMPLE_POSITIONS else 0
+
+
 def kw_conv_cpp(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
                 out_channels: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, formulation: str | None = None) -> torch.Tensor:
@@ -103,7 +119,8 @@ def kw_conv_cpp(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bi
     path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
     y = torch.ops.kw_ops_C.kw_conv_forward(x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels,
                                            list(kernel_size), list(stride), list(padding), list(dilation), groups,
-                                           _PATHS[path], _block_bytes(path))
+                                           _PATHS[path], _block_bytes(path), _conv_samples(x, kernel_size, stride,
+                                                                                           padding, dilation))
     if bias is not None:
         y += bias.view(1, -1, *([1] * (x.dim() - 2)))
     return y
@@ -122,7 +139,7 @@ def kw_conv_backward_cpp(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tensor
     dx, dattn, dwarehouse = torch.ops.kw_ops_C.kw_conv_backward(
         grad.contiguous(), x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels, list(kernel_size),
         list(stride), list(padding), list(dilation), groups, [int(need_x), int(need_attn), int(need_warehouse)],
-        _PATHS[path], _block_bytes(path))
+        _PATHS[path], _block_bytes(path), _conv_samples(x, kernel_size, stride, padding, dilation))
     return (dx if need_x else None, dattn if need_attn else None, dwarehouse if need_warehouse else None, dbias)
 
 
