@@ -39,14 +39,17 @@ def extensions():
     class OptionalBuildExtension(BuildExtension):
         """Builds kw_ops._C; a failure leaves the package installable on the pure-PyTorch path."""
 
-        def build_extensions(self):
+        def run(self):
             try:
-                super().build_extensions()
+                super().run()  # compiles, then (editable installs) copies the library into kw_ops/
             except Exception as error:  # no compiler, compile or link error: report and install without it
                 _note(f"kw_ops._C not built: compiling failed ({type(error).__name__}: {error}); "
                       "the pure-PyTorch backend is used")
             else:
                 _note("kw_ops._C built")
+
+        def get_outputs(self):  # nothing to install when the build failed
+            return [path for path in super().get_outputs() if os.path.exists(path)]
 
     print(f"kw_ops: building kw_ops._C from {sources}")
     ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3", "-g0"], py_limited_api=False)
