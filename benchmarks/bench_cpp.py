@@ -54,7 +54,8 @@ NETWORK_METHODS = ("static", "kw_ops", "kw_ops torch path", "released formulatio
 def environment() -> dict:
     import kw_ops
 
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "kw_ops": kw_ops.__version__,
             "git": sha or "unknown", "python": platform.python_version(), "load_at_start": round(load, 1)}
@@ -191,9 +192,11 @@ def run_layers(args) -> None:
 
 def layers_markdown(rows, env, peaks, seconds) -> str:
     lines = ["# KW op per layer: static conv, torch path, compiled cpp kernel, released formulation", "",
-             f"`python benchmarks/bench_cpp.py layers`: batch {BATCH}, {RESOLUTION}², fp32, 1 thread, {seconds:.0f} s. "
+             f"`python benchmarks/bench_cpp.py layers`: batch {BATCH}, {RESOLUTION}², fp32, 1 thread, "
+             f"{seconds:.0f} s. "
              + " · ".join(f"{k}: {v}" for k, v in env.items()),
-             f"Peaks measured in the run (1 thread): GEMM {peaks['gemm_gflops']} GFLOP/s, copy {peaks['copy_gbs']} GB/s.",
+             f"Peaks measured in the run (1 thread): GEMM {peaks['gemm_gflops']} GFLOP/s, "
+             f"copy {peaks['copy_gbs']} GB/s.",
              "**The machine was shared (2 cores, about 8 other jobs; see load_at_start)**: times are the process CPU "
              "time per call, median over the rounds, [min-max] spread; wall times are in the CSV. "
              "x roof = time / roofline (module docstring).", ""]
