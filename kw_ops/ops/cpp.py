@@ -31,10 +31,11 @@ CONV_BLOCK_BYTES = 4 << 20
 # Output positions from which the conv path convolves one sample per call (oneDNN is efficient at batch 1
 # there); below it, as many samples as CONV_BLOCK_BYTES holds go into one call with groups = samples.
 PER_SAMPLE_POSITIONS = 56 * 56
-# gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO (measured,
-# benchmarks/bench_cpp.py) and the im2col of the batch stays below GEMM_COLS_BYTES.
+# gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO, and the im2col
+# of the batch stays below GEMM_COLS_BYTES (larger ones measured slower than the grouped convolution, e.g.
+# KW4x ResNet50 64->64 3x3 @56x56; benchmarks/results/cpp_layers.md).
 GEMM_MIX_RATIO = 0.1
-GEMM_COLS_BYTES = 64 << 20
+GEMM_COLS_BYTES = 16 << 20
 _PATHS = {"gemm": 1, "grouped": 2}
 _BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build.txt")
 
@@ -78,12 +79,12 @@ def choose_path(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_chan
 
 
 def prefers_cpp(x: torch.Tensor, warehouse: torch.Tensor, geometry: dict) -> bool:
-    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape: where
-    its gemm formulation runs (mixing-heavy late layers, 1x1 convs: measured faster than the torch path, see
-    benchmarks/results/cpp_layers.md); where the convolution dominates, the torch path's single grouped
-    convolution over the batch measured as fast or faster."""
+    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape: k x k
+    kernels (k > 1) where its gemm formulation runs (mixing-heavy late layers: faster than the torch path on
+    37 of 46 such layer/mode rows of benchmarks/results/cpp_layers.md). 1x1 convs (the cpp kernel won 49 of
+    144 rows) and conv-dominated or grouped layers (13 of 54) stay on the torch path."""
     geo = geometry or {}
-    if not geo:
+    if not geo or math.prod(geo["kernel_size"]) == 1:
         return False
     return choose_path(x.shape, warehouse.shape, geo["out_channels"], geo["kernel_size"], geo["stride"],
                        geo["padding"], geo["dilation"], geo["groups"], x.element_size()) == "gemm"
