@@ -1,42 +1,69 @@
-"""Build kw_ops. The CUDA extension kw_ops._C (csrc/) is built only where a CUDA torch and nvcc exist.
+"""Build kw_ops and, where a C++ compiler works, its compiled kernels kw_ops._C (csrc/).
 
-Environment: KW_OPS_NO_CUDA=1 skips the extension; MAX_JOBS bounds ninja's parallel jobs. No GPU
-needs to be visible at build time: a CUDA build of torch and nvcc are enough.
+kw_ops._C holds the CPU kernel of the KW op (csrc/kw_conv.cpp, csrc/cpu/); there are no CUDA sources yet.
+If the extension cannot be built (no compiler, a compile error, torch not importable) the package still
+installs and runs on the pure-PyTorch path; the reason is written to kw_ops/_C_build.txt, which
+`python -m kw_ops info` prints.
+
+Environment: KW_OPS_NO_EXT=1 skips the extension; MAX_JOBS bounds ninja's parallel jobs (torch's
+BuildExtension reads it). Build with `pip install -e . --no-build-isolation` (build isolation would
+download another torch).
 """
 import glob
 import os
 
 from setuptools import find_packages, setup
 
+BUILD_NOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kw_ops", "_C_build.txt")
 
-def cuda_extensions():
-    if os.environ.get("KW_OPS_NO_CUDA") == "1":
-        print("kw_ops: KW_OPS_NO_CUDA=1, not building the CUDA extension")
+
+def _note(text):
+    print(f"kw_ops: {text}")
+    with open(BUILD_NOTE, "w") as f:
+        f.write(text + "\n")
+
+
+def extensions():
+    if os.environ.get("KW_OPS_NO_EXT") == "1":
+        _note("kw_ops._C not built: KW_OPS_NO_EXT=1 was set at install")
         return [], {}
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not sources:
         return [], {}
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        print("kw_ops: torch not importable at build time, not building the CUDA extension")
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as error:
+        _note(f"kw_ops._C not built: torch not importable at build time ({error})")
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        print("kw_ops: no CUDA torch or nvcc, not building the CUDA extension (pure PyTorch and Triton still work)")
-        return [], {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Builds kw_ops._C; a failure leaves the package installable on the pure-PyTorch path."""
+
+        def run(self):
+            try:
+                super().run()  # compiles, then (editable installs) copies the library into kw_ops/
+            except Exception as error:  # no compiler, compile or link error: report and install without it
+                _note(f"kw_ops._C not built: compiling failed ({type(error).__name__}: {error}); "
+                      "the pure-PyTorch backend is used")
+            else:
+                _note("kw_ops._C built")
+
+        def get_outputs(self):  # nothing to install when the build failed
+            return [path for path in super().get_outputs() if os.path.exists(path)]
+
     print(f"kw_ops: building kw_ops._C from {sources}")
-    ext = CUDAExtension("kw_ops._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
-    return [ext], {"build_ext": BuildExtension}
+    ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3", "-g0"], py_limited_api=False)
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extensions()
+ext_modules, cmdclass = extensions()
 
 setup(
     name="kw_ops",
     version="0.1.0",
     description="KernelWarehouse dynamic convolution for PyTorch: layers, presets, fused ops, benchmarks",
     packages=find_packages(include=["kw_ops", "kw_ops.*"]),
+    package_data={"kw_ops": ["_C_build.txt"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.5", "tqdm"],
     extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "numpy"]},

@@ -3,10 +3,13 @@
     torch    pure PyTorch, every device and floating dtype (kw_ops.ops.torch_impl)
     triton   Triton kernels on CUDA tensors (kw_ops.ops.triton, imported lazily)
     cuda     the compiled extension kw_ops._C on CUDA tensors
+    cpp      the compiled extension kw_ops._C on CPU tensors (kw_ops.ops.cpp; csrc/cpu/)
 
 Choice, strongest first: the per-call `backend=` argument (layers: their `backend` attribute), the
 innermost `use_backend(name)` context, the `KW_OPS_BACKEND` environment variable, else automatic
-(`AUTO_ORDER`: the first backend that can run). A forced backend that cannot run raises with every
+(`AUTO_ORDER`: the first backend that can run; on CPU, `cpp` where it is built and
+`kw_ops.ops.cpp.prefers_cpp` picks it for the layer shape, else `torch`, without a warning: `python -m kw_ops
+info` says why the extension is missing). A forced backend that cannot run raises with every
 reason; an automatic choice that has to skip a fast backend for CUDA tensors warns once per reason set.
 Nothing here imports triton or the extension, or touches the GPU, until asked.
 """
@@ -56,6 +59,9 @@ BACKENDS: dict[str, Backend] = {
     "cuda": Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops._C",
                     "pip install -e . --no-build-isolation on a machine with CUDA torch and nvcc",
                     "ahead-of-time compiled CUDA kernels (csrc/, the extension kw_ops._C)"),
+    "cpp": Backend("cpp", ("cpu",), (torch.bfloat16, torch.float32, torch.float64), "kw_ops.ops.cpp",
+                   "pip install -e . --no-build-isolation with a C++ compiler (kw_ops._C)",
+                   "compiled CPU kernel (csrc/cpu/): blocks of mixed kernels consumed in cache by ATen GEMMs/convs"),
 }
 
 # name -> (forward, backward) with the signatures of kw_conv_torch / kw_conv_backward_torch.
@@ -99,6 +105,12 @@ def _installation_reasons(name: str) -> list[str]:
     """Reasons that do not depend on the inputs (missing packages, missing build, no GPU)."""
     backend = BACKENDS[name]
     reasons = []
+    if name == "cpp":
+        from . import cpp
+
+        return cpp.unavailable_reasons()
+    if name == "cuda" and not _module_missing(backend.module):
+        return [f"{backend.module} has no CUDA kernels yet (built for CPU only; {backend.install})"]
     if name == "triton" and _module_missing("triton"):
         reasons.append(f"triton is not installed ({backend.install})")
     if _module_missing(backend.module):
@@ -157,7 +169,7 @@ _WARNED: set[tuple[str, ...]] = set()
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend ('torch', 'triton', 'cuda' or 'auto') for kw_conv calls inside the block."""
+    """Force a backend ('torch', 'triton', 'cuda', 'cpp' or 'auto') for kw_conv calls inside the block."""
     _validate(name, "use_backend")
     _FORCED.append(name)
     try:
@@ -195,8 +207,8 @@ def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
             raise BackendUnavailableError(f"kw_ops backend {name!r} ({source}) cannot run this call:\n  - "
                                           + "\n  - ".join(reasons))
         return name
-    if x.device.type != "cuda":  # only the torch backend runs off CUDA: no fallback to report
-        return "torch"
+    if x.device.type != "cuda":  # cpp where built and faster for this shape, else torch: no fallback to report
+        return _cpu_choice(x, attn, warehouse, bias, geometry)
     skipped = []
     for candidate in AUTO_ORDER:
         reasons = not_supported_reasons(candidate, x, attn, warehouse, bias, geometry)
@@ -211,14 +223,25 @@ def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
     return candidate
 
 
+def _cpu_choice(x, attn, warehouse, bias, geometry) -> str:
+    if x.device.type == "cpu" and not not_supported_reasons("cpp", x, attn, warehouse, bias, geometry):
+        from .cpp import prefers_cpp
+
+        if prefers_cpp(x, warehouse, geometry):
+            return "cpp"
+    return "torch"
+
+
 def backend_report() -> list[str]:
     """Lines for `python -m kw_ops info`: every backend, whether it can run here, and why not."""
     order = " > ".join(AUTO_ORDER)
     try:
         name, source = requested_backend()
-        lines = [f"backend choice: {name} ({source}); automatic order: {order}"]
+        lines = [f"backend choice: {name} ({source}); automatic order: {order} "
+                 "(CPU tensors: cpp > torch)"]
     except ValueError as error:  # a bad KW_OPS_BACKEND: report it, the op refuses to run until it is fixed
-        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; automatic order: {order}"]
+        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; automatic order: {order} "
+                 "(CPU tensors: cpp > torch)"]
     for backend in BACKENDS.values():
         reasons = not_supported_reasons(backend.name)
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)

@@ -1,0 +1,151 @@
+"""The `cpp` backend: the compiled CPU kernel of the KW op (csrc/, the extension kw_ops._C).
+
+Same normalised arguments as kw_ops.ops.torch_impl (twin signatures). Two formulations, chosen per layer
+shape by `choose_path` (or forced with formulation='gemm' / 'grouped', the torch backend's names):
+
+    gemm     groups = 1: im2col once, output-channel blocks of mixed kernels consumed at once by GEMMs
+    grouped  any groups: per sample and output block, mix, then ATen's convolution ('conv' in csrc/)
+
+`BLOCK_BYTES` / `CONV_BLOCK_BYTES` bound the thread-local buffer of mixed kernels (tests lower them to
+force several and ragged blocks). The extension is optional: `unavailable_reasons()` says why it
+cannot run (not built, build skipped or failed, import error).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .torch_impl import conv_output_size
+
+__all__ = ["available", "unavailable_reasons", "choose_path", "prefers_cpp", "kw_conv_cpp",
+           "kw_conv_backward_cpp", "kw_conv_implementation", "BLOCK_BYTES", "CONV_BLOCK_BYTES"]
+
+# Mixed kernels of one output block for all samples (gemm path), resident in L3: smaller blocks make the
+# per-sample GEMMs too thin (measured best at 4 MiB on the ResNet18 layer4 shape, benchmarks/bench_cpp.py).
+BLOCK_BYTES = 4 << 20
+# Mixed kernels per convolution call (conv path): one sample's block, or several samples' whole kernels.
+CONV_BLOCK_BYTES = 4 << 20
+# Output positions from which the conv path convolves one sample per call (oneDNN is efficient at batch 1
+# there); below it, as many samples as CONV_BLOCK_BYTES holds go into one call with groups = samples.
+PER_SAMPLE_POSITIONS = 56 * 56
+# gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO, and the im2col
+# of the batch stays below GEMM_COLS_BYTES (larger ones measured slower than the grouped convolution, e.g.
+# KW4x ResNet50 64->64 3x3 @56x56; benchmarks/results/cpp_layers.md).
+GEMM_MIX_RATIO = 0.1
+GEMM_COLS_BYTES = 16 << 20
+_PATHS = {"gemm": 1, "grouped": 2}
+_BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build.txt")
+
+try:
+    from kw_ops import _C  # noqa: F401  (loading it registers torch.ops.kw_ops_C)
+    _IMPORT_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+
+def available() -> bool:
+    return _IMPORT_ERROR is None
+
+
+def unavailable_reasons() -> list[str]:
+    """Why the compiled kernel cannot run here (empty: it can)."""
+    if _IMPORT_ERROR is None:
+        return []
+    note = ""
+    if os.path.exists(_BUILD_NOTE):
+        with open(_BUILD_NOTE) as f:
+            note = f.read().strip()
+    how = "pip install -e . --no-build-isolation with a C++ compiler"
+    if note and note != "kw_ops._C built":
+        return [f"{note} ({how})"]
+    return [f"the compiled extension kw_ops._C is not importable ({_IMPORT_ERROR}; {how})"]
+
+
+def choose_path(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
+                kernel_size: Sequence[int], stride, padding, dilation, groups: int, element_size: int = 4) -> str:
+    """'gemm' for groups = 1 where mixing is a large share (n / HW' >= GEMM_MIX_RATIO) or the kernel is 1x1
+    (its im2col is a strided copy of x), and the batch's im2col is small; else 'grouped' (ATen convolutions)."""
+    if groups != 1:
+        return "grouped"
+    positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
+    cols_bytes = x_shape[0] * x_shape[1] * math.prod(kernel_size) * positions * element_size
+    if cols_bytes > GEMM_COLS_BYTES:
+        return "grouped"
+    pointwise = math.prod(kernel_size) == 1
+    return "gemm" if pointwise or warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
+
+
+def prefers_cpp(x: torch.Tensor, warehouse: torch.Tensor, geometry: dict) -> bool:
+    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape: k x k
+    kernels (k > 1) where its gemm formulation runs (mixing-heavy late layers: faster than the torch path on
+    37 of 46 such layer/mode rows of benchmarks/results/cpp_layers.md). 1x1 convs (the cpp kernel won 49 of
+    144 rows) and conv-dominated or grouped layers (13 of 54) stay on the torch path."""
+    geo = geometry or {}
+    if not geo or math.prod(geo["kernel_size"]) == 1:
+        return False
+    return choose_path(x.shape, warehouse.shape, geo["out_channels"], geo["kernel_size"], geo["stride"],
+                       geo["padding"], geo["dilation"], geo["groups"], x.element_size()) == "gemm"
+
+
+def _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
+    if formulation == "gemm" and groups == 1:
+        return "gemm"
+    if formulation in ("gemm", "grouped"):
+        return "grouped"
+    return choose_path(x.shape, warehouse.shape, out_channels, kernel_size, stride, padding, dilation, groups,
+                       x.element_size())
+
+
+def _block_bytes(path: str) -> int:
+    return BLOCK_BYTES if path == "gemm" else CONV_BLOCK_BYTES
+
+
+def _conv_samples(x, kernel_size, stride, padding, dilation) -> int:
+    """Samples per convolution call on the conv path: 1 for large maps, else 0 (as many as the buffer holds)."""
+    positions = math.prod(conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation))
+    return 1 if positions >= PER_SAMPLE_POSITIONS else 0
+
+
+def kw_conv_cpp(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                out_channels: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int], groups: int, formulation: str | None = None) -> torch.Tensor:
+    """KW convolution by the compiled CPU kernel; the twin of kw_ops.ops.torch_impl.kw_conv_torch.
+
+    x [B, C_in, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [C_out] or None
+    -> y [B, C_out, *out_size] (a fresh contiguous tensor)
+    """
+    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    y = torch.ops.kw_ops_C.kw_conv_forward(x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels,
+                                           list(kernel_size), list(stride), list(padding), list(dilation), groups,
+                                           _PATHS[path], _block_bytes(path), _conv_samples(x, kernel_size, stride,
+                                                                                           padding, dilation))
+    if bias is not None:
+        y += bias.view(1, -1, *([1] * (x.dim() - 2)))
+    return y
+
+
+def kw_conv_backward_cpp(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor,
+                         has_bias: bool, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                         padding: Sequence[int], dilation: Sequence[int], groups: int,
+                         output_mask: Sequence[bool], formulation: str | None = None):
+    """Gradients of `kw_conv_cpp`: (dx, dattn, dwarehouse, dbias), None where not asked for."""
+    need_x, need_attn, need_warehouse, need_bias = output_mask
+    dbias = grad.sum(dim=[d for d in range(grad.dim()) if d != 1]) if has_bias and need_bias else None
+    if not (need_x or need_attn or need_warehouse):
+        return None, None, None, dbias
+    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    dx, dattn, dwarehouse = torch.ops.kw_ops_C.kw_conv_backward(
+        grad.contiguous(), x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels, list(kernel_size),
+        list(stride), list(padding), list(dilation), groups, [int(need_x), int(need_attn), int(need_warehouse)],
+        _PATHS[path], _block_bytes(path), _conv_samples(x, kernel_size, stride, padding, dilation))
+    return (dx if need_x else None, dattn if need_attn else None, dwarehouse if need_warehouse else None, dbias)
+
+
+def kw_conv_implementation():
+    """(forward, backward) for kw_ops.ops.backends; raises ImportError with the reason when not built."""
+    if not available():
+        raise ImportError("kw_ops cpp backend: " + "; ".join(unavailable_reasons()))
+    return kw_conv_cpp, kw_conv_backward_cpp

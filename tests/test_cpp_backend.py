@@ -1,0 +1,166 @@
+"""The compiled CPU kernel (`cpp` backend, kw_ops._C): every op case against the float64 loop oracle and the
+torch path, on both formulations and with blocks forced small (several, ragged), gradcheck, opcheck,
+torch.compile, bf16 error, threads, and the automatic choice. Skipped only where the extension is not built."""
+import pytest
+import torch
+from oracle import kw_conv_loop
+from test_op import CASES, Case, _assert_close, _oracle, _tuple
+
+import kw_ops
+from kw_ops.ops import backends, cpp, kw_conv
+
+pytestmark = pytest.mark.skipif(not cpp.available(), reason="kw_ops._C is not built: "
+                                + "; ".join(cpp.unavailable_reasons()))
+
+PATHS = [None, "gemm", "grouped"]
+# Shapes that force every block path: several output blocks (GO > 1) and row blocks, ragged last blocks,
+# groups, depthwise, stride 2, 1-D / 3-D, batch 0 / 1.
+BLOCK_CASES = [
+    Case(2, 16, 40, (5, 5), (3, 3), 20, 8, 6, padding=1, stride=2),           # GO = 2, GI = 2
+    Case(1, 12, 30, (4, 3), (3, 3), 30, 12, 5, padding=1),                    # one output block, batch 1
+    Case(3, 9, 21, (7,), (3,), 7, 3, 4, padding=2, dilation=2),               # 1-D, prime-ish rows
+    Case(2, 4, 10, (3, 4, 3), (3, 1, 3), 5, 2, 3, padding=(1, 0, 1), stride=2),  # 3-D
+    Case(2, 12, 12, (6, 6), (3, 3), 12, 1, 5, padding=1, groups=12),          # depthwise, cell spans groups
+    Case(2, 12, 18, (5, 6), (3, 3), 6, 2, 4, padding=1, stride=2, groups=3),  # groups with GO > groups
+    Case(0, 8, 10, (4, 4), (3, 3), 5, 4, 3, padding=1),                       # batch 0
+]
+# Buffer sizes (bytes) that leave one row / one tile per block: every block boundary is exercised.
+TINY = 1
+
+
+@pytest.fixture(params=["default-blocks", "tiny-blocks"])
+def block_bytes(request, monkeypatch):
+    if request.param == "tiny-blocks":
+        monkeypatch.setattr(cpp, "BLOCK_BYTES", TINY)
+        monkeypatch.setattr(cpp, "CONV_BLOCK_BYTES", TINY)
+    return request.param
+
+
+def _grads(y, inputs, grad):
+    return torch.autograd.grad(y, inputs, grad, allow_unused=True)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p or "auto")
+@pytest.mark.parametrize("case", CASES + BLOCK_CASES, ids=lambda c: c.id)
+def test_matches_loop_oracle_and_torch_path(case, path, block_bytes):
+    x, attn, warehouse, bias = case.tensors()
+    y = kw_conv(x, attn, warehouse, bias, formulation=path, backend="cpp", **case.geometry())
+    expected = _oracle(case, x, attn, warehouse, bias)
+    reference = kw_conv(x, attn, warehouse, bias, formulation=path, backend="torch", **case.geometry())
+    _assert_close(y, expected, "y vs oracle")
+    _assert_close(y, reference, "y vs torch path")
+    grad = torch.randn_like(expected)
+    inputs = [t for t in (x, attn, warehouse, bias) if t is not None]
+    got, want, ref = _grads(y, inputs, grad), _grads(expected, inputs, grad), _grads(reference, inputs, grad)
+    for name, g, w, r in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want, ref):
+        _assert_close(g, w if w is not None else torch.zeros_like(g), f"{name} vs oracle")
+        _assert_close(g, r, f"{name} vs torch path")
+
+
+@pytest.mark.parametrize("path", ["gemm", "grouped"])
+@pytest.mark.parametrize("case", [Case(2, 4, 6, (5, 4), (3, 3), 3, 2, 3, stride=2, padding=1),
+                                  Case(2, 4, 4, (4,), (3,), 2, 4, 2, padding=1, whole_cells=True),
+                                  Case(2, 4, 4, (4, 4), (3, 3), 4, 1, 3, padding=1, groups=4),
+                                  Case(1, 2, 4, (3, 3, 2), (2, 2, 1), 2, 1, 2)], ids=lambda c: c.id)
+def test_gradcheck(case, path, block_bytes):
+    x, attn, warehouse, bias = case.tensors()
+    fn = lambda *ts: kw_conv(*ts, formulation=path, backend="cpp", **case.geometry())  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, attn, warehouse, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[8], BLOCK_CASES[3]], ids=lambda c: c.id)
+def test_opcheck(case):
+    x, attn, warehouse, bias = case.tensors()
+    args = (x, attn, warehouse, bias, case.c_out, list(_tuple(case.kernel, case.dims)),
+            list(_tuple(case.stride, case.dims)), list(_tuple(case.padding, case.dims)),
+            list(_tuple(case.dilation, case.dims)), case.groups, "cpp", "")
+    torch.library.opcheck(torch.ops.kw_ops.kw_conv.default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["gemm", "grouped"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[8], BLOCK_CASES[0], BLOCK_CASES[2]], ids=lambda c: c.id)
+def test_low_precision_error_at_most_twice_the_torch_paths(case, path, dtype):
+    """Against the float64 oracle, the kernel's error in fp32 / bf16 is at most ~2x the torch path's."""
+    x, attn, warehouse, bias = case.tensors()
+    expected = _oracle(case, x, attn, warehouse, bias)
+    grad = torch.randn_like(expected)
+    exact = (expected, *_grads(expected, [x, attn, warehouse, bias], grad))
+    errors = {}
+    for backend in ("cpp", "torch"):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (x, attn, warehouse, bias)]
+        y = kw_conv(*ins, formulation=path, backend=backend, **case.geometry())
+        assert y.dtype == dtype
+        grads = torch.autograd.grad(y, ins, grad.to(dtype))
+        errors[backend] = [(a.double() - b.double()).abs().max().item() for a, b in
+                           zip((y, *grads), exact)]
+    scale = 1e-6 if dtype == torch.float32 else 1e-2  # ~one rounding of the dtype, relative to O(1) values
+    for what, mine, theirs in zip(("y", "dx", "dattn", "dwarehouse", "dbias"), errors["cpp"], errors["torch"]):
+        assert mine <= 2 * theirs + scale, f"{what}: cpp error {mine:.3g} vs torch path {theirs:.3g}"
+
+
+def test_several_threads_give_the_single_thread_result():
+    case = Case(4, 16, 40, (5, 5), (3, 3), 20, 8, 6, padding=1)
+    x, attn, warehouse, bias = case.tensors()
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for path in ("gemm", "grouped"):
+                y = kw_conv(x, attn, warehouse, bias, formulation=path, backend="cpp", **case.geometry())
+                results[count, path] = (y, *torch.autograd.grad(y.square().sum(), (x, attn, warehouse)))
+    finally:
+        torch.set_num_threads(threads)
+    for path in ("gemm", "grouped"):
+        for a, b in zip(results[1, path], results[2, path]):
+            _assert_close(a, b, f"{path}: 2 threads vs 1")
+
+
+def test_torch_compile_fullgraph_with_the_kernel_inside():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layer = kw_ops.KWConv2d(4, 8, 3, padding=1, warehouse=kw_ops.KWConfig()).train()
+    layer.backend = "cpp"
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 4, 6, 6)
+    compiled(x).square().mean().backward()
+    got = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.backend = "torch"
+    layer(x).square().mean().backward()
+    for g, p in zip(got, layer.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_automatic_choice_on_cpu_is_cpp_where_preferred():
+    case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)
+    x, attn, warehouse, bias = case.tensors(torch.float32)
+    geometry = {k: _tuple(v, 2) if k in ("kernel_size", "stride", "padding", "dilation") else v
+                for k, v in case.geometry().items()}
+    expected = "cpp" if cpp.prefers_cpp(x, warehouse, geometry) else "torch"
+    assert backends.select_backend(x, attn, warehouse, bias, None, geometry) == expected
+    # fp16 is not among the kernel's dtypes: the torch path runs it
+    half = [t.half() for t in (x, attn, warehouse)]
+    assert backends.select_backend(*half, None, None, geometry) == "torch"
+    assert any(line.startswith("cpp") and "unavailable" not in line for line in backends.backend_report())
+
+
+def test_kernel_refuses_bad_inputs_with_a_message():
+    case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)
+    x, attn, warehouse = case.tensors()[:3]
+    with pytest.raises(RuntimeError, match="do not tile"):
+        torch.ops.kw_ops_C.kw_conv_forward(x.detach(), attn.detach()[:, :5].contiguous(), warehouse.detach(), 8,
+                                           [3, 3], [1, 1], [1, 1], [1, 1], 1, 1, 1 << 20, 0)
+    x, attn, warehouse = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1, groups=2).tensors()[:3]
+    with pytest.raises(RuntimeError, match="groups = 1"):
+        torch.ops.kw_ops_C.kw_conv_forward(x.detach(), attn.detach(), warehouse.detach(), 8, [3, 3], [1, 1], [1, 1],
+                                           [1, 1], 2, 1, 1 << 20, 0)
+
+
+def test_oracle_helper_is_the_loop():  # keeps the import honest: the oracle module is the float64 loop
+    case = CASES[0]
+    x, attn, warehouse, bias = case.tensors()
+    _assert_close(kw_conv_loop(x, attn, warehouse, bias, case.c_out, case.kernel, case.stride, case.padding,
+                               case.dilation, case.groups), _oracle(case, x, attn, warehouse, bias), "oracle")
