@@ -113,7 +113,7 @@ class _Layer:
         """This call as the cost model's shape."""
         return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
                                     (self.out_h, self.out_w), (self.kh, self.kw), self.groups, self.n, self.m,
-                                    element_size)
+                                    element_size, cell_rows=self.c_out)
 
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
