@@ -18,10 +18,16 @@ set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a R
 "fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the DESIGN.md cost
 model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
-The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
-dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
-weights in memory. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums over
-samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
+The weight gradient (groups = 1) runs by slices of the cell's rows (`_wgrad_sliced`; rows per slice from
+cost_model.wgrad_slice_rows: the dW of every sample and mixture for those rows fits KERNEL_CHUNK_BYTES, or
+whole channel tiles where the cost model predicts that cheaper; chunk_bytes caps it): per slice the weight
+gradient kernel writes dW [B, m, rows, c_in, CK], then dE[:, slice] = attn^T @ dW is complete in one GEMM
+(K = B·m, written once into dE in the op's dtype) and dattn += dW @ E[:, slice]^T (fp32, B·m·n). dE is thus
+never read back and summed over chunks of samples (the former sample chunks moved 3·n·cell·4 bytes of fp32 dE
+per chunk). groups != 1 runs per chunk of samples: per-sample gradients of the grouped kernel, contracted into
+dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks). Never B × the layer's weights in memory at once
+beyond one slice or chunk. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
+over samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
 and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
 2-byte dtypes run channels_last (NHWC) inside: x and dy are converted at the boundary when they come in
@@ -370,7 +376,8 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     dy [B, C_out, *out_size] (any strides); output_mask: which of (x, attn, warehouse, bias) need a gradient.
     -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias);
     dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse. mode, input_precision, chunk_bytes:
-    as in `kw_conv_triton_forward` (chunk_bytes also bounds the per-sample weight gradients of a chunk).
+    as in `kw_conv_triton_forward` (chunk_bytes also bounds the weight gradients of a slice of cell rows, or of
+    a chunk of samples for groups != 1).
     """
     _check(x, attn, warehouse, None, out_channels, kernel_size, stride, padding, dilation, groups)
     need_x, need_attn, need_warehouse, need_bias = output_mask
