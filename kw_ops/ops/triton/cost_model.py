@@ -19,9 +19,12 @@ Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = 
               written to DRAM once. groups = 1: implicit GEMMs on tensor cores, dx by stride phase (only the
               taps that reach a phase: the forward's FLOPs). groups != 1: the grouped kernels on CUDA cores.
               2-byte NCHW activations are converted to NHWC at the boundary (x in the forward and the weight
-              gradient, dy in dx). Weight gradient per chunk: per-sample dW (op dtype, cell order) written to L2
-              and read back by the two contractions (dattn: split-K GEMM; dE: GEMM into fp32 partials added
-              to an fp32 dE in DRAM once per chunk).
+              gradient, dy in dx). Weight gradient, groups = 1: by slices of the cell's rows
+              (`wgrad_slice_rows`): per slice the dW of every sample and mixture (op dtype, cell order) written
+              to L2 and read back by dE[:, slice] = attnᵀ·dW (complete in one GEMM, written once) and
+              dattn += dW·E[:, slice]ᵀ (fp32); x re-read once per output-channel tile of every slice.
+              groups != 1: per chunk of samples, the per-sample dW contracted into dattn (split-K GEMM) and dE
+              (fp32 partials added to an fp32 dE in DRAM once per chunk).
 Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built mode is what it is):
 - fused       the former re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
               slice read from L2) once per position tile; dx over every tap of every input position;
