@@ -158,7 +158,7 @@ def kw_conv_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_M: output positions (reduced), BLOCK_N: the OC = GO*SP output channels of the slice (cell rows
-    # P0..P0+SP of every cell row block go: channel go*c_out + P0 + p for slice index go*SP + p), BLOCK_K: input
+    # P0..P0+SP-1 of every cell row block go: channel go*c_out + P0 + p at slice index go*SP + p), BLOCK_K: input
     # channels c
     pid_oc = tl.program_id(0)
     t = tl.program_id(1)
