@@ -233,7 +233,7 @@ MIX_ONCE_CHANNEL_TILE = 16  # output channels per program of the mix-once kernel
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_LEN = 512
 SPLIT_K_ALIGN = 128       # a multiple of every BLOCK_K of the matmul configs
-# Cell rows of one slice of the weight gradient: a multiple of this when that many fit (whole channel tiles).
+# Cell rows of one slice of the weight gradient: a multiple of this (the smallest BLOCK_N) when that many fit.
 WGRAD_ROW_ALIGN = 16
 
 
@@ -402,7 +402,8 @@ def _sliced_wgrad(shape: ConvShape, peaks: Peaks, rows: int) -> list[Work]:
     those rows (the output channels go·c_out + rows of every cell row go), then dE[:, slice] = attnᵀ·dW complete
     in one GEMM (fp32 split-K partials summed, written once into dE in the op's dtype) and dattn += dW·E[:, slice]ᵀ
     (fp32 partials [splits, B·m, n] added into an fp32 dattn). x is read from DRAM once while it and one slice of
-    dW fit L2, else once per slice; dy, E and attn move once from DRAM; dW goes to DRAM once (write-back)."""
+    dW fit L2, else once per slice; dy, E and attn move once from DRAM; dW goes to DRAM once (write-back). A
+    ragged last slice is counted as a whole one."""
     slices = math.ceil(shape.rows / rows)
     slice_numel = rows * (shape.cell_numel // shape.rows)
     slice_dw = shape.bytes_of(shape.batch * shape.m * slice_numel)
