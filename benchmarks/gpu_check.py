@@ -295,7 +295,8 @@ class SmokeCase:
 # n = 47, no bias), so stage c reuses their compiles; then odd channels and sizes with whole-kernel cells and a bias,
 # channels_last (no conversion), 1-D and a 5x5 kernel; the input gradient by stride phase (odd sizes, dilation,
 # a 3-channel stem with 8-row cells); depthwise and grouped layers (the grouped kernels); a layer4 3x3 layer whose
-# 16 samples take three chunks of KERNEL_CHUNK_BYTES. Each runs in every mode of launch.MODES, forward and backward.
+# 16 samples take three chunks of KERNEL_CHUNK_BYTES (its weight gradient: two slices of 64 of its 128 cell rows).
+# Each runs in every mode of launch.MODES, forward and backward.
 SMOKE_SHAPES = (
     SmokeCase(64, 64, (14, 14), (3, 3), (1, 1), (1, 1), (64, 64)),
     SmokeCase(64, 256, (14, 14), (1, 1), (1, 1), (0, 0), (64, 64)),

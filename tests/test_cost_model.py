@@ -89,18 +89,45 @@ def test_two_phase_chunks_of_kernel_chunk_bytes(monkeypatch):
     assert seconds("two_phase", shape=NHWC) == pytest.approx((416 + 3072) / 1e12)
 
 
-def test_two_phase_weight_gradient_round_trips_dw_through_l2():
-    # wgrad kernel: x + dy read, 128 B of per-sample dW written (3200 B DRAM); one channel tile: no re-read.
-    # dattn: dW from L2 (128 B), E (128 B), fp32 partial [1 split, 16] written and read (128 B), attn (32 B).
-    # dE: dW from L2, attn (32 B), fp32 partial [1, 4, 16] = 256 B written, then dE += it: 3 * 256 B.
+def test_two_phase_weight_gradient_in_one_slice():
+    # one slice (unknown cell rows: 1): wgrad kernel: x + dy read, 128 B of dW written (3200 B DRAM); one channel
+    # tile: no re-read. dattn: dW from L2 (128 B), E (128 B), fp32 partial [1 split, 16] written and read (128 B),
+    # attn (32 B). dE: dW from L2, attn (32 B), fp32 partial [1, 4, 16] = 256 B written and read, dE written once
+    # in the op's dtype (128 B).
     wgrad, dattn, dwarehouse = predict(NHWC, "two_phase", "wgrad", PEAKS).phases
     assert (wgrad.tensor_flops, wgrad.dram_bytes, wgrad.l2_bytes) == (8192, 3200, 0)
     assert (dattn.tensor_flops, dattn.dram_bytes, dattn.l2_bytes) == (512, 288, 128)
-    assert (dwarehouse.dram_bytes, dwarehouse.l2_bytes) == (32 + 1024, 128)
-    expected = 3200 / 1e12 + 288 / 1e12 + 1056 / 1e12
+    assert (dwarehouse.dram_bytes, dwarehouse.l2_bytes) == (32 + 640, 128)
+    expected = 3200 / 1e12 + 288 / 1e12 + 672 / 1e12
     assert seconds("two_phase", "wgrad", shape=NHWC) == pytest.approx(expected)
     # NCHW: x converted first
     assert seconds("two_phase", "wgrad") == pytest.approx(2048 / 1e12 + expected)
+
+
+def test_weight_gradient_slices_of_cell_rows():
+    # cells of 4 rows (GO = 2, c_in = 4), slices of 2 rows: slice = 8 elements, its dW 2*2*8*2 = 64 B.
+    # wgrad: x read by one o tile per slice: once from DRAM, once more from L2 (1024 B); DRAM x + dy + dW = 3200 B.
+    # dattn: per slice an fp32 partial [1, 4*4] written and read (2 * 2 * 64 B), the second slice added into the
+    # fp32 dattn (3 * 64 B); E (128 B) and attn (32 B) once. dE: per slice [1, 4, 8] fp32 = 128 B written and read,
+    # dE written once (128 B), attn once from DRAM (32 B) and once from L2.
+    shape = replace(NHWC, cell_rows=4)
+    wgrad, dattn, dwarehouse = cost_model._sliced_wgrad(shape, PEAKS, 2)
+    assert (wgrad.tensor_flops, wgrad.dram_bytes, wgrad.l2_bytes) == (8192, 3200, 1024)
+    assert (dattn.dram_bytes, dattn.l2_bytes) == (128 + 32 + 256 + 192, 128)
+    assert (dwarehouse.dram_bytes, dwarehouse.l2_bytes) == (32 + 2 * 256 + 128, 128 + 32)
+    # rows that fit a budget of 2 rows' dW; at least one row
+    assert cost_model.wgrad_slice_rows(shape, PEAKS, budget=64) == 2
+    assert cost_model.wgrad_slice_rows(shape, PEAKS, budget=1) == 1
+
+
+def test_weight_gradient_slice_rows_align_to_whole_tiles(monkeypatch):
+    # 64 cell rows of 4 elements (a row's dW 2*2*4*2 = 32 B): 40 rows fit 1280 B, aligned down to 32; without a
+    # budget, the cheaper of those and a whole channel tile of 64 rows
+    shape = replace(NHWC, out_channels=128, m=2, cell_rows=64)
+    assert cost_model.wgrad_slice_rows(shape, PEAKS, budget=1280) == 32
+    monkeypatch.setattr(cost_model, "KERNEL_CHUNK_BYTES", 1280)
+    best = min((32, 64), key=lambda rows: sum(w.seconds(PEAKS, 2) for w in cost_model._sliced_wgrad(shape, PEAKS, rows)))
+    assert cost_model.wgrad_slice_rows(shape, PEAKS) == best
 
 
 def test_split_k_len():

@@ -222,20 +222,55 @@ def test_fp16_error_within_twice_the_torch_path(case):
 @pytest.mark.parametrize("case", [replace(CASES[0], batch=3, cell=(8, 4)),
                                   replace(CASES[-1], batch=3, out=16, cell=(16, 2))], ids=lambda c: c.id)
 def test_chunks_and_split_k(monkeypatch, case):
-    """Several sample chunks (per-sample kernels, weight gradients; dense and grouped) and several K splits
-    give the same result."""
+    """Several sample chunks (per-sample kernels; weight gradients of the grouped kernels), one-row slices of the
+    dense weight gradient and several K splits (dattn of the grouped chunks, dE of the dense slices) give the
+    same result."""
     monkeypatch.setattr(launch.cost_model, "SPLIT_K_MIN_LEN", 16)
     monkeypatch.setattr(launch.cost_model, "SPLIT_K_ALIGN", 16)
     x, attn, warehouse, bias = case.inputs()
     dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
     y_ref, grads_ref = _reference(case, x, attn, warehouse, bias, dy)
     cell_size = math.prod(warehouse.shape[1:])
-    assert launch.triton.cdiv(cell_size, launch.cost_model.split_k_len(case.batch * case.m, case.n, cell_size)) > 1
+    if case.groups == 1:   # dE of one slice: K = B*m
+        rows = case.batch * case.m
+        assert launch.triton.cdiv(rows, launch.cost_model.split_k_len(case.n, cell_size // case.cell[0], rows)) > 1
+    else:
+        assert launch.triton.cdiv(cell_size, launch.cost_model.split_k_len(case.m, case.n, cell_size)) > 1
     y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), chunk_bytes=1)  # one sample per chunk
     _assert_close(y, y_ref, case.dtype, "y")
     grads = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), chunk_bytes=1)
     for name, got, ref in zip(("dx", "dattn", "dwarehouse", "dbias"), grads, grads_ref):
         _assert_close(got, ref, case.dtype, name)
+
+
+SLICE_CASES = [Case(batch=3, out=10, size=(5, 4), stride=(2, 2), cell=(5, 4), n=2),           # GO = GI = 2
+               Case(batch=3, out=10, size=(5, 4), stride=(2, 2), cell=(5, 8), whole_kernel=True, bias=False)]
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SLICE_CASES, ids=lambda c: c.id)
+def test_weight_gradient_slices(case, dtype):
+    """The dense weight gradient in slices of 2 cell rows (2, 2 and a ragged 1 of 5; stride 2, spatial and
+    whole-kernel cells) matches the torch path; fp16 within twice the torch path's error."""
+    x, attn, warehouse, bias = case.inputs(dtype=torch.float64)
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
+    _, grads64 = _reference(case, x, attn, warehouse, bias, dy)
+    inputs = [t if t is None else t.to(dtype) for t in (x, attn, warehouse, dy)]
+    row_bytes = case.batch * case.m * (warehouse[0, 0].numel()) * inputs[0].element_size()
+    layer = launch._layer(inputs[0], inputs[2].reshape(*warehouse.shape[:3], -1), *case.args())
+    assert cost_model.wgrad_slice_rows(layer.cost_shape(inputs[0].element_size()), budget=2 * row_bytes) == 2
+    grads = kw_conv_triton_backward(inputs[3], *inputs[:3], case.bias, *case.args(), chunk_bytes=2 * row_bytes,
+                                    input_precision=_precision(dtype))
+    if dtype != torch.float16:
+        for name, got, ref in zip(("dx", "dattn", "dwarehouse"), grads, grads64):
+            _assert_close(got, ref.to(dtype), dtype, name)
+        return
+    _, grads16 = _reference(case, *[t if t is None else t.half() for t in (x, attn, warehouse, bias, dy)])
+    for name, got, ref, torch_half in zip(("dx", "dattn", "dwarehouse"), grads, grads64, grads16):
+        assert got.dtype == torch.float16, f"{name}: dtype {got.dtype}"
+        bound = HALF_ERROR_RATIO * _relative_error(torch_half, ref) + HALF_ERROR_FLOOR[torch.float16]
+        assert _relative_error(got, ref) <= bound, f"{name}: relative error above {bound:.3g}"
 
 
 @interpreter
@@ -287,7 +322,8 @@ def test_mode_choice_and_override(monkeypatch):
     # ResNet18 KW1x layer4 at batch 128: 512 -> 512 3x3 on 7x7, n = 27
     layer = launch._layer(torch.empty(128, 512, 7, 7, device="meta"), torch.empty(27, 512, 512, 1, device="meta"),
                           512, (3, 3), (1, 1), (1, 1), (1, 1), 1)
-    assert layer.cost_shape(2) == cost_model.ConvShape(128, 512, 512, (7, 7), (7, 7), (3, 3), 1, 27, 9, 2)
+    assert layer.cost_shape(2) == cost_model.ConvShape(128, 512, 512, (7, 7), (7, 7), (3, 3), 1, 27, 9, 2,
+                                                       cell_rows=512)
     depthwise = launch._layer(torch.empty(8, 96, 14, 14, device="meta"), torch.empty(7, 96, 1, 9, device="meta"),
                               96, (3, 3), (2, 2), (1, 1), (1, 1), 96)
     assert depthwise.cost_shape(2).groups == 96

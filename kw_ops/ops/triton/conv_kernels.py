@@ -14,10 +14,12 @@ counts (not over cells), so small cells cost no masked lanes and channel tiles s
   (r + pad - t·dil) ≡ 0 (mod stride), exactly; a program covers one phase's positions and skips the other
   taps (a stride-2 3x3 layer runs 9 of 36 phase-tap pairs per 2x2 block, against 36 masked ones).
 - `kw_conv_wgrad_kernel`: dW_b[t, o, c] = Σ_pos dy[b, o, pos] · x[b, c, pos(t)] over full-channel tiles,
-  scattered in the epilogue into cell order [b, m, c_out, c_in, CK] (o = go*c_out + p, c = gi*c_in + q,
-  t = s*CK + ck, j = (s*GO + go)*GI + gi: separable row and column address parts) for the contractions
-  dattn = dW @ E^T and dE = attn^T @ dW (gemm_kernels.py). Program ((o-tile, c-tile), t, b); loop over
-  output-position tiles.
+  for one slice of the cell's rows: the SP rows P0..P0+SP-1 of every cell (output channels
+  o = go*c_out + P0 + p, p < SP), scattered in the epilogue into cell order [b, m, SP, c_in, CK]
+  (c = gi*c_in + q, t = s*CK + ck, j = (s*GO + go)*GI + gi: separable row and column address parts) for the
+  contractions dattn += dW @ E[:, slice]^T and dE[:, slice] = attn^T @ dW (gemm_kernels.py; launch.py sizes
+  the slice so that the dW of every sample stays in L2). SP = c_out, P0 = 0: the whole cell.
+  Program ((o-tile, c-tile), t, b); loop over output-position tiles.
 
 Layouts. x, y, dy, dx: [B, C, H, W] with any strides (1-D runs as H = 1); the launchers pass x and dy in
 channels_last (NHWC) for 2-byte dtypes, so the [positions, channels] operand tiles are contiguous along
@@ -148,14 +150,16 @@ def kw_conv_dx_kernel(
 @triton.jit
 def kw_conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr,
-    C, H, W, OC, OH, OW, c_out, c_in, GO, GI, CK, KW, KK, PB, BB,
+    C, H, W, OC, OH, OW, c_out, c_in, GO, GI, CK, KW, KK, PB, BB, SP, P0,
     sxb, sxc, sxh, sxw, sdb, sdo, sdh, sdw,
     swb, swj, swp, swq, swk,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # BLOCK_M: output positions (reduced), BLOCK_N: output channels o, BLOCK_K: input channels c
+    # BLOCK_M: output positions (reduced), BLOCK_N: the OC = GO*SP output channels of the slice (cell rows
+    # P0..P0+SP-1 of every cell row block go: channel go*c_out + P0 + p at slice index go*SP + p), BLOCK_K: input
+    # channels c
     pid_oc = tl.program_id(0)
     t = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -164,6 +168,7 @@ def kw_conv_wgrad_kernel(
     offs_c = (pid_oc % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_o = offs_o < OC
     mask_c = offs_c < C
+    chan_o = (offs_o // SP) * c_out + P0 + offs_o % SP
     kh = t // KW
     kw = t % KW
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC_DTYPE)
@@ -176,7 +181,7 @@ def kw_conv_wgrad_kernel(
         ih = oh * stride_h - pad_h + kh * dil_h
         iw = ow * stride_w - pad_w + kw * dil_w
         valid_m = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dyt = tl.load(dy_ptr + b * sdb + offs_o[:, None] * sdo + (oh * sdh + ow * sdw)[None, :],
+        dyt = tl.load(dy_ptr + b * sdb + chan_o[:, None] * sdo + (oh * sdh + ow * sdw)[None, :],
                       mask=mask_o[:, None] & mask_m[None, :], other=0.0)
         xt = tl.load(x_ptr + b * sxb + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,
                      mask=valid_m[:, None] & mask_c[None, :], other=0.0)
@@ -184,7 +189,7 @@ def kw_conv_wgrad_kernel(
     # scatter into cell order: j = (s*GO + go)*GI + gi splits into a tap part, a row (o) part and a column (c) part
     s = t // CK
     ck = t % CK
-    row_off = (offs_o // c_out) * GI * swj + (offs_o % c_out) * swp
+    row_off = (offs_o // SP) * GI * swj + (offs_o % SP) * swp
     col_off = (offs_c // c_in) * swj + (offs_c % c_in) * swq
     dw_ptrs = dw_ptr + b * swb + (s * GO * GI) * swj + ck * swk + row_off[:, None] + col_off[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_o[:, None] & mask_c[None, :])

@@ -19,9 +19,12 @@ Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = 
               written to DRAM once. groups = 1: implicit GEMMs on tensor cores, dx by stride phase (only the
               taps that reach a phase: the forward's FLOPs). groups != 1: the grouped kernels on CUDA cores.
               2-byte NCHW activations are converted to NHWC at the boundary (x in the forward and the weight
-              gradient, dy in dx). Weight gradient per chunk: per-sample dW (op dtype, cell order) written to L2
-              and read back by the two contractions (dattn: split-K GEMM; dE: GEMM into fp32 partials added
-              to an fp32 dE in DRAM once per chunk).
+              gradient, dy in dx). Weight gradient, groups = 1: by slices of the cell's rows
+              (`wgrad_slice_rows`): per slice the dW of every sample and mixture (op dtype, cell order) written
+              to L2 and read back by dE[:, slice] = attnᵀ·dW (complete in one GEMM, written once) and
+              dattn += dW·E[:, slice]ᵀ (fp32); x re-read once per output-channel tile of every slice.
+              groups != 1: per chunk of samples, the per-sample dW contracted into dattn (split-K GEMM) and dE
+              (fp32 partials added to an fp32 dE in DRAM once per chunk).
 Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built mode is what it is):
 - fused       the former re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
               slice read from L2) once per position tile; dx over every tap of every input position;
@@ -48,7 +51,7 @@ from dataclasses import asdict, dataclass, replace
 
 __all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "MODELLED_ONLY", "DIRECTIONS",
            "H100_SXM_DATASHEET", "H200_SXM_DATASHEET", "PEAKS_ENV", "KERNEL_CHUNK_BYTES", "default_peaks", "load_peaks",
-           "save_peaks", "predict", "predict_all", "choose_mode", "split_k_len"]
+           "save_peaks", "predict", "predict_all", "choose_mode", "split_k_len", "wgrad_slice_rows"]
 
 DIRECTIONS = ("forward", "dx", "wgrad")
 PEAKS_ENV = "KW_OPS_PEAKS"
@@ -118,12 +121,21 @@ class ConvShape:
     m: int
     element_size: int
     channels_last: bool = False          # the caller's activation layout (2-byte NCHW is converted at the boundary)
+    cell_rows: int | None = None         # c_out of the cell, the weight gradient's slicing unit (None: unknown, 1)
 
     @classmethod
     def from_spec(cls, spec: dict, batch: int, element_size: int, out_size) -> ConvShape:
         """From a kw_ops.benchmarking.layer_shapes spec and its output size."""
         return cls(batch, spec["channels"], spec["out"], tuple(spec["size"]), tuple(out_size), tuple(spec["kernel"]),
-                   spec["groups"], spec["n"], spec["m"], element_size)
+                   spec["groups"], spec["n"], spec["m"], element_size, cell_rows=spec["cell"][0])
+
+    @property
+    def rows(self) -> int:                               # c_out
+        return 1 if self.cell_rows is None else self.cell_rows
+
+    @property
+    def cell_numel(self) -> int:                         # P / m
+        return self.weight_numel // self.m
 
     @property
     def weight_numel(self) -> int:                       # P
@@ -221,6 +233,8 @@ MIX_ONCE_CHANNEL_TILE = 16  # output channels per program of the mix-once kernel
 SPLIT_K_TARGET_PROGRAMS = 264
 SPLIT_K_MIN_LEN = 512
 SPLIT_K_ALIGN = 128       # a multiple of every BLOCK_K of the matmul configs
+# Cell rows of one slice of the weight gradient: a multiple of this (the smallest BLOCK_N) when that many fit.
+WGRAD_ROW_ALIGN = 16
 
 
 def split_k_len(rows: int, cols: int, depth: int) -> int:
@@ -336,11 +350,12 @@ def _mix_phase(shape: ConvShape) -> Work:
 
 
 def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
-    """dattn = dW·Eᵀ and dE = attnᵀ·dW per chunk on tensor cores (launch._matmul, fp32 split-K partials): each
-    reads the chunk's per-sample dW once (from L2 when a chunk's dW fits), E read by every row tile of dattn;
-    dE's fp32 partials [splits, n, cell] are written, summed when split, and added into the fp32 dE in DRAM."""
+    """Per chunk of samples (groups != 1): dattn = dW·Eᵀ and dE = attnᵀ·dW per chunk on tensor cores (launch._matmul,
+    fp32 split-K partials): each reads the chunk's per-sample dW once (from L2 when a chunk's dW fits), E read by
+    every row tile of dattn; dE's fp32 partials [splits, n, cell] are written, summed when split, and added into
+    the fp32 dE in DRAM."""
     chunk, chunks = _chunks(shape)
-    cell = shape.weight_numel // shape.m
+    cell = shape.cell_numel
     dw = shape.batch * shape.kernel_bytes
     rows, dattn_numel = chunk * shape.m, shape.batch * shape.m * shape.n
     dattn_splits = math.ceil(cell / split_k_len(rows, shape.n, cell))
@@ -357,29 +372,87 @@ def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
     return [dattn, dwarehouse]
 
 
-def _wgrad_kernel(shape: ConvShape) -> Work:
-    """Per-sample dW of every chunk: x and dy from DRAM once; a program (o tile, c tile, tap, sample) reads its
-    dy tile once per input-channel tile and tap and its x tile once per output-channel tile and tap, the
-    re-reads from L2; dW written (to DRAM once). Tensor cores for groups = 1; the grouped kernel reduces on CUDA
-    cores over programs (o tile, (tap, channel of the group), sample)."""
+def _fit_rows(shape: ConvShape, budget: int) -> int:
+    """Cell rows whose dW of every sample and mixture (B·m·rows·(cell / c_out) elements) fits `budget` bytes;
+    a multiple of WGRAD_ROW_ALIGN when at least that many fit; at least 1, at most c_out."""
+    rows = budget // max(1, shape.batch * shape.m * shape.bytes_of(shape.cell_numel // shape.rows))
+    if rows >= WGRAD_ROW_ALIGN:
+        rows -= rows % WGRAD_ROW_ALIGN
+    return max(1, min(shape.rows, rows))
+
+
+def wgrad_slice_rows(shape: ConvShape, peaks: Peaks | None = None, budget: int | None = None) -> int:
+    """Cell rows per slice of the weight gradient (groups = 1; launch._wgrad_sliced). An explicit `budget`
+    (launch's chunk_bytes) caps one slice's dW: the rows that fit it. Without one, of the rows that fit
+    KERNEL_CHUNK_BYTES and those rounded up to whole channel tiles (CHANNEL_TILE; a slice's dW may then pass
+    through DRAM, but x is re-read by fewer tiles), the one with the least predicted time."""
+    if budget is not None:
+        return _fit_rows(shape, budget)
+    fit = _fit_rows(shape, KERNEL_CHUNK_BYTES)
+    tiled = min(shape.rows, -(-fit // CHANNEL_TILE) * CHANNEL_TILE)
+    peaks = peaks or default_peaks()
+
+    def seconds(rows):
+        return sum(w.seconds(peaks, shape.element_size) for w in _sliced_wgrad(shape, peaks, rows))
+    return min((fit, tiled), key=seconds)
+
+
+def _sliced_wgrad(shape: ConvShape, peaks: Peaks, rows: int) -> list[Work]:
+    """Weight gradient by slices of `rows` rows of the cell (groups = 1): per slice, dW of all samples and mixtures for
+    those rows (the output channels go·c_out + rows of every cell row go), then dE[:, slice] = attnᵀ·dW complete
+    in one GEMM (fp32 split-K partials summed, written once into dE in the op's dtype) and dattn += dW·E[:, slice]ᵀ
+    (fp32 partials [splits, B·m, n] added into an fp32 dattn). x is read from DRAM once while it and one slice of
+    dW fit L2, else once per slice; dy, E and attn move once from DRAM; dW goes to DRAM once (write-back). A
+    ragged last slice is counted as a whole one."""
+    slices = math.ceil(shape.rows / rows)
+    slice_numel = rows * (shape.cell_numel // shape.rows)
+    slice_dw = shape.bytes_of(shape.batch * shape.m * slice_numel)
     kk = math.prod(shape.kernel)
     gather = min(1.0, shape.positions * kk / shape.in_positions)
-    if shape.groups == 1:
-        dy_reads = kk * math.ceil(shape.channels / CHANNEL_TILE)
-        x_reads = kk * math.ceil(shape.out_channels / CHANNEL_TILE)
-        flops = {"tensor_flops": shape.conv_flops}
-    else:
-        dy_reads = x_reads = kk * (shape.channels // shape.groups)
-        flops = {"cuda_flops": shape.conv_flops}
-    return Work(**flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.batch * shape.kernel_bytes,
-                l2_bytes=(dy_reads - 1) * shape.y_bytes + max(0.0, x_reads * gather - 1) * shape.x_bytes)
+    o_tiles = math.ceil(shape.out_channels // shape.rows * rows / CHANNEL_TILE)   # per slice
+    x_from_dram = 1 if shape.x_bytes + slice_dw <= peaks.l2_bytes else slices
+    dy_reads = kk * math.ceil(shape.channels / CHANNEL_TILE)
+    x_reads = kk * slices * o_tiles * gather
+    dw = shape.batch * shape.kernel_bytes
+    wgrad = Work(tensor_flops=shape.conv_flops,
+                 dram_bytes=x_from_dram * shape.x_bytes + shape.y_bytes + dw,
+                 l2_bytes=(dy_reads - 1) * shape.y_bytes + max(0.0, x_reads - x_from_dram) * shape.x_bytes)
+    in_l2 = slice_dw <= peaks.l2_bytes
+    bm, dattn_numel = shape.batch * shape.m, shape.batch * shape.m * shape.n
+    dattn_splits = math.ceil(slice_numel / split_k_len(bm, shape.n, slice_numel))
+    de_splits = math.ceil(bm / split_k_len(shape.n, slice_numel, bm))
+    de = shape.n * slice_numel * FP32_PARTIAL_BYTES
+    de_traffic = slices * (de_splits * de + (de_splits * de + de if de_splits > 1 else 0) + de) \
+        + shape.warehouse_bytes
+    dattn_sum = (slices - 1) * 3 * dattn_numel * FP32_PARTIAL_BYTES   # dattn += the next slice's sum
+    e_tiles = math.ceil(bm / MATMUL_TILE)
+    dattn = Work(tensor_flops=shape.mix_flops,
+                 dram_bytes=(0 if in_l2 else dw) + shape.warehouse_bytes + shape.attn_bytes
+                 + slices * 2 * dattn_splits * dattn_numel * FP32_PARTIAL_BYTES + dattn_sum,
+                 l2_bytes=(dw if in_l2 else 0) + (e_tiles - 1) * shape.warehouse_bytes)
+    dwarehouse = Work(tensor_flops=shape.mix_flops, dram_bytes=(0 if in_l2 else dw) + shape.attn_bytes + de_traffic,
+                      l2_bytes=(dw if in_l2 else 0) + (slices - 1) * shape.attn_bytes)
+    return [wgrad, dattn, dwarehouse]
+
+
+def _grouped_wgrad_kernel(shape: ConvShape) -> Work:
+    """Per-sample dW of every chunk (groups != 1): x and dy from DRAM once; the grouped kernel reduces on CUDA
+    cores over programs (o tile, (tap, channel of the group), sample), reading its dy and x tiles once per tap and
+    channel of the group, the re-reads from L2; dW written (to DRAM once)."""
+    kk = math.prod(shape.kernel)
+    gather = min(1.0, shape.positions * kk / shape.in_positions)
+    reads = kk * (shape.channels // shape.groups)
+    return Work(cuda_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.batch * shape.kernel_bytes,
+                l2_bytes=(reads - 1) * shape.y_bytes + max(0.0, reads * gather - 1) * shape.x_bytes)
 
 
 def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
     in_l2 = _kernels_in_l2(shape, peaks)
     kernels = shape.batch * shape.kernel_bytes
     if direction == "wgrad":
-        return [*_to_nhwc(shape, shape.x_bytes), _wgrad_kernel(shape), *_contractions(shape, in_l2)]
+        if shape.groups == 1:
+            return [*_to_nhwc(shape, shape.x_bytes), *_sliced_wgrad(shape, peaks, wgrad_slice_rows(shape, peaks))]
+        return [*_to_nhwc(shape, shape.x_bytes), _grouped_wgrad_kernel(shape), *_contractions(shape, in_l2)]
     read, written, _, _ = _io(shape, direction)
     l2 = (kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
     if shape.groups == 1:

@@ -18,10 +18,16 @@ set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a R
 "fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the DESIGN.md cost
 model it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
-The weight gradient runs per chunk of the same size: per-sample gradients in cell order, contracted into
-dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks) while the chunk is in L2: never B × the layer's
-weights in memory. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums over
-samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
+The weight gradient (groups = 1) runs by slices of the cell's rows (`_wgrad_sliced`; rows per slice from
+cost_model.wgrad_slice_rows: the dW of every sample and mixture for those rows fits KERNEL_CHUNK_BYTES, or
+whole channel tiles where the cost model predicts that cheaper; chunk_bytes caps it): per slice the weight
+gradient kernel writes dW [B, m, rows, c_in, CK], then dE[:, slice] = attn^T @ dW is complete in one GEMM
+(K = B·m, written once into dE in the op's dtype) and dattn += dW @ E[:, slice]^T (fp32, B·m·n). dE is thus
+never read back and summed over chunks of samples (the former sample chunks moved 3·n·cell·4 bytes of fp32 dE
+per chunk). groups != 1 runs per chunk of samples: per-sample gradients of the grouped kernel, contracted into
+dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks). Never B × the layer's weights in memory at once
+beyond one slice or chunk. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
+over samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
 and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
 2-byte dtypes run channels_last (NHWC) inside: x and dy are converted at the boundary when they come in
@@ -113,7 +119,7 @@ class _Layer:
         """This call as the cost model's shape."""
         return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
                                     (self.out_h, self.out_w), (self.kh, self.kw), self.groups, self.n, self.m,
-                                    element_size)
+                                    element_size, cell_rows=self.c_out)
 
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
@@ -263,10 +269,11 @@ def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str):
         ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
 
 
-def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
-    """Per-sample weight gradients of a chunk in cell order: [bc, m, c_out, c_in, CK], the op's dtype."""
+def _launch_wgrad(x4, dy4, layer: _Layer, precision: str, rows: int, row0: int) -> torch.Tensor:
+    """Weight gradients in cell order [b, m, rows, c_in, CK] (the op's dtype) of the cell rows row0..row0+rows-1
+    (groups = 1; every row for groups != 1)."""
     bc = x4.shape[0]
-    dw = _empty((bc, layer.m, layer.c_out, layer.c_in, layer.cell_numel), x4.dtype, x4.device)
+    dw = _empty((bc, layer.m, rows, layer.c_in, layer.cell_numel), x4.dtype, x4.device)
     if layer.groups != 1:
         grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]), layer.kk * layer.in_per_group, bc)
         kw_grouped_wgrad_kernel[grid](
@@ -274,12 +281,35 @@ def _launch_wgrad(x4, dy4, layer: _Layer, precision: str) -> torch.Tensor:
             *layer.cell_args()[:5], *x4.stride(), *dy4.stride(), *dw.stride(), *layer.conv_params(),
             ACC_DTYPE=_acc_dtype(x4.dtype))
         return dw
-    grid = lambda meta: (triton.cdiv(layer.out_channels, meta["BLOCK_N"]) * triton.cdiv(layer.channels, meta["BLOCK_K"]),
+    channels, height, width, _, out_h, out_w = layer.conv_args()
+    slice_channels = layer.grid_out * rows
+    grid = lambda meta: (triton.cdiv(slice_channels, meta["BLOCK_N"]) * triton.cdiv(layer.channels, meta["BLOCK_K"]),
                          layer.kk, bc)
     kw_conv_wgrad_kernel[grid](
-        x4, dy4, dw, *layer.conv_args(), *layer.cell_args(), *_buckets(layer, bc), *x4.stride(), *dy4.stride(),
-        *dw.stride(), *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        x4, dy4, dw, channels, height, width, slice_channels, out_h, out_w, *layer.cell_args(), *_buckets(layer, bc),
+        rows, row0, *x4.stride(), *dy4.stride(), *dw.stride(), *layer.conv_params(), ACC_DTYPE=_acc_dtype(x4.dtype),
+        INPUT_PRECISION=precision)
     return dw
+
+
+def _wgrad_sliced(x4, dy4, attn, cells, layer: _Layer, precision: str, chunk_bytes: int | None, dattn, dcells):
+    """Weight gradient of groups = 1 by slices of the cell's rows (cost_model.wgrad_slice_rows): per slice, dW of
+    every sample and mixture, then dE[:, slice] = attnᵀ·dW in one GEMM, written once into `dcells`, and
+    dattn += dW·E[:, slice]ᵀ in fp32. dattn / dcells None: not asked for."""
+    shape = layer.cost_shape(x4.element_size())
+    rows = cost_model.wgrad_slice_rows(shape, budget=chunk_bytes)
+    acc = None
+    attn_cols = attn.reshape(layer.batch * layer.m, layer.n).t()
+    for r0 in range(0, layer.c_out, rows):
+        r1 = min(layer.c_out, r0 + rows)
+        dw = _launch_wgrad(x4, dy4, layer, precision, r1 - r0, r0).view(layer.batch * layer.m, -1)
+        if dattn is not None:
+            part = _matmul(dw, cells[:, r0:r1].reshape(layer.n, -1).t(), precision)
+            acc = part if acc is None else acc.add_(part)
+        if dcells is not None:
+            dcells[:, r0:r1] = _matmul(attn_cols, dw, precision).view(layer.n, r1 - r0, layer.c_in, -1)
+    if dattn is not None:
+        dattn.copy_(acc.view_as(dattn))
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
@@ -346,7 +376,8 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     dy [B, C_out, *out_size] (any strides); output_mask: which of (x, attn, warehouse, bias) need a gradient.
     -> (dx, dattn, dwarehouse, dbias), None where not asked for (dbias also None without bias);
     dx is contiguous, dattn/dwarehouse have the shapes of attn/warehouse. mode, input_precision, chunk_bytes:
-    as in `kw_conv_triton_forward` (chunk_bytes also bounds the per-sample weight gradients of a chunk).
+    as in `kw_conv_triton_forward` (chunk_bytes also bounds the weight gradients of a slice of cell rows, or of
+    a chunk of samples for groups != 1).
     """
     _check(x, attn, warehouse, None, out_channels, kernel_size, stride, padding, dilation, groups)
     need_x, need_attn, need_warehouse, need_bias = output_mask
@@ -355,7 +386,10 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     layer = _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, groups)
     dx = _empty(x.shape, x.dtype, x.device) if need_x else None
     dattn = _empty(attn.shape, attn.dtype, attn.device) if need_attn else None
-    dcells = torch.zeros(cells.shape, dtype=_acc_torch_dtype(x.dtype), device=x.device) if need_warehouse else None
+    dcells = None
+    if need_warehouse:   # groups = 1: each slice written once in the op's dtype; grouped: an fp32 sum over chunks
+        dcells = (_empty(cells.shape, warehouse.dtype, x.device) if groups == 1 and layer.batch
+                  else torch.zeros(cells.shape, dtype=_acc_torch_dtype(x.dtype), device=x.device))
     dbias = None
     if has_bias and need_bias:
         dbias = _bias_grad(dy4) if layer.batch else dy.new_zeros(out_channels)
@@ -370,6 +404,7 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     _check_mode(mode, layer, x.element_size(), "dx")
     x4, dy4 = _native(x4), _native(dy4)
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
+    chunked_wgrad = groups != 1 and (need_attn or need_warehouse)
     flat_cells = cells.reshape(layer.n, -1)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
@@ -377,13 +412,15 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
             weights = _mix(attn[b0:b1], cells, layer, precision)
             _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision)
             del weights
-        if need_attn or need_warehouse:
+        if chunked_wgrad:
             # per-sample weight gradients of the chunk in cell order, then the two contractions
-            dw = _launch_wgrad(x4[b0:b1], dy4[b0:b1], layer, precision).view((b1 - b0) * layer.m, -1)
+            dw = _launch_wgrad(x4[b0:b1], dy4[b0:b1], layer, precision, layer.c_out, 0).view((b1 - b0) * layer.m, -1)
             if need_attn:
                 dattn[b0:b1] = _matmul(dw, flat_cells.t(), precision).view(b1 - b0, layer.m, layer.n)
             if need_warehouse:
                 attn_rows = attn[b0:b1].reshape((b1 - b0) * layer.m, layer.n)
                 dcells.view(layer.n, -1).add_(_matmul(attn_rows.t(), dw, precision))
+    if groups == 1 and (need_attn or need_warehouse):
+        _wgrad_sliced(x4, dy4, attn, cells, layer, precision, chunk_bytes, dattn, dcells)
     dwarehouse = dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None
     return dx, dattn, dwarehouse, dbias
