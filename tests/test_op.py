@@ -167,6 +167,7 @@ def test_only_requested_gradients_are_computed(monkeypatch, with_bias):
                         groups, output_mask, formulation)
 
     monkeypatch.setitem(backends._IMPLEMENTATIONS, "torch", (forward, spy))
+    monkeypatch.setenv(backends.ENV_VAR, "torch")  # on CPU the automatic choice may take the cpp backend
     case = Case(2, 8, 8, (5, 5), (3, 3), 8, 8, 3, padding=1, bias=with_bias)
     x, attn, warehouse, bias = case.tensors()
     x.requires_grad_(False)
@@ -350,7 +351,7 @@ def _bad_calls():
         ("op-negative-out-channels", r"out_channels must be >= 1, got -8", lambda: op(out_channels=-8)),
         ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
         ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
-        ("op-bogus-backend", r"backend must be one of torch, triton, cuda, got 'bogus'", lambda: op(backend="bogus")),
+        ("op-bogus-backend", r"backend must be one of torch, triton, cuda, cpp, got 'bogus'", lambda: op(backend="bogus")),
     ]
 
 
