@@ -361,9 +361,11 @@ def test_convert_turns_every_alias_of_a_conv_into_one_kw_layer():
     assert warehouse.plan.total_mixtures == 9 * 3 + 9 * 8  # cells 8x1: the shared conv counted once
     assert model[1].layer_plan.name == "1"
     assert model.eval()(torch.randn(2, 3, 7, 7)).shape == (2, 8, 5, 5)
+    default = kw_ops.convert(nn.Sequential(shared, shared))  # per_layer: the warehouse of the first path
+    assert default[0] is default[1] and [w.name for w in kw_ops.warehouses(default)] == ["0"]
     with pytest.raises(ValueError, match=r"Conv2d registered as \['0', '1'\] is one module.*different warehouses "
                                          r"\{'0': '0', '1': '1'\}"):
-        kw_ops.convert(nn.Sequential(shared, shared))  # per_layer names each path after itself
+        kw_ops.convert(nn.Sequential(shared, shared), sharing=lambda name, module: name)
 
 
 def test_convert_keeps_each_layers_train_or_eval_mode():

@@ -74,7 +74,10 @@ def _paths_by_module(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
 
 
 def _warehouse_of(paths: list[str], module: nn.Module, sharing: SharingRule) -> str | None:
-    """The warehouse the sharing rule names for a module; one answer for all of its paths, or an error."""
+    """The warehouse the sharing rule names for a module; one answer for all of its paths, or an error. The
+    default rule (`per_layer`) names a shared module's warehouse after its first path."""
+    if sharing is per_layer:
+        return per_layer(paths[0], module)
     answers = {path: sharing(path, module) for path in paths}
     names = {None if answer is None else str(answer) for answer in answers.values()}
     if len(names) > 1:
