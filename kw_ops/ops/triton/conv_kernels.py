@@ -35,6 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .phases import phase_tap, stride_phase_tile
 from .tuning import autotune
 
 __all__ = ["kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel"]
@@ -108,32 +109,13 @@ def kw_conv_dx_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = offs_c < C
-    # stride phase (rh, rw) and the tile of its positions ih = rh + i*stride_h, iw = rw + jj*stride_w
-    phase_w = tl.cdiv(W, stride_w)
-    phase_positions = tl.cdiv(H, stride_h) * phase_w
-    phase_tiles = tl.cdiv(phase_positions, BLOCK_M)
-    phase = pid_m // phase_tiles
-    rh = phase // stride_w
-    rw = phase % stride_w
-    offs_m = (pid_m % phase_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ih = rh + (offs_m // phase_w) * stride_h
-    iw = rw + (offs_m % phase_w) * stride_w
-    mask_m = (offs_m < phase_positions) & (ih < H) & (iw < W)
+    rh, rw, ih, iw, mask_m = stride_phase_tile(pid_m, H, W, stride_h, stride_w, BLOCK_M)
     w_tap = w_ptr + b * swb + offs_c[None, :] * swc
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for t in range(KK):
-        kh = t // KW
-        kw = t % KW
-        # the tap reaches this phase only if (r + pad - k*dil) is a multiple of the stride (kept non-negative)
-        tap_h = (rh + pad_h + stride_h * (KH - 1) * dil_h - kh * dil_h) % stride_h == 0
-        tap_w = (rw + pad_w + stride_w * (KW - 1) * dil_w - kw * dil_w) % stride_w == 0
-        o_end = tl.where(tap_h & tap_w, OC, 0)
-        # the output position that read (ih, iw) at tap t: exact division inside the phase
-        th = ih + pad_h - kh * dil_h
-        tw = iw + pad_w - kw * dil_w
-        oh = tl.where(th >= 0, th, 0) // stride_h
-        ow = tl.where(tw >= 0, tw, 0) // stride_w
-        valid_m = mask_m & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+        reaches, oh, ow, valid_m = phase_tap(rh, rw, ih, iw, mask_m, t // KW, t % KW, KH, KW, OH, OW, stride_h,
+                                             stride_w, pad_h, pad_w, dil_h, dil_w)
+        o_end = tl.where(reaches, OC, 0)  # a tap that misses the phase runs no iteration
         dy_rows = dy_ptr + b * sdb + oh * sdh + ow * sdw
         for o0 in range(0, o_end, BLOCK_K):
             offs_o = o0 + tl.arange(0, BLOCK_K)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .phases import phase_tap, stride_phase_tile
 from .tuning import autotune
 
 __all__ = ["kw_grouped_fwd_kernel", "kw_grouped_dx_kernel", "kw_grouped_wgrad_kernel"]
@@ -91,29 +92,12 @@ def kw_grouped_dx_kernel(
     mask_c = offs_c < C
     first_o = (offs_c // Ig) * Og  # first output channel of each input channel's group
     offs_cc = offs_c % Ig          # the input channel's index inside its group
-    # stride phase (rh, rw) and the tile of its positions, as in kw_conv_dx_kernel
-    phase_w = tl.cdiv(W, stride_w)
-    phase_positions = tl.cdiv(H, stride_h) * phase_w
-    phase_tiles = tl.cdiv(phase_positions, BLOCK_M)
-    phase = pid_m // phase_tiles
-    rh = phase // stride_w
-    rw = phase % stride_w
-    offs_m = (pid_m % phase_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ih = rh + (offs_m // phase_w) * stride_h
-    iw = rw + (offs_m % phase_w) * stride_w
-    mask_m = (offs_m < phase_positions) & (ih < H) & (iw < W)
+    rh, rw, ih, iw, mask_m = stride_phase_tile(pid_m, H, W, stride_h, stride_w, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for t in range(KK):
-        kh = t // KW
-        kw = t % KW
-        tap_h = (rh + pad_h + stride_h * (KH - 1) * dil_h - kh * dil_h) % stride_h == 0
-        tap_w = (rw + pad_w + stride_w * (KW - 1) * dil_w - kw * dil_w) % stride_w == 0
-        if tap_h & tap_w:
-            th = ih + pad_h - kh * dil_h
-            tw = iw + pad_w - kw * dil_w
-            oh = tl.where(th >= 0, th, 0) // stride_h
-            ow = tl.where(tw >= 0, tw, 0) // stride_w
-            valid_m = mask_m & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+        reaches, oh, ow, valid_m = phase_tap(rh, rw, ih, iw, mask_m, t // KW, t % KW, KH, KW, OH, OW, stride_h,
+                                             stride_w, pad_h, pad_w, dil_h, dil_w)
+        if reaches:
             dy_rows = dy_ptr + b * sdb + oh * sdh + ow * sdw
             # a static loop for depthwise (Og = 1 is specialised), so the channel offsets stay aligned
             for oo in range(Og):
