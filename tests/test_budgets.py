@@ -102,3 +102,14 @@ def test_kw_star_scales_inputs_spatial_cells_and_outputs():
 def test_kw_star_needs_spatial_partition():
     with pytest.raises(ValueError, match="spatial_partition"):
         KWConfig(omni=True, spatial_partition=False)
+
+
+def test_all_to_one_gives_every_mixture_of_every_layer_all_cells():
+    """Table 13 'all_to_one' in a shared warehouse: the second layer's mixtures also get all n cells, not only
+    the cells of its own slice. 4->4 1x1 (m = 1) and 4->8 1x1 (m = 2) at cells 4x4: n = 3."""
+    shapes = [WeightShape(4, 4, (1, 1), "a"), WeightShape(8, 4, (1, 1), "b")]
+    plan = plan_warehouse("s", shapes, KWConfig(budget=1, init="all_to_one"))
+    assert plan.n == 3
+    assert plan.layers[0].beta == ((0, 1, 2),)
+    assert plan.layers[1].beta == ((0, 1, 2), (0, 1, 2))
+    assert [p.consumed for p in plan.layers] == [1, 2]

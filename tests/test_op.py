@@ -389,3 +389,17 @@ def test_channels_last_layer_keeps_channels_last_like_nn_conv(path, dims):
     assert conv_type(4, 6, 3).to(memory_format=fmt)(x.to(memory_format=fmt)).is_contiguous(memory_format=fmt)
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size, padding, dilation, fits", [
+    (3, 0, 1, True), (2, 0, 1, False), (1, 1, 1, True), (4, 0, 2, False), (5, 0, 2, True), (3, 1, 2, True)])
+def test_input_smaller_than_the_dilated_kernel_is_refused_at_the_boundary(size, padding, dilation, fits):
+    """A 3x3 kernel needs size + 2 * padding >= dilation * 2 + 1; one pixel less is a clear error."""
+    x, attn, warehouse = torch.randn(1, 4, size, size), torch.randn(1, 9, 2), torch.randn(2, 4, 4, 1, 1)
+    call = lambda: kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, padding=padding,  # noqa: E731
+                           dilation=dilation, backend="torch")
+    if fits:
+        assert call().shape[-1] == size + 2 * padding - 2 * dilation
+    else:
+        with pytest.raises(ValueError, match=r"is smaller than the dilated kernel"):
+            call()
