@@ -113,3 +113,24 @@ def test_all_to_one_gives_every_mixture_of_every_layer_all_cells():
     assert plan.layers[0].beta == ((0, 1, 2),)
     assert plan.layers[1].beta == ((0, 1, 2), (0, 1, 2))
     assert [p.consumed for p in plan.layers] == [1, 2]
+
+
+def test_kw_star_spatial_attention_scales_the_mixtures_of_each_kernel_position():
+    """Mixture j = (s * GO + go) * GI + gi covers kernel position s: with GO = 2 (6 -> 8 sharing cells of 4
+    output channels with a 6 -> 4 layer), mixtures 2s and 2s + 1 are both scaled by spatial attention s."""
+    warehouse = kw_ops.Warehouse("w", KWConfig(budget=1, omni=True))
+    with warehouse.planning_deferred():
+        kw_ops.KWConv2d(6, 4, 3, padding=1, warehouse=warehouse)
+        conv = kw_ops.KWConv2d(6, 8, 3, padding=1, warehouse=warehouse)
+    conv = conv.double().eval()
+    assert conv.layer_plan.grid == (9, 2, 1)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    hidden = conv.attention._hidden(x)
+    alpha = conv.attention._alpha(hidden)
+    conv.attention.omni = False
+    plain = conv.attention._alpha(hidden)
+    conv.attention.omni = True
+    spatial = torch.sigmoid(conv.attention.spatial_fc(hidden))
+    assert spatial.shape == (2, 9)
+    for j in range(18):
+        torch.testing.assert_close(alpha[:, j], plain[:, j] * spatial[:, j // 2, None])

@@ -403,3 +403,12 @@ def test_input_smaller_than_the_dilated_kernel_is_refused_at_the_boundary(size, 
     else:
         with pytest.raises(ValueError, match=r"is smaller than the dilated kernel"):
             call()
+
+
+def test_bias_of_another_dtype_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
+    with pytest.raises(TypeError, match=r"bias dtype torch.float64 differs from x dtype torch.float32"):
+        kw_conv(x, attn, warehouse, torch.zeros(8, dtype=torch.float64), out_channels=8, kernel_size=3, padding=1)
+    with pytest.raises(TypeError, match=r"bias dtype torch.float64 differs from x dtype torch.float32"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, torch.zeros(8, dtype=torch.float64), 8, [3, 3], [1, 1], [1, 1],
+                                 [1, 1], 1, "torch", "")
