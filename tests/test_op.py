@@ -412,3 +412,17 @@ def test_bias_of_another_dtype_is_refused():
     with pytest.raises(TypeError, match=r"bias dtype torch.float64 differs from x dtype torch.float32"):
         torch.ops.kw_ops.kw_conv(x, attn, warehouse, torch.zeros(8, dtype=torch.float64), 8, [3, 3], [1, 1], [1, 1],
                                  [1, 1], 1, "torch", "")
+
+
+def test_groups_must_divide_the_output_channels():
+    # 8 -> 9 channels in 2 groups: cells [3, 4] would tile each group's [9, 4] weight, but 9 % 2 != 0
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 27, 4), torch.randn(4, 3, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"groups=2 must divide in_channels=8 and out_channels=9"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 9, [3, 3], [1, 1], [1, 1], [1, 1], 2, "torch", "")
+
+
+def test_attn_of_another_dtype_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4, dtype=torch.float64), torch.randn(4, 8, 8, 1, 1)
+    with pytest.raises(TypeError, match=r"x, attn and warehouse must share a dtype, got torch.float32, torch.float64, "
+                                        r"torch.float32"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, "torch", "")

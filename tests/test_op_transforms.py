@@ -137,13 +137,13 @@ def no_vmap_fallback():
         torch._C._functorch._set_vmap_fallback_enabled(True)
 
 
-@pytest.mark.parametrize("vmapped", ["x", "x-at-dim-1", "x+attn", "warehouse", "all"])
+@pytest.mark.parametrize("vmapped", ["x", "x-at-dim-1", "x+attn", "warehouse", "x+bias", "all"])
 def test_vmap_matches_a_loop(no_vmap_fallback, vmapped):
     case = CASES[0]
     args = dict(zip(("x", "attn", "warehouse", "bias"), (t.detach() for t in case.tensors())))
     slices = 3
     names = {"x": ["x"], "x-at-dim-1": ["x"], "x+attn": ["x", "attn"], "warehouse": ["warehouse"],
-             "all": list(args)}[vmapped]
+             "x+bias": ["x", "bias"], "all": list(args)}[vmapped]
     dim = 1 if vmapped == "x-at-dim-1" else 0
     args.update({name: torch.randn(*args[name].shape[:dim], slices, *args[name].shape[dim:], dtype=torch.float64)
                  for name in names})
