@@ -134,3 +134,9 @@ def test_kw_star_spatial_attention_scales_the_mixtures_of_each_kernel_position()
     assert spatial.shape == (2, 9)
     for j in range(18):
         torch.testing.assert_close(alpha[:, j], plain[:, j] * spatial[:, j // 2, None])
+
+
+@pytest.mark.parametrize("budget, k", [(1 / 93, 93), (0.25 + 1e-12, 4), (0.5 - 1e-12, 2)])
+def test_reciprocal_budget_k_is_the_nearest_integer(budget, k):
+    """1 / (1/93) is 92.99999999999999 in floats; a budget a rounding error off 1/k still means k."""
+    assert KWConfig(budget=budget).mixtures_per_cell == k
