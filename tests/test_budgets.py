@@ -140,3 +140,11 @@ def test_kw_star_spatial_attention_scales_the_mixtures_of_each_kernel_position()
 def test_reciprocal_budget_k_is_the_nearest_integer(budget, k):
     """1 / (1/93) is 92.99999999999999 in floats; a budget a rounding error off 1/k still means k."""
     assert KWConfig(budget=budget).mixtures_per_cell == k
+
+
+def test_many_to_one_hands_each_mixture_its_own_b_cells():
+    # 16->16 3x3 (m = 9) and 16->16 1x1 (m = 1) at b = 2: n = 20; mixture j of the first layer gets 2j, 2j + 1
+    plan = plan_warehouse("s", STAGE, KWConfig(budget=2, init="many_to_one"))
+    assert plan.n == 20
+    assert plan.layers[0].beta == tuple((2 * j, 2 * j + 1) for j in range(9))
+    assert plan.layers[1].beta == ((18, 19),) and [p.consumed for p in plan.layers] == [18, 2]

@@ -426,3 +426,10 @@ def test_attn_of_another_dtype_is_refused():
     with pytest.raises(TypeError, match=r"x, attn and warehouse must share a dtype, got torch.float32, torch.float64, "
                                         r"torch.float32"):
         torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, "torch", "")
+
+
+def test_cell_kernel_neither_ones_nor_the_kernel_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 1, 4), torch.randn(4, 8, 8, 3, 1)
+    with pytest.raises(ValueError, match=r"cell kernel \(3, 1\) must be all ones \(spatial partition\) or the kernel "
+                                         r"\(3, 3\)"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, "torch", "")

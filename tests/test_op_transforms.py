@@ -233,3 +233,13 @@ def test_func_grad_and_vmap_over_a_kw_layer(no_vmap_fallback):
     per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
     for name, g in per_sample.items():
         torch.testing.assert_close(g.sum(0), got[name], msg=name)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.id)
+def test_gradgradcheck_with_a_fixed_attention(case):
+    """attn not differentiable: the warehouse's second derivative through dx (the u_x term) still counts."""
+    x, attn, warehouse, bias = case.tensors()
+    attn = attn.detach()
+    fn = _fn(case)
+    assert torch.autograd.gradgradcheck(lambda x, warehouse: fn(x, attn, warehouse, None), (x, warehouse),
+                                        fast_mode=True)
