@@ -101,3 +101,43 @@ def test_cli_prints_rows_early_and_writes_table_csv_and_png(tmp_path):
     assert rows["KW (3x) kw_ops"]["status"] == "skipped"
     assert "the paper trains no 3x" in rows["KW (3x) kw_ops"]["reason"]
     assert (tmp_path / "bench_models_cpu.png").stat().st_size > 0
+
+
+def test_measure_model_interleaves_methods_and_times_whole_steps_of_at_least_min_time(monkeypatch):
+    """A fake worker per method: blocks run static, kw, static, kw (each infer then train) and a block lasts
+    ceil(min_time / first step) steps, at least one: 1.0 s / 0.3 s -> 4 steps, 1.0 s / 2.0 s -> 1 step."""
+    calls = []
+    first = {"static": {"infer_first_s": 0.3, "train_first_s": 2.0}, "kw": {"infer_first_s": 0.25,
+                                                                          "train_first_s": 0.6}}
+    step = {"static": 0.1, "kw": 0.2}
+
+    class FakeWorker:
+        def __init__(self, model_name, released, settings):
+            self.label = model_name
+
+        def start(self):
+            return {"params": 7, "infer_rss_mb": 1.0, "infer_alloc_mb": 1.0, "train_rss_mb": 1.0,
+                    "train_alloc_mb": 1.0, **first[self.label]}
+
+        def block(self, kind, iters):
+            calls.append((self.label, kind, iters))
+            return {"start": 0.0, "seconds": step[self.label], "wait": 0.0}
+
+        def close(self):
+            pass
+
+    class Bar:
+        def set_description(self, text):
+            pass
+
+        def update(self, steps):
+            pass
+
+    monkeypatch.setattr(model_bench, "Worker", FakeWorker)
+    settings = Settings("cpu", 4, 2, 32, 2, 1.0, None, False)
+    rows = model_bench.measure_model("net", [Method("static", "static"), Method("kw", "kw")], settings, {}, Bar())
+    one_round = [("static", "infer", 4), ("static", "train", 1), ("kw", "infer", 4), ("kw", "train", 2)]
+    assert calls == one_round * 2
+    assert [row["params"] for row in rows] == [7, 7]
+    assert rows[1]["infer_images_per_s"] == pytest.approx(4 / 0.2) and rows[1]["infer_vs_static"] == pytest.approx(0.5)
+    assert rows[1]["train_step_ms"] == pytest.approx(200) and rows[1]["train_vs_static"] == pytest.approx(2)

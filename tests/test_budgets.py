@@ -102,3 +102,49 @@ def test_kw_star_scales_inputs_spatial_cells_and_outputs():
 def test_kw_star_needs_spatial_partition():
     with pytest.raises(ValueError, match="spatial_partition"):
         KWConfig(omni=True, spatial_partition=False)
+
+
+def test_all_to_one_gives_every_mixture_of_every_layer_all_cells():
+    """Table 13 'all_to_one' in a shared warehouse: the second layer's mixtures also get all n cells, not only
+    the cells of its own slice. 4->4 1x1 (m = 1) and 4->8 1x1 (m = 2) at cells 4x4: n = 3."""
+    shapes = [WeightShape(4, 4, (1, 1), "a"), WeightShape(8, 4, (1, 1), "b")]
+    plan = plan_warehouse("s", shapes, KWConfig(budget=1, init="all_to_one"))
+    assert plan.n == 3
+    assert plan.layers[0].beta == ((0, 1, 2),)
+    assert plan.layers[1].beta == ((0, 1, 2), (0, 1, 2))
+    assert [p.consumed for p in plan.layers] == [1, 2]
+
+
+def test_kw_star_spatial_attention_scales_the_mixtures_of_each_kernel_position():
+    """Mixture j = (s * GO + go) * GI + gi covers kernel position s: with GO = 2 (6 -> 8 sharing cells of 4
+    output channels with a 6 -> 4 layer), mixtures 2s and 2s + 1 are both scaled by spatial attention s."""
+    warehouse = kw_ops.Warehouse("w", KWConfig(budget=1, omni=True))
+    with warehouse.planning_deferred():
+        kw_ops.KWConv2d(6, 4, 3, padding=1, warehouse=warehouse)
+        conv = kw_ops.KWConv2d(6, 8, 3, padding=1, warehouse=warehouse)
+    conv = conv.double().eval()
+    assert conv.layer_plan.grid == (9, 2, 1)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    hidden = conv.attention._hidden(x)
+    alpha = conv.attention._alpha(hidden)
+    conv.attention.omni = False
+    plain = conv.attention._alpha(hidden)
+    conv.attention.omni = True
+    spatial = torch.sigmoid(conv.attention.spatial_fc(hidden))
+    assert spatial.shape == (2, 9)
+    for j in range(18):
+        torch.testing.assert_close(alpha[:, j], plain[:, j] * spatial[:, j // 2, None])
+
+
+@pytest.mark.parametrize("budget, k", [(1 / 93, 93), (0.25 + 1e-12, 4), (0.5 - 1e-12, 2)])
+def test_reciprocal_budget_k_is_the_nearest_integer(budget, k):
+    """1 / (1/93) is 92.99999999999999 in floats; a budget a rounding error off 1/k still means k."""
+    assert KWConfig(budget=budget).mixtures_per_cell == k
+
+
+def test_many_to_one_hands_each_mixture_its_own_b_cells():
+    # 16->16 3x3 (m = 9) and 16->16 1x1 (m = 1) at b = 2: n = 20; mixture j of the first layer gets 2j, 2j + 1
+    plan = plan_warehouse("s", STAGE, KWConfig(budget=2, init="many_to_one"))
+    assert plan.n == 20
+    assert plan.layers[0].beta == tuple((2 * j, 2 * j + 1) for j in range(9))
+    assert plan.layers[1].beta == ((18, 19),) and [p.consumed for p in plan.layers] == [18, 2]

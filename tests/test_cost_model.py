@@ -230,3 +230,11 @@ def test_mix_once_mixes_on_tensor_cores_and_streams_the_warehouse():
     # (B * n*P*2 = 512 B); 16-channel tiles: 8 channels are one tile, no input re-read
     assert seconds("mix_once", peaks=replace(PEAKS, tensor_flops=1e9)) == pytest.approx(8704 / 1e9)
     assert seconds("mix_once", peaks=replace(PEAKS, l2_bytes_per_s=1e11)) == pytest.approx((3232 + 512) / 1e11)
+
+
+def test_per_sample_kernels_are_reread_per_position_tile_of_each_sample():
+    # 16x16 (256 positions a sample, four 64-row tiles): each of the 2 samples reads its 64 B kernel 3 times
+    # more (384 B of L2). x = 4096 B, y = 8192 B, kernels 128 B; mm 288 B, permuted copy 256 B; at an L2 of
+    # 1e9 B/s every phase is L2-bound: (288 + 256 + 4096 + 8192 + 128 + 384) / 1e9
+    big = replace(SHAPE, size=(16, 16), out_size=(16, 16))
+    assert seconds("released", peaks=replace(PEAKS, l2_bytes_per_s=1e9), shape=big) == pytest.approx(13344 / 1e9)

@@ -164,3 +164,19 @@ def test_oracle_helper_is_the_loop():  # keeps the import honest: the oracle mod
     x, attn, warehouse, bias = case.tensors()
     _assert_close(kw_conv_loop(x, attn, warehouse, bias, case.c_out, case.kernel, case.stride, case.padding,
                                case.dilation, case.groups), _oracle(case, x, attn, warehouse, bias), "oracle")
+
+
+@pytest.mark.parametrize("wanted", ["attn", "warehouse"])
+def test_one_gradient_at_a_time_matches_the_torch_path(wanted):
+    """Only dattn or only dwarehouse asked for: the kernel's mask names the right one of the two."""
+    case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)
+    x, attn, warehouse = (t.detach().requires_grad_(name == wanted) for name, t in
+                          zip(("x", "attn", "warehouse"), case.tensors()[:3]))
+    bias = None
+    target = {"attn": attn, "warehouse": warehouse}[wanted]
+    grads = {}
+    for backend in ("cpp", "torch"):
+        y = kw_conv(x, attn, warehouse, bias, backend=backend, **case.geometry())
+        grads[backend], = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                              target)
+    _assert_close(grads["cpp"], grads["torch"], f"d{wanted}")

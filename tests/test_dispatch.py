@@ -150,3 +150,24 @@ def test_info_reports_an_unknown_env_backend_instead_of_failing(monkeypatch, cap
     with pytest.raises(ValueError, match=r"KW_OPS_BACKEND: unknown KW backend 'bogus'; choose one of auto, torch, "
                                          r"triton, cuda"):
         _call()
+
+
+@pytest.mark.parametrize("x_shape, n, kernel, groups, expected", [
+    ((2, 8, 4, 4), 4, (3, 3), 1, True),       # 16 positions, n = 4 >= 0.1 * 16: mixing-heavy, gemm path
+    ((2, 8, 4, 4), 4, (1, 1), 1, False),      # 1x1 stays on the torch path though the gemm path would run it
+    ((2, 8, 32, 32), 4, (3, 3), 1, False),    # 1024 positions, n = 4 < 102.4: conv-dominated
+    ((2, 8, 4, 4), 4, (3, 3), 2, False),      # grouped
+    ((64, 64, 32, 32), 1000, (3, 3), 1, False),  # im2col 64*64*9*1024*4 bytes = 144 MiB > 16 MiB
+])
+def test_prefers_cpp_rule(x_shape, n, kernel, groups, expected):
+    """The automatic CPU choice takes the cpp kernel only for k x k (k > 1) mixing-heavy ungrouped layers whose
+    im2col is small (constants owned here: GEMM_MIX_RATIO 0.1, GEMM_COLS_BYTES 16 MiB)."""
+    from kw_ops.ops import cpp
+
+    x = torch.empty(x_shape, device="meta")
+    warehouse = torch.empty(n, 4, x_shape[1] // groups, 1, 1, device="meta")
+    pad = tuple(k // 2 for k in kernel)
+    geometry = {"out_channels": 8, "kernel_size": kernel, "stride": (1, 1), "padding": pad, "dilation": (1, 1),
+                "groups": groups}
+    assert cpp.prefers_cpp(x, warehouse, geometry) is expected
+    assert cpp.prefers_cpp(x, warehouse, None) is False

@@ -389,3 +389,47 @@ def test_channels_last_layer_keeps_channels_last_like_nn_conv(path, dims):
     assert conv_type(4, 6, 3).to(memory_format=fmt)(x.to(memory_format=fmt)).is_contiguous(memory_format=fmt)
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size, padding, dilation, fits", [
+    (3, 0, 1, True), (2, 0, 1, False), (1, 1, 1, True), (4, 0, 2, False), (5, 0, 2, True), (3, 1, 2, True)])
+def test_input_smaller_than_the_dilated_kernel_is_refused_at_the_boundary(size, padding, dilation, fits):
+    """A 3x3 kernel needs size + 2 * padding >= dilation * 2 + 1; one pixel less is a clear error."""
+    x, attn, warehouse = torch.randn(1, 4, size, size), torch.randn(1, 9, 2), torch.randn(2, 4, 4, 1, 1)
+    call = lambda: kw_conv(x, attn, warehouse, out_channels=4, kernel_size=3, padding=padding,  # noqa: E731
+                           dilation=dilation, backend="torch")
+    if fits:
+        assert call().shape[-1] == size + 2 * padding - 2 * dilation
+    else:
+        with pytest.raises(ValueError, match=r"is smaller than the dilated kernel"):
+            call()
+
+
+def test_bias_of_another_dtype_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4), torch.randn(4, 8, 8, 1, 1)
+    with pytest.raises(TypeError, match=r"bias dtype torch.float64 differs from x dtype torch.float32"):
+        kw_conv(x, attn, warehouse, torch.zeros(8, dtype=torch.float64), out_channels=8, kernel_size=3, padding=1)
+    with pytest.raises(TypeError, match=r"bias dtype torch.float64 differs from x dtype torch.float32"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, torch.zeros(8, dtype=torch.float64), 8, [3, 3], [1, 1], [1, 1],
+                                 [1, 1], 1, "torch", "")
+
+
+def test_groups_must_divide_the_output_channels():
+    # 8 -> 9 channels in 2 groups: cells [3, 4] would tile each group's [9, 4] weight, but 9 % 2 != 0
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 27, 4), torch.randn(4, 3, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"groups=2 must divide in_channels=8 and out_channels=9"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 9, [3, 3], [1, 1], [1, 1], [1, 1], 2, "torch", "")
+
+
+def test_attn_of_another_dtype_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 9, 4, dtype=torch.float64), torch.randn(4, 8, 8, 1, 1)
+    with pytest.raises(TypeError, match=r"x, attn and warehouse must share a dtype, got torch.float32, torch.float64, "
+                                        r"torch.float32"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, "torch", "")
+
+
+def test_cell_kernel_neither_ones_nor_the_kernel_is_refused():
+    x, attn, warehouse = torch.randn(2, 8, 5, 5), torch.randn(2, 1, 4), torch.randn(4, 8, 8, 3, 1)
+    with pytest.raises(ValueError, match=r"cell kernel \(3, 1\) must be all ones \(spatial partition\) or the kernel "
+                                         r"\(3, 3\)"):
+        torch.ops.kw_ops.kw_conv(x, attn, warehouse, None, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, "torch", "")

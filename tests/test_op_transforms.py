@@ -137,13 +137,13 @@ def no_vmap_fallback():
         torch._C._functorch._set_vmap_fallback_enabled(True)
 
 
-@pytest.mark.parametrize("vmapped", ["x", "x-at-dim-1", "x+attn", "warehouse", "all"])
+@pytest.mark.parametrize("vmapped", ["x", "x-at-dim-1", "x+attn", "warehouse", "x+bias", "all"])
 def test_vmap_matches_a_loop(no_vmap_fallback, vmapped):
     case = CASES[0]
     args = dict(zip(("x", "attn", "warehouse", "bias"), (t.detach() for t in case.tensors())))
     slices = 3
     names = {"x": ["x"], "x-at-dim-1": ["x"], "x+attn": ["x", "attn"], "warehouse": ["warehouse"],
-             "all": list(args)}[vmapped]
+             "x+bias": ["x", "bias"], "all": list(args)}[vmapped]
     dim = 1 if vmapped == "x-at-dim-1" else 0
     args.update({name: torch.randn(*args[name].shape[:dim], slices, *args[name].shape[dim:], dtype=torch.float64)
                  for name in names})
@@ -233,3 +233,13 @@ def test_func_grad_and_vmap_over_a_kw_layer(no_vmap_fallback):
     per_sample = torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
     for name, g in per_sample.items():
         torch.testing.assert_close(g.sum(0), got[name], msg=name)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c.id)
+def test_gradgradcheck_with_a_fixed_attention(case):
+    """attn not differentiable: the warehouse's second derivative through dx (the u_x term) still counts."""
+    x, attn, warehouse, bias = case.tensors()
+    attn = attn.detach()
+    fn = _fn(case)
+    assert torch.autograd.gradgradcheck(lambda x, warehouse: fn(x, attn, warehouse, None), (x, warehouse),
+                                        fast_mode=True)

@@ -420,3 +420,12 @@ def test_ddp_two_gloo_processes_match_one_process_on_the_same_global_batch(data,
     for key, value in theirs["model"].items():
         torch.testing.assert_close(ours["model"][key], value, **DDP_TOLERANCE, msg=lambda m, k=key: f"{k}: {m}")
     assert not torch.allclose(theirs["model"]["1.0.warehouse.cells"], initial["1.0.warehouse.cells"])
+
+
+def test_resume_auto_in_a_folder_without_last_pt_starts_afresh(tmp_path):
+    from kw_ops.train.loop import TrainConfig, _resume_path
+
+    config = TrainConfig(model="tiny_kw1x", data=str(tmp_path), out=str(tmp_path), resume="auto")
+    assert _resume_path(config) is None
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert _resume_path(config) == tmp_path / "last.pt"
