@@ -35,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .phases import phase_tap, stride_phase_tile
+from .taps import phase_tap, stride_phase_tile, tap_inputs
 from .tuning import autotune
 
 __all__ = ["kw_conv_fwd_kernel", "kw_conv_dx_kernel", "kw_conv_wgrad_kernel"]
@@ -76,9 +76,8 @@ def kw_conv_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for t in range(KK):
         # input rows read at kernel position t, with the padding mask
-        ih = oh * stride_h - pad_h + (t // KW) * dil_h
-        iw = ow * stride_w - pad_w + (t % KW) * dil_w
-        valid_m = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, valid_m = tap_inputs(oh, ow, mask_m, t // KW, t % KW, H, W, stride_h, stride_w, pad_h, pad_w,
+                                      dil_h, dil_w)
         x_rows = x_ptr + b * sxb + ih * sxh + iw * sxw
         for c0 in range(0, C, BLOCK_K):
             offs_c = c0 + tl.arange(0, BLOCK_K)
@@ -160,9 +159,7 @@ def kw_conv_wgrad_kernel(
         mask_m = offs_m < OH * OW
         oh = offs_m // OW
         ow = offs_m % OW
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
-        valid_m = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, iw, valid_m = tap_inputs(oh, ow, mask_m, kh, kw, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
         dyt = tl.load(dy_ptr + b * sdb + chan_o[:, None] * sdo + (oh * sdh + ow * sdw)[None, :],
                       mask=mask_o[:, None] & mask_m[None, :], other=0.0)
         xt = tl.load(x_ptr + b * sxb + (ih * sxh + iw * sxw)[:, None] + offs_c[None, :] * sxc,

@@ -1,9 +1,11 @@
-"""Stride phases of the input-gradient kernels (conv_kernels.kw_conv_dx_kernel, grouped_kernels.kw_grouped_dx_kernel).
+"""Tap geometry shared by the conv kernels (conv_kernels.py, grouped_kernels.py), per spatial axis (1-D runs as H = 1).
 
-The input positions i ≡ r (mod stride) of one phase r read only the taps t with (r + pad - t·dil) ≡ 0
+Forward and weight gradient: output position o reads input position o·stride - pad + k·dil at tap k
+(`tap_inputs`, with the padding mask). Input gradient, by stride phase: the input positions i ≡ r
+(mod stride) of one phase r read only the taps t with (r + pad - t·dil) ≡ 0
 (mod stride), and at such a tap the output position that read i is exactly (i + pad - t·dil) / stride. A
 program covers a tile of one phase's positions: `stride_phase_tile` gives the tile, `phase_tap` whether a tap
-reaches the phase and the output positions it reads there. Per spatial axis; 1-D runs as H = 1.
+reaches the phase and the output positions it reads there.
 """
 from __future__ import annotations
 
@@ -41,3 +43,13 @@ def phase_tap(rh, rw, ih, iw, mask_m, kh, kw, KH, KW, OH, OW, stride_h, stride_w
     ow = tl.where(tw >= 0, tw, 0) // stride_w
     valid_m = mask_m & (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
     return tap_h & tap_w, oh, ow, valid_m
+
+
+@triton.jit
+def tap_inputs(oh, ow, mask_m, kh, kw, H, W, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w):
+    """The input positions (ih, iw) that output positions (oh, ow) read at tap (kh, kw), and their mask
+    (inside the output tile and the unpadded input)."""
+    ih = oh * stride_h - pad_h + kh * dil_h
+    iw = ow * stride_w - pad_w + kw * dil_w
+    valid_m = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return ih, iw, valid_m
