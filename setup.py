@@ -11,6 +11,7 @@ download another torch).
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -52,7 +53,11 @@ def extensions():
             return [path for path in super().get_outputs() if os.path.exists(path)]
 
     print(f"kw_ops: building kw_ops._C from {sources}")
-    ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3", "-g0"], py_limited_api=False)
+    # -fopenmp: at::parallel_for is a header template whose OpenMP pragmas are ignored without it (the kernel
+    # then runs on one thread); libgomp.so.1 resolves to the copy torch has already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    ext = CppExtension("kw_ops._C", sources, extra_compile_args=["-O3", "-g0", *openmp], extra_link_args=openmp,
+                       py_limited_api=False)
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 

@@ -99,7 +99,8 @@ def test_low_precision_error_at_most_twice_the_torch_paths(case, path, dtype):
         assert mine <= 2 * theirs + scale, f"{what}: cpp error {mine:.3g} vs torch path {theirs:.3g}"
 
 
-def test_several_threads_give_the_single_thread_result():
+def test_several_threads_give_the_single_thread_result(block_bytes):
+    # tiny blocks: one sample per chunk, so both threads own chunks and their partial dE sums are folded
     case = Case(4, 16, 40, (5, 5), (3, 3), 20, 8, 6, padding=1)
     x, attn, warehouse, bias = case.tensors()
     results = {}

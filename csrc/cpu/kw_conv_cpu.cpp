@@ -1,4 +1,5 @@
-// CPU kernels of the KW op, forward and backward, on ATen (at::parallel_for, ATen GEMMs and convolutions).
+// CPU kernels of the KW op, forward and backward, on ATen (at::parallel_for with OpenMP, ATen GEMMs and
+// convolutions).
 //
 // Algorithm (DESIGN.md "The op"): the per-sample kernels W_b are never materialised for the whole batch.
 // Work is cut into output-channel blocks whose mixed kernels fit a cache-sized thread-local buffer; each
@@ -21,11 +22,24 @@
 #include "../kw_conv.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <cstring>
 #include <numeric>
 
 namespace kw_ops {
+
+// at::parallel_for over work items one at a time, with the calling thread's dispatch state in every worker
+// thread: the op runs below autograd, and a worker thread without that state would dispatch its GEMMs to
+// autograd kernels (which refuse out= arguments on tensors that require grad).
+template <typename F>
+void parallel_items(int64_t count, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(state);
+    f(begin, end);
+  });
+}
 
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
                        int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
@@ -136,6 +150,38 @@ void add_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b) {
   else acc.add_(at::mm(a, b));
 }
 
+// acc = a @ b where `first`, else acc += a @ b: a sum's first product writes its buffer, which is therefore
+// never zero-filled only to be added to (a warehouse-sized fill per layer and thread).
+void put_mm(at::Tensor acc, const at::Tensor& a, const at::Tensor& b, bool first) {
+  if (!first) return add_mm(acc, a, b);
+  if (acc.scalar_type() == a.scalar_type()) at::mm_out(acc, a, b);
+  else acc.copy_(at::mm(a, b));
+}
+
+// Per-thread sums of products, each thread's buffer written by its first product; sum() folds them into one.
+struct ProductSums {
+  std::vector<at::Tensor> parts;
+  std::vector<int64_t> shape;
+  at::TensorOptions options;
+  ProductSums(std::vector<int64_t> s, at::TensorOptions o)
+      : parts(at::get_num_threads()), shape(std::move(s)), options(o) {}
+  void add_mm(const at::Tensor& a, const at::Tensor& b) {
+    at::Tensor& part = parts[at::get_thread_num()];
+    const bool first = !part.defined();
+    if (first) part = at::empty(shape, options);
+    put_mm(part, a, b, first);
+  }
+  at::Tensor sum() {
+    at::Tensor total;
+    for (at::Tensor& part : parts) {
+      if (!part.defined()) continue;
+      if (total.defined()) total.add_(part);
+      else total = part;
+    }
+    return total.defined() ? total : at::zeros(shape, options);
+  }
+};
+
 // Per-thread partial sums of a tensor shared by parallel work items; the first one is `total`.
 struct Partials {
   std::vector<at::Tensor> parts;
@@ -222,7 +268,7 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& attn, const at::T
   const int64_t rows = rows_per_block(block_bytes, g.batch * g.tiles * g.inner * x.element_size(), 1, g.c_out);
   const int64_t per_go = (g.c_out + rows - 1) / rows;
   at::Tensor y = at::empty({g.batch, g.out_channels, g.positions}, x.options());
-  at::parallel_for(0, g.go * per_go, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(g.go * per_go, [&](int64_t begin, int64_t end) {
     at::Tensor mixed = at::empty({g.batch * g.tiles * rows * g.inner}, x.options());  // thread-local buffers
     at::Tensor kernel = at::empty({rows * g.tiles * g.inner}, x.options());
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -257,9 +303,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(const at::Tensor& g
   const int64_t col_rows = g.tiles * g.inner;
   Partials dcols(need_x ? at::zeros({g.batch, col_rows, g.positions}, acc) : at::Tensor());
   Partials dattn(need_attn ? at::zeros({g.go, g.batch * g.tiles, g.n}, acc) : at::Tensor());
-  at::Tensor dcells = need_warehouse ? at::zeros({g.n, g.c_out, g.inner}, acc) : at::Tensor();
+  at::Tensor dcells = need_warehouse ? at::empty({g.n, g.c_out, g.inner}, acc) : at::Tensor();
   // Row blocks in parallel (each owns dE[:, rows]); output blocks go in turn inside.
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(blocks, [&](int64_t begin, int64_t end) {
     at::Tensor mixed = at::empty({g.batch * g.tiles * rows * g.inner}, x.options());
     at::Tensor kernel = at::empty({rows * col_rows}, x.options());
     at::Tensor dmixed = at::empty({g.batch * g.tiles * rows * g.inner}, x.options());
@@ -286,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gemm_backward(const at::Tensor& g
         if (need_attn) add_mm(dattn.mine()[go], dmixed_blk, cells_blk.t());
         if (need_warehouse) {
           at::Tensor dcells_blk = dcells.narrow(1, p0, nr).view({g.n, nr * g.inner});
-          add_mm(dcells_blk, attn_go[go].t(), dmixed_blk);
+          put_mm(dcells_blk, attn_go[go].t(), dmixed_blk, go == 0);  // the block's rows: written, then summed
         }
       }
     }
@@ -356,7 +402,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& attn, const at::T
   const std::vector<int64_t> zeros(g.size.size(), 0);
   const int64_t kernel_rows = g.in_per_group * g.kernel_numel;
   at::Tensor y = at::empty({g.batch, g.out_channels, g.positions}, x.options());
-  at::parallel_for(0, blocks.chunks * blocks.count, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(blocks.chunks * blocks.count, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
     at::Tensor attn_buf = at::empty({max_tiles * g.n}, x.options());  // thread-local buffers
     at::Tensor tile_buf = at::empty({max_tiles * g.cell}, x.options());
@@ -394,9 +440,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
   const int64_t kernel_rows = g.in_per_group * g.kernel_numel;
   at::Tensor dx = need_x ? at::zeros(x.sizes(), acc) : at::Tensor();
   at::Tensor dattn = need_attn ? at::empty(attn.sizes(), attn.options()) : at::Tensor();
-  Partials dcells(need_warehouse ? at::zeros({g.n, g.cell}, acc) : at::Tensor());
+  ProductSums dcells({g.n, g.cell}, acc);
   // Sample chunks in parallel (each owns dx and dattn of its samples); dE in per-thread partial sums.
-  at::parallel_for(0, blocks.chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(blocks.chunks, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
     at::Tensor attn_buf = at::empty({blocks.samples * max_tiles * g.n}, x.options());
     at::Tensor tile_buf = at::empty({blocks.samples * max_tiles * g.cell}, x.options());
@@ -437,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
               dattn[b0 + i].view({g.spatial, g.go * g.gi, g.n}).narrow(1, go0 * g.gi, ngo * g.gi)
                   .copy_(at::mm(tile_blk, cells.t()).view({g.spatial, ngo * g.gi, g.n}));
             }
-            if (need_warehouse) add_mm(dcells.mine(), attn_rows.t(), tile_blk);
+            if (need_warehouse) dcells.add_mm(attn_rows.t(), tile_blk);
           }
         }
       }

@@ -136,7 +136,7 @@ def _grouped_backward(grad, x, attn, warehouse, out_channels, kernel_size, strid
     dims = len(size)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     dattn = torch.empty_like(attn) if need_attn else None
-    dwarehouse = torch.zeros_like(warehouse) if need_warehouse else None
+    dwarehouse = torch.empty_like(warehouse) if need_warehouse else None  # the first chunk writes it
     cells = warehouse.reshape(n, -1)
     need_weight = need_attn or need_warehouse
     chunk = _sample_chunk(batch, out_channels * in_per_group * math.prod(kernel_size), x.element_size())
@@ -156,7 +156,11 @@ def _grouped_backward(grad, x, attn, warehouse, out_channels, kernel_size, strid
             if need_attn:
                 torch.matmul(tiles, cells.t(), out=dattn[b0:b1])
             if need_warehouse:
-                dwarehouse.view(n, -1).addmm_(attn[b0:b1].reshape(-1, n).t(), tiles.reshape(-1, cells.shape[1]))
+                product = (attn[b0:b1].reshape(-1, n).t(), tiles.reshape(-1, cells.shape[1]))
+                if b0 == 0:
+                    torch.mm(*product, out=dwarehouse.view(n, -1))
+                else:
+                    dwarehouse.view(n, -1).addmm_(*product)
     return dx, dattn, dwarehouse
 
 
@@ -255,7 +259,7 @@ def _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, 
     tiles = spatial * grid_in
     dcols = torch.zeros_like(cols) if need_x else None
     dattn = torch.empty_like(attn_tiles) if need_attn else None
-    dwarehouse = torch.zeros_like(cells) if need_warehouse else None
+    dwarehouse = torch.empty_like(cells) if need_warehouse else None  # each row block written at go = 0
     for go in range(grid_out):
         attn_go = attn_tiles[:, :, go].reshape(batch * tiles, n)
         dattn_go = attn_go.new_zeros(batch * tiles, n) if need_attn else None
@@ -274,7 +278,11 @@ def _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, 
                 if need_attn:
                     dattn_go.addmm_(dw, cells_block.t())
                 if need_warehouse:
-                    dwarehouse[:, p0:p1] += torch.mm(attn_go.t(), dw).view(n, rows, inner)
+                    contribution = torch.mm(attn_go.t(), dw).view(n, rows, inner)
+                    if go == 0:
+                        dwarehouse[:, p0:p1] = contribution
+                    else:
+                        dwarehouse[:, p0:p1] += contribution
         if need_attn:
             dattn[:, :, go] = dattn_go.view(batch, spatial, grid_in, n)
     dx = _col2im(dcols.view_as(cols4), size, kernel_size, stride, padding, dilation, channel_major) \
