@@ -8,20 +8,30 @@ import pytest
 
 from kw_ops.benchmarking import model_bench
 from kw_ops.benchmarking.model_bench import CSV_FIELDS, Method, Settings
-from kw_ops.benchmarking.spread import SPREAD_LIMIT, busy_warning, schedule, summarise
+from kw_ops.benchmarking.spread import SPREAD_LIMIT, busy_warning, spread, summarise
 
 # a competing process: full-speed bursts of 0.1 s with 0.1 s pauses, the load that fools sequential timing
 BURSTS = "import time\nwhile True:\n    end = time.time() + 0.1\n    while time.time() < end: pass\n    time.sleep(0.1)"
 
 
-def test_schedule_runs_every_method_once_per_round():
-    assert schedule(3, 2) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+def test_spread_is_the_interquartile_range_over_the_median():
+    assert spread([2.0]) == 0
+    assert spread([1.0, 3.0]) == pytest.approx(1.0 / 2.0)             # quartiles 1.5 and 2.5
+    assert spread([1.0, 1.0, 1.0, 1.0, 9.0]) == 0                     # one outlying block of five
+    assert spread([4.0, 1.0, 3.0, 2.0, 5.0]) == pytest.approx(2.0 / 3.0)  # quartiles 2 and 4, median 3
+
+
+def test_cheap_steps_get_more_blocks_than_slow_ones():
+    settings = Settings("cpu", 2, 2, 32, 2, 0.03, None, False, max_repeat=5, cheap_block=0.15)
+    assert settings.blocks_wanted(0.149) == 5 and settings.blocks_wanted(0.15) == 2
+    assert Settings("cpu", 2, 2, 32, 3, 0.03, None, False).blocks_wanted(0.01) == 3
+    assert Settings("cpu", 2, 2, 32, 7, 0.03, None, False, max_repeat=5, cheap_block=1).blocks_wanted(0.01) == 7
 
 
 @pytest.mark.parametrize("seconds, static, waits, flags", [
     ([2.0, 2.02, 1.98], [1.0, 1.0, 1.0], [0, 0, 0], []),                   # steady
-    ([2.0, 3.0, 2.0], [1.0, 1.5, 1.0], [0, 0, 0], ["spread 50%"]),         # a burst hit the whole round
-    ([2.16, 2.0, 2.16], [1.0, 1.08, 1.0], [0, 0, 0], ["rounds disagree by 14%"]),  # spreads 8%, ratios not
+    ([2.0, 3.0, 2.0], [1.0, 1.5, 1.0], [0, 0, 0], ["spread 25%"]),         # a burst hit the whole round
+    ([2.3, 2.0, 2.3], [1.0, 1.2, 1.0], [0, 0, 0], ["rounds disagree by 14%"]),  # spread 7%, ratios not
     ([2.0, 2.0, 2.0], [1.0, 1.0, 1.0], [0.3, 0.3, 0.3], ["waited 15% for a CPU"]),
 ], ids=["steady", "busy-round", "rounds-disagree", "run-queue-wait"])
 def test_summarise_flags_rows_to_distrust(seconds, static, waits, flags):
@@ -37,12 +47,14 @@ def test_warning_names_the_flagged_rows_only():
             {"model": "m", "method": "KW (1x) kw_ops", "status": "ok", "flags": ""},
             {"model": "m", "method": "KW (3x) kw_ops", "status": "skipped"}]
     assert busy_warning(rows) is None
-    rows[1]["flags"] = "train spread 40%"
+    rows[1].update(flags="train spread 40%", cpu_wait_pct=2.0)
     warning = busy_warning(rows)
-    assert warning.startswith("warning: the machine was busy") and "m KW (1x) kw_ops" in warning
-    assert "m static" not in warning
-    rows[0]["flags"] = "infer waited 30% for a CPU"
-    assert busy_warning(rows).endswith("distrust every row")
+    assert warning.startswith("warning: 1 row(s) marked !") and warning.endswith("distrust m KW (1x) kw_ops")
+    assert "no other process held the CPU" in warning and "busy" not in warning and "m static" not in warning
+    rows[0].update(flags="infer waited 30% for a CPU", cpu_wait_pct=30.0)
+    warning = busy_warning(rows)
+    assert "the machine was busy: other processes held the CPU while 1 of them ran" in warning
+    assert warning.endswith("distrust every row")
 
 
 def test_csv_with_older_columns_is_moved_aside(tmp_path):
@@ -71,7 +83,7 @@ def test_interleaved_run_under_load_warns_or_keeps_the_ratio():
     assert [r["status"] for r in rows] == ["ok"] * 3, rows
     starts = [[b["started"] for b in r["blocks"]["infer"]] for r in rows]  # [method][round]
     order = sorted((start, m, r) for m, per_round in enumerate(starts) for r, start in enumerate(per_round))
-    assert [(r, m) for _, m, r in order] == schedule(len(methods), settings.repeat)
+    assert [(r, m) for _, m, r in order] == [(r, m) for r in range(settings.repeat) for m in range(len(methods))]
     again = rows[1]
     within = all(abs(again[f"{k}_vs_static"] - 1) <= SPREAD_LIMIT for k in ("infer", "train"))
     assert busy_warning(rows) is not None or within, again
@@ -97,47 +109,81 @@ def test_cli_prints_rows_early_and_writes_table_csv_and_png(tmp_path):
         row = rows[method]
         assert row["status"] == "ok", row
         assert float(row["infer_spread_pct"]) >= 0 and float(row["train_step_ms_max"]) >= float(row["train_step_ms"])
-        assert float(row["train_rss_mb"]) >= 0 and float(row["train_alloc_mb"]) > 0 and row["rounds"] == "2"
+        assert float(row["train_rss_mb"]) >= 0 and float(row["train_alloc_mb"]) > 0
+        assert 2 <= int(row["infer_blocks"]) <= 5 and 2 <= int(row["train_blocks"]) <= 5 and float(row["wall_s"]) > 0
     assert rows["KW (3x) kw_ops"]["status"] == "skipped"
     assert "the paper trains no 3x" in rows["KW (3x) kw_ops"]["reason"]
     assert (tmp_path / "bench_models_cpu.png").stat().st_size > 0
 
 
-def test_measure_model_interleaves_methods_and_times_whole_steps_of_at_least_min_time(monkeypatch):
-    """A fake worker per method: blocks run static, kw, static, kw (each infer then train) and a block lasts
-    ceil(min_time / first step) steps, at least one: 1.0 s / 0.3 s -> 4 steps, 1.0 s / 2.0 s -> 1 step."""
-    calls = []
-    first = {"static": {"infer_first_s": 0.3, "train_first_s": 2.0}, "kw": {"infer_first_s": 0.25,
-                                                                          "train_first_s": 0.6}}
-    step = {"static": 0.1, "kw": 0.2}
+class FakeWorker:
+    """A method's worker with fixed first-step and per-step times; records the blocks asked of it."""
+    calls, first, step = [], {}, {}
 
-    class FakeWorker:
-        def __init__(self, model_name, released, settings):
-            self.label = model_name
+    def __init__(self, model_name, released, settings):
+        self.label = model_name
 
-        def start(self):
-            return {"params": 7, "infer_rss_mb": 1.0, "infer_alloc_mb": 1.0, "train_rss_mb": 1.0,
-                    "train_alloc_mb": 1.0, **first[self.label]}
+    def start(self):
+        first = {f"{kind}_first": {"started": 0.0, "seconds": seconds, "wait": 0.0}
+                 for kind, seconds in self.first[self.label].items()}
+        return {"params": 7, "infer_rss_mb": 1.0, "infer_alloc_mb": 1.0, "train_rss_mb": 1.0, "train_alloc_mb": 1.0,
+                **first}
 
-        def block(self, kind, iters):
-            calls.append((self.label, kind, iters))
-            return {"start": 0.0, "seconds": step[self.label], "wait": 0.0}
+    def block(self, kind, iters):
+        self.calls.append((self.label, kind, iters))
+        return {"started": 0.0, "seconds": self.step[self.label], "wait": 0.0}
 
-        def close(self):
-            pass
+    def close(self):
+        pass
 
-    class Bar:
-        def set_description(self, text):
-            pass
 
-        def update(self, steps):
-            pass
+class Bar:
+    total = 0
 
+    def set_description(self, text):
+        pass
+
+    def update(self, steps):
+        pass
+
+
+def _fake_run(monkeypatch, settings, first, step):
     monkeypatch.setattr(model_bench, "Worker", FakeWorker)
-    settings = Settings("cpu", 4, 2, 32, 2, 1.0, None, False)
+    monkeypatch.setattr(FakeWorker, "calls", [])
+    monkeypatch.setattr(FakeWorker, "first", first)
+    monkeypatch.setattr(FakeWorker, "step", step)
     rows = model_bench.measure_model("net", [Method("static", "static"), Method("kw", "kw")], settings, {}, Bar())
+    return rows, FakeWorker.calls
+
+
+def test_measure_model_interleaves_methods_and_times_whole_steps_of_at_least_min_time(monkeypatch):
+    """Blocks run static, kw, static, kw (each infer then train) and a block lasts ceil(min_time / first step)
+    steps, at least one: 1.0 s / 0.3 s -> 4 steps, 1.0 s / 2.0 s -> 1 step."""
+    settings = Settings("cpu", 4, 2, 32, 2, 1.0, None, False)
+    rows, calls = _fake_run(monkeypatch, settings, {"static": {"infer": 0.3, "train": 2.0},
+                                                    "kw": {"infer": 0.25, "train": 0.6}},
+                            {"static": 0.1, "kw": 0.2})
     one_round = [("static", "infer", 4), ("static", "train", 1), ("kw", "infer", 4), ("kw", "train", 2)]
     assert calls == one_round * 2
     assert [row["params"] for row in rows] == [7, 7]
     assert rows[1]["infer_images_per_s"] == pytest.approx(4 / 0.2) and rows[1]["infer_vs_static"] == pytest.approx(0.5)
     assert rows[1]["train_step_ms"] == pytest.approx(200) and rows[1]["train_vs_static"] == pytest.approx(2)
+    assert [(row["infer_blocks"], row["train_blocks"]) for row in rows] == [(2, 2), (2, 2)]
+
+
+def test_cheap_steps_run_extra_rounds_and_slow_steps_are_timed_from_their_first_call(monkeypatch):
+    """static infer: 0.05 s steps, blocks of 2 (0.1 s, cheap) -> 4 blocks; static train: first call 2.0 s
+    >= timed_first -> that call is block 1, one more asked; kw: 0.6 s steps -> 2 blocks each. Rounds stay
+    interleaved: a method drops out once it has its blocks."""
+    settings = Settings("cpu", 4, 2, 32, 2, 0.1, None, False, max_repeat=4, cheap_block=0.5, timed_first=1.5)
+    rows, calls = _fake_run(monkeypatch, settings, {"static": {"infer": 0.05, "train": 2.0},
+                                                    "kw": {"infer": 0.6, "train": 0.6}},
+                            {"static": 1.0, "kw": 0.6})
+    assert calls == [("static", "infer", 2), ("static", "train", 1), ("kw", "infer", 1), ("kw", "train", 1),
+                     ("static", "infer", 2), ("kw", "infer", 1), ("kw", "train", 1),
+                     ("static", "infer", 2), ("static", "infer", 2)]
+    static, kw = rows
+    assert (static["infer_blocks"], static["train_blocks"], kw["infer_blocks"], kw["train_blocks"]) == (4, 2, 2, 2)
+    assert static["train_step_ms"] == pytest.approx(1500)  # median of the first call (2.0 s) and a block (1.0 s)
+    assert static["train_step_ms_max"] == pytest.approx(2000)
+    assert kw["train_vs_static"] == pytest.approx((0.6 / 2.0 + 0.6 / 1.0) / 2)  # ratios paired round by round

@@ -4,8 +4,11 @@ paper's Tables 12 and 16 on your machine.
 
 Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
 timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
-over the rounds, the min-max spread, and the median of its per-round ratio to the static network.
-Rows measured while the machine was busy are marked and named in one warning line (spread.py)."""
+over its blocks, their spread (interquartile range) and the median of its per-round ratio to the static
+network. Cheap steps get more rounds than slow ones (`Settings.max_repeat`), and a step whose first call
+already takes `Settings.timed_first` seconds is timed from that call: one-time costs are a small share of
+it, and the warm-up it would otherwise need costs as much as a round. Rows that varied between rounds are
+marked and named in one warning line, which says whether another process held the CPU (spread.py)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import models
-from .spread import busy_warning, schedule, summarise
+from .spread import busy_warning, summarise
 from .worker import Worker, WorkerError
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenetv2_100")
@@ -37,11 +40,12 @@ BASELINES = (("DY-Conv (4x)", "dy4x"), ("ODConv (4x)", "od4x"))
 RELEASED, FAST = "released", "kw_ops"
 KINDS = ("infer", "train")
 CSV_FIELDS = ("date", "git_sha", "device", "torch", "triton", "model", "method", "status", "reason", "params",
-              "batch", "train_batch", "size", "amp", "channels_last", "threads", "rounds",
+              "batch", "train_batch", "size", "amp", "channels_last", "threads",
               "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max", "infer_spread_pct",
               "infer_vs_static", "infer_ratio_spread_pct",
               "train_step_ms", "train_step_ms_min", "train_step_ms_max", "train_spread_pct",
-              "train_vs_static", "train_ratio_spread_pct", "cpu_wait_pct", "flags",
+              "train_vs_static", "train_ratio_spread_pct", "cpu_wait_pct", "flags", "infer_blocks", "train_blocks",
+              "wall_s",
               "infer_rss_mb", "infer_alloc_mb", "train_rss_mb", "train_alloc_mb", "memory_kind", "timer")
 
 
@@ -51,19 +55,27 @@ class Settings:
     batch: int
     train_batch: int
     size: int
-    repeat: int          # interleaved rounds
+    repeat: int          # timed blocks per method and step kind, at least (interleaved rounds)
     min_time: float      # seconds a timed block lasts at least (whole steps; at least one)
     amp: str | None
     channels_last: bool
+    max_repeat: int = 0          # blocks for a cheap step (a block under `cheap_block` seconds); 0: `repeat`
+    cheap_block: float = 0.0
+    timed_first: float = math.inf  # a step whose first call took this long is timed from that call
     threads: int = dataclasses.field(default_factory=torch.get_num_threads)
+
+    def blocks_wanted(self, block_seconds: float) -> int:
+        """Timed blocks for a step whose block takes `block_seconds`: more where they cost little."""
+        return max(self.repeat, self.max_repeat) if block_seconds < self.cheap_block else self.repeat
 
 
 def quick_settings(device: str) -> Settings:
-    """A first result in about a minute on a 2-core CPU: the smallest batch the attention's BatchNorm trains on,
-    32x32, two rounds (the least that shows a spread)."""
+    """A first result soon on a 2-core CPU: the smallest batch the attention's BatchNorm trains on, 32x32; two
+    blocks per slow step (the least that shows a spread), five per step whose block costs under 0.15 s; steps
+    of a second or more timed from their first call."""
     if device == "cuda":
         return Settings(device, 32, 16, 224, 5, 0.05, "bf16", True)
-    return Settings(device, 2, 2, 32, 2, 0.02, None, False)
+    return Settings(device, 2, 2, 32, 2, 0.03, None, False, max_repeat=5, cheap_block=0.15, timed_first=1.0)
 
 
 def full_settings(device: str) -> Settings:
@@ -156,36 +168,47 @@ def _summary_fields(kind: str, seconds, static_seconds, waits, batch: int) -> tu
 
 
 def measure_model(model_name: str, methods: list[Method], settings: Settings, base: dict, bar) -> list[dict]:
-    """The rows of one model: start a worker per method (memory of its first steps), then time every method
-    in `settings.repeat` interleaved rounds."""
+    """The rows of one model: start a worker per method (memory of its first steps, which warm it up), then
+    time blocks of steps in interleaved rounds: every round runs, in order, each method and step kind still
+    short of the blocks it wants (`Settings.blocks_wanted`)."""
     rows = [{**base, "model": model_name, "method": m.label, "status": "ok", "reason": ""} for m in methods]
-    workers, ready = {}, {}
+    workers, ready, wall = {}, {}, {}
     for i, method in enumerate(methods):
         bar.set_description(f"{model_name} {method.label}: start")
         if method.model_name is None:
             rows[i].update(status="skipped", reason=method.reason)
-            bar.update(1 + settings.repeat)
+            bar.update(1)
             continue
+        started = time.perf_counter()
         worker = Worker(method.model_name, method.released, settings)
         try:
             ready[i] = worker.start()
             workers[i] = worker
-            bar.update(1)
         except WorkerError as error:
             worker.close()
             rows[i].update(status="skipped", reason=str(error))
-            bar.update(1 + settings.repeat)
+        wall[i] = time.perf_counter() - started
+        bar.update(1)
     order = list(workers)
-    iters = {(i, kind): max(1, math.ceil(settings.min_time / ready[i][f"{kind}_first_s"]))
-             for i in order for kind in KINDS}
-    blocks = {(i, kind): [] for i in order for kind in KINDS}
+    iters, wanted, blocks = {}, {}, {}
+    for i in order:
+        for kind in KINDS:
+            first = ready[i][f"{kind}_first"]
+            iters[i, kind] = max(1, math.ceil(settings.min_time / first["seconds"]))
+            wanted[i, kind] = settings.blocks_wanted(iters[i, kind] * first["seconds"])
+            # a slow step's first call is its first block (the memory step: no profiler time inside it)
+            blocks[i, kind] = [first] if first["seconds"] >= settings.timed_first else []
+    bar.total += sum(wanted[key] - len(blocks[key]) for key in wanted)
     try:
-        for _, m in schedule(len(order), settings.repeat):
-            i = order[m]
-            bar.set_description(f"{model_name} {methods[i].label}")
-            for kind in KINDS:
-                blocks[i, kind].append(workers[i].block(kind, iters[i, kind]))
-            bar.update(1)
+        while any(len(blocks[key]) < wanted[key] for key in wanted):
+            for i in order:
+                for kind in KINDS:
+                    if len(blocks[i, kind]) < wanted[i, kind]:
+                        bar.set_description(f"{model_name} {methods[i].label}")
+                        started = time.perf_counter()
+                        blocks[i, kind].append(workers[i].block(kind, iters[i, kind]))
+                        wall[i] += time.perf_counter() - started
+                        bar.update(1)
     finally:
         for worker in workers.values():
             worker.close()
@@ -193,7 +216,7 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
     for i in order:
         row = rows[i]
         # blocks: per kind, the timed blocks (start on the monotonic clock, seconds and wait per step)
-        row.update(params=ready[i]["params"], rounds=settings.repeat, blocks={k: blocks[i, k] for k in KINDS})
+        row.update(params=ready[i]["params"], blocks={k: blocks[i, k] for k in KINDS}, wall_s=wall[i])
         flags, waits = [], []
         for kind in KINDS:
             seconds = [b["seconds"] for b in blocks[i, kind]]
@@ -203,6 +226,7 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
                                                  batch)
             waits.append(fields.pop(f"{kind}_wait"))
             row.update(fields)
+            row[f"{kind}_blocks"] = len(seconds)
             flags += kind_flags
             row[f"{kind}_rss_mb"], row[f"{kind}_alloc_mb"] = ready[i][f"{kind}_rss_mb"], ready[i][f"{kind}_alloc_mb"]
         row.update(cpu_wait_pct=100 * max(waits), flags="; ".join(flags))
@@ -216,9 +240,9 @@ def run(plan: list[tuple[str, list[Method]]], settings: Settings, on_model=None)
     base = {**env, "batch": settings.batch, "train_batch": settings.train_batch, "size": settings.size,
             "amp": settings.amp or "fp32", "channels_last": settings.channels_last, "threads": settings.threads,
             "memory_kind": memory_kind(settings.device), "timer": timer_kind(settings.device)}
-    total = sum(len(methods) for _, methods in plan) * (1 + settings.repeat)
-    rows = []
-    with tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False) as bar:
+    rows = []  # the bar counts worker starts and timed blocks; each model adds its blocks once it knows them
+    total = sum(len(methods) for _, methods in plan)
+    with tqdm(total=total, file=sys.stderr, unit="block", dynamic_ncols=True, leave=False) as bar:
         for model_name, methods in plan:
             model_rows = measure_model(model_name, methods, settings, base, bar)
             rows += model_rows
@@ -237,8 +261,8 @@ TABLE_HEADER = ("| model | method | params (M) | infer img/s | spread | vs stati
 
 
 def table_rows(rows: list[dict]) -> list[str]:
-    """Markdown lines of `rows`; spread: min-max over the rounds in % of the median; vs static: median of the
-    per-round ratios; !: a row measured while the machine was busy."""
+    """Markdown lines of `rows`; spread: interquartile range of the timed blocks in % of the median; vs static:
+    median of the per-round ratios; !: a row to distrust (spread.busy_warning says why)."""
     lines = []
     for r in rows:
         if r["status"] != "ok":
@@ -318,11 +342,20 @@ def plot(csv_path: Path, png_path: Path, git_sha: str) -> str:
             ax.invert_yaxis()
             ax.tick_params(labelsize=7)
     fig.suptitle(f"{rows[0]['device']} · torch {rows[0]['torch']} · {git_sha} · {run_date} UTC · "
-                 f"median of {rows[0]['rounds']} interleaved rounds, whiskers min-max", fontsize=9)
+                 "medians of interleaved blocks, whiskers min-max", fontsize=9)
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     return f"plot: {png_path}"
+
+
+def _blocks_text(settings: Settings) -> str:
+    text = f"median of {settings.repeat} timed blocks per step kind in interleaved rounds"
+    if settings.max_repeat > settings.repeat:
+        text += f" ({settings.max_repeat} where a block costs under {settings.cheap_block} s)"
+    if math.isfinite(settings.timed_first):
+        text += f"; steps of {settings.timed_first} s or more timed from their first call (no separate warm-up)"
+    return text
 
 
 def main(argv=None) -> int:
@@ -336,9 +369,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--size", type=int)
     parser.add_argument("--repeat", type=int,
-                        help="interleaved rounds per model, at least 2 (default: 2, 5 on GPU; --full: 5, 7 on GPU)")
+                        help="timed blocks per method and step kind, in interleaved rounds, at least 2 (default: "
+                        "2, and 5 for steps whose block costs under 0.15 s, on CPU; 5 on GPU; --full: 5, 7 on GPU)")
     parser.add_argument("--min-time", type=float,
-                        help="seconds each timed block lasts at least, in whole steps (default: 0.02 CPU, 0.05 GPU; "
+                        help="seconds each timed block lasts at least, in whole steps (default: 0.03 CPU, 0.05 GPU; "
                         "--full: 0.5 CPU, 0.2 GPU)")
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
     parser.add_argument("--channels-last", choices=("on", "off"), help="default: on for CUDA, off for CPU")
@@ -352,7 +386,7 @@ def main(argv=None) -> int:
     if args.batch:
         settings.train_batch = max(2, min(settings.train_batch, args.batch))
     if settings.repeat < 2:
-        parser.error("--repeat must be at least 2: one round has no spread")
+        parser.error("--repeat must be at least 2: one block has no spread")
     if args.amp:
         settings.amp = None if args.amp == "none" else args.amp
     if args.channels_last:
@@ -383,9 +417,9 @@ def main(argv=None) -> int:
           f"git {rows[0]['git_sha']} · {rows[0]['date']} UTC · {time.perf_counter() - started:.0f} s")
     print(f"settings: inference batch {settings.batch}, training batch {settings.train_batch}, "
           f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}; "
-          f"median of {settings.repeat} interleaved rounds, blocks of at least {settings.min_time} s "
-          f"({timer_kind(settings.device)}); spread: min-max over the rounds in % of the median; vs static: "
-          f"median of the per-round ratios; memory: {memory_kind(settings.device)}"
+          f"{_blocks_text(settings)}, blocks of at least {settings.min_time} s ({timer_kind(settings.device)}); "
+          f"spread: interquartile range of the blocks in % of the median; vs static: median of the per-round "
+          f"ratios; memory: {memory_kind(settings.device)}"
           + ("" if args.full else " (quick settings; --full for the paper's)"))
     print(f"csv: {csv_path}{moved}; {note}\n")
     print(markdown_table(rows))

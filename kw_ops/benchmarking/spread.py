@@ -1,24 +1,23 @@
-"""How far to trust a row measured in interleaved rounds: median, min-max spread, per-round ratios to the
-static network, and the flags that mark a row measured while the machine was busy."""
+"""How far to trust a row measured in interleaved rounds: median, spread (interquartile range), per-round
+ratios to the static network, and the flags that mark a row whose rounds disagree, with the likely cause."""
 from __future__ import annotations
 
 import statistics
 
-#: a row is flagged when its min-max spread over the rounds, or that of its per-round ratio to the static
+#: a row is flagged when the interquartile range of its blocks, or of its per-round ratio to the static
 #: network, exceeds this share of the median
 SPREAD_LIMIT = 0.10
 #: ... or when its threads waited on a run queue (another process had the CPU) for this share of the time
 WAIT_LIMIT = 0.10
 
 
-def schedule(methods: int, rounds: int) -> list[tuple[int, int]]:
-    """(round, method) in the order they run: every method once per round, A B C, A B C, ..."""
-    return [(r, m) for r in range(rounds) for m in range(methods)]
-
-
 def spread(values) -> float:
-    """Min-max spread as a share of the median."""
-    return (max(values) - min(values)) / statistics.median(values)
+    """Interquartile range as a share of the median (inclusive quartiles: for two values, half their
+    difference; one value has none). Robust to one outlying block once there are four or more."""
+    if len(values) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return (high - low) / statistics.median(values)
 
 
 def summarise(seconds: list[float], static_seconds: list[float] | None, waits: list[float]) -> dict:
@@ -29,7 +28,7 @@ def summarise(seconds: list[float], static_seconds: list[float] | None, waits: l
     reasons = []
     if out["spread"] > SPREAD_LIMIT:
         reasons.append(f"spread {out['spread']:.0%}")
-    if static_seconds is not None:
+    if static_seconds is not None:  # round by round, as far as both have blocks
         ratios = [s / base for s, base in zip(seconds, static_seconds)]
         out["ratio"], out["ratio_spread"] = statistics.median(ratios), spread(ratios)
         if out["ratio_spread"] > SPREAD_LIMIT:
@@ -41,10 +40,20 @@ def summarise(seconds: list[float], static_seconds: list[float] | None, waits: l
 
 
 def busy_warning(rows: list[dict]) -> str | None:
-    """One line naming the rows to distrust, or None when every row held still."""
-    flagged = [f"{r['model']} {r['method']}" for r in rows if r.get("flags")]
+    """One line naming the rows to distrust and why, or None when every row held still. Rows whose threads
+    waited for a CPU mean another process was busy; rows that varied without waiting mean short blocks or
+    a machine that does not hold its clock (more blocks: --repeat, --min-time)."""
+    flagged = [r for r in rows if r.get("flags")]
     if not flagged:
         return None
-    which = "every row" if len(flagged) == sum(r["status"] == "ok" for r in rows) else "; ".join(flagged)
-    return (f"warning: the machine was busy while {len(flagged)} row(s) ran (marked !: spread over {SPREAD_LIMIT:.0%}, "
-            f"rounds disagreeing, or run-queue wait over {WAIT_LIMIT:.0%}); distrust {which}")
+    names = [f"{r['model']} {r['method']}" for r in flagged]
+    which = "every row" if len(flagged) == sum(r["status"] == "ok" for r in rows) else "; ".join(names)
+    waited = [r for r in flagged if float(r.get("cpu_wait_pct") or 0) > 100 * WAIT_LIMIT]
+    if waited:
+        cause = (f"the machine was busy: other processes held the CPU while {len(waited)} of them ran (run-queue "
+                 f"wait over {WAIT_LIMIT:.0%})")
+    else:
+        cause = ("no other process held the CPU, so the variation is this machine's own (short blocks, clock "
+                 "changes); more blocks (--repeat, --min-time) firm them up")
+    return (f"warning: {len(flagged)} row(s) marked ! (spread over {SPREAD_LIMIT:.0%}, rounds disagreeing, or "
+            f"run-queue wait over {WAIT_LIMIT:.0%}); {cause}; distrust {which}")

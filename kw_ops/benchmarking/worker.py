@@ -21,6 +21,9 @@ from .measure import block_seconds, inference_step, make_inputs, step_memory_mb,
 from .released import released_formulation
 
 NUM_CLASSES = 1000
+#: seconds a worker waits before timing a block: the OpenMP threads of the worker that ran the block before
+#: spin-wait for a few milliseconds after it (libgomp's default spin count) and would take CPU from this one
+SETTLE_S = 0.02
 #: errors that make a method 'skipped' with the error as its reason; anything else is a bug and raises
 SKIPPABLE = (RuntimeError, NotImplementedError, ValueError)
 
@@ -53,16 +56,22 @@ def _serve(conn, model_name: str, released: bool, settings) -> None:
     with formulation(model, released):
         ready = {"params": count_parameters(model)}
         for kind, step in steps.items():
-            start = time.perf_counter()
-            memory = step_memory_mb(step, device)
-            ready[f"{kind}_first_s"] = time.perf_counter() - start
+            first = {}
+            memory = step_memory_mb(lambda: first.update(_timed_block(step, device)), device)
+            ready[f"{kind}_first"] = first  # a block of one step: the memory measurement's set-up is outside it
             ready[f"{kind}_rss_mb"], ready[f"{kind}_alloc_mb"] = memory["rss"], memory["alloc"]
         conn.send(("ready", ready))
         while (request := conn.recv()) is not None:
             kind, iters = request
-            started = time.monotonic()
-            seconds, wait = block_seconds(steps[kind], iters, device)
-            conn.send(("block", {"started": started, "seconds": seconds, "wait": wait}))
+            time.sleep(SETTLE_S)
+            conn.send(("block", _timed_block(steps[kind], device, iters)))
+
+
+def _timed_block(step, device, iters: int = 1) -> dict:
+    """{'started': monotonic start, 'seconds' and 'wait' per step} of `iters` calls of `step`."""
+    started = time.monotonic()
+    seconds, wait = block_seconds(step, iters, device)
+    return {"started": started, "seconds": seconds, "wait": wait}
 
 
 def _main(conn, model_name: str, released: bool, settings) -> None:
@@ -73,7 +82,8 @@ def _main(conn, model_name: str, released: bool, settings) -> None:
 
 
 class Worker:
-    """Parent side of one method's process: `start()` returns its parameter count and first-step memory,
+    """Parent side of one method's process: `start()` returns its parameter count, first-step memory and
+    first-step blocks ('infer_first', 'train_first'),
     `block(kind, iters)` times a block of 'infer' or 'train' steps there, `close()` ends it."""
 
     def __init__(self, model_name: str, released: bool, settings):
