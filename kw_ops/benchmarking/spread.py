@@ -48,12 +48,14 @@ def busy_warning(rows: list[dict]) -> str | None:
         return None
     names = [f"{r['model']} {r['method']}" for r in flagged]
     which = "every row" if len(flagged) == sum(r["status"] == "ok" for r in rows) else "; ".join(names)
-    waited = [r for r in flagged if float(r.get("cpu_wait_pct") or 0) > 100 * WAIT_LIMIT]
+    waited = sum(float(r.get("cpu_wait_pct") or 0) > 100 * WAIT_LIMIT for r in flagged)
+    causes = []
     if waited:
-        cause = (f"the machine was busy: other processes held the CPU while {len(waited)} of them ran (run-queue "
-                 f"wait over {WAIT_LIMIT:.0%})")
-    else:
-        cause = ("no other process held the CPU, so the variation is this machine's own (short blocks, clock "
-                 "changes); more blocks (--repeat, --min-time) firm them up")
+        causes.append(f"the machine was busy: other processes held the CPU while {waited} of them ran (run-queue "
+                      f"wait over {WAIT_LIMIT:.0%})")
+    if waited < len(flagged):
+        causes.append(f"{len(flagged) - waited} varied with no other process on the CPU, which is this machine's "
+                      "own noise (short blocks, clock changes): more blocks (--repeat, --min-time) firm them up")
+    cause = "; ".join(causes)
     return (f"warning: {len(flagged)} row(s) marked ! (spread over {SPREAD_LIMIT:.0%}, rounds disagreeing, or "
             f"run-queue wait over {WAIT_LIMIT:.0%}); {cause}; distrust {which}")
