@@ -68,6 +68,10 @@ def test_csv_with_older_columns_is_moved_aside(tmp_path):
     assert "older rows" in note and (tmp_path / "bench_models_cpu.old-columns.csv").exists()
     with path.open() as handle:
         assert tuple(next(csv.reader(handle))) == CSV_FIELDS
+    path.write_text("date,model,rounds\n2026-11-29,resnet50,2\n")  # a second change of columns keeps the first
+    assert "old-columns-2.csv" in model_bench.write_csv([{"model": "resnet18", "status": "ok"}], path)
+    assert "infer_peak_mb" in (tmp_path / "bench_models_cpu.old-columns.csv").read_text()
+    assert "rounds" in (tmp_path / "bench_models_cpu.old-columns-2.csv").read_text()
 
 
 def test_interleaved_run_under_load_warns_or_keeps_the_ratio():

@@ -296,6 +296,10 @@ def write_csv(rows: list[dict], path: Path) -> str:
             header = next(csv.reader(handle), [])
         if tuple(header) != CSV_FIELDS:
             aside = path.with_name(f"{path.stem}.old-columns{path.suffix}")
+            number = 1
+            while aside.exists():  # never over an earlier move
+                number += 1
+                aside = path.with_name(f"{path.stem}.old-columns-{number}{path.suffix}")
             path.replace(aside)
             note = f" (its older rows, with other columns, moved to {aside})"
     new = not path.exists()
