@@ -8,9 +8,11 @@ Formulations (`formulation=`, or `set_baseline_formulation(model, ...)`):
   authors' code and the reimplementation the KW and ODConv papers acknowledge).
 - 'mix': output mixing: one dense conv with the K kernels stacked (K · C_out filters), then
   y_b = Σ_k π_bk y_bk. K times the conv FLOPs but no per-sample weights.
-- 'fast' (default): 1x1 kernels: a batched matmul with W_b; otherwise output mixing when its
-  multiply-adds K · L are at most those of the grouped formulation, K + L (L = H' · W'; true
-  only for K = 1 or L = 1), else the grouped conv. `path(H, W)` says which runs.
+- 'fast' (default): 1x1 kernels: a batched matmul with W_b; K = 1: output mixing (one dense conv, no
+  per-sample weights); otherwise the grouped conv. Output mixing also has the fewer multiply-adds at
+  one output position (K · L <= K + L for L = H' · W' = 1), but measured on CPU at batch 2, 32x32 it was
+  slower there: ResNet18 DY-Conv (4x) training 604 vs 327 ms, ResNet50 816 vs 604 ms (oneDNN's weight
+  gradient of the stacked conv), so it is not chosen for that. `path(H, W)` says which runs.
 """
 from __future__ import annotations
 
@@ -108,12 +110,7 @@ class DYConv2d(BaselineConv2d):
             return "grouped" if self.formulation == "released" else "mix"
         if self.kernel_size == (1, 1):
             return "bmm"
-        if self._pre_pad is not None:
-            height += self._pre_pad[2] + self._pre_pad[3]
-            width += self._pre_pad[0] + self._pre_pad[1]
-        out_h, out_w = self._output_size(height, width)
-        positions = out_h * out_w
-        return "mix" if self.num_kernels * positions <= self.num_kernels + positions else "grouped"
+        return "mix" if self.num_kernels == 1 else "grouped"
 
     def mixed_weight(self, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """π [B, K] -> (W_b [B, C_out, C_in/g, kh, kw], b_b [B, C_out] or None)."""
