@@ -9,6 +9,7 @@ import torch.nn as nn
 from ..config import KWConfig
 from ..ops import kw_conv
 from ..ops.export_impl import export_conv, exporting
+from ..ops.kept_kernels import keeps_kernels, kept_kernels_conv
 from .attention import KWAttention
 from .geometry import ConvGeometry
 from .planning import LayerPlan, WarehousePlan, WeightShape
@@ -93,9 +94,11 @@ class KWLayer(ConvGeometry):
             x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         x = self._pad(x)
+        geometry = (self.out_channels, self.kernel_size, self.stride, self._conv_padding, self.dilation, self.groups)
         if exporting():  # ONNX / torch.export / tracing: a formulation whose batch stays symbolic
-            y = export_conv(x, attn, cells, bias, self.out_channels, self.kernel_size, self.stride,
-                            self._conv_padding, self.dilation, self.groups)
+            y = export_conv(x, attn, cells, bias, *geometry)
+        elif keeps_kernels(x, attn, cells, *geometry, self.backend):  # small CPU training steps: see kept_kernels
+            y = kept_kernels_conv(x, attn, cells, bias, *geometry)
         else:
             y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
                         stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
