@@ -181,21 +181,24 @@ def test_measure_model_interleaves_methods_and_times_whole_steps_of_at_least_min
     assert [(row["infer_blocks"], row["train_blocks"]) for row in rows] == [(2, 2), (2, 2)]
 
 
-def test_cheap_steps_run_extra_rounds_and_slow_steps_are_timed_from_their_first_call(monkeypatch):
-    """static infer: 0.05 s steps, blocks of 2 (0.1 s, cheap) -> 4 blocks; static train: first call 2.0 s
-    >= timed_first -> that call is block 1, one more asked; kw: 0.6 s steps -> 2 blocks each. Rounds stay
-    interleaved: a method drops out once it has its blocks."""
-    settings = Settings("cpu", 4, 2, 32, 2, 0.1, None, False, max_repeat=4, cheap_block=0.5, timed_first=1.5)
+def test_cheap_steps_run_extra_rounds_and_first_calls_are_never_timed(monkeypatch):
+    """static infer: 0.05 s steps, blocks of 2 (0.1 s, cheap) -> 4 blocks; static train: a 2.0 s first call,
+    blocks of one step (1.0 s) -> 2 blocks; kw: 0.6 s steps -> 2 blocks each. Rounds stay interleaved: a
+    method drops out once it has its blocks."""
+    settings = Settings("cpu", 4, 2, 32, 2, 0.1, None, False, max_repeat=4, cheap_block=0.5)
     rows, calls = _fake_run(monkeypatch, settings, {"static": {"infer": 0.05, "train": 2.0},
                                                     "kw": {"infer": 0.6, "train": 0.6}},
                             {"static": 1.0, "kw": 0.6})
-    assert calls == [("static", "infer", 2), ("static", "train", 1), ("kw", "infer", 1), ("kw", "train", 1),
-                     ("static", "infer", 2), ("kw", "infer", 1), ("kw", "train", 1),
-                     ("static", "infer", 2), ("static", "infer", 2)]
+    one_round = [("static", "infer", 2), ("static", "train", 1), ("kw", "infer", 1), ("kw", "train", 1)]
+    assert calls == one_round * 2 + [("static", "infer", 2)] * 2
     static, kw = rows
     assert (static["infer_blocks"], static["train_blocks"], kw["infer_blocks"], kw["train_blocks"]) == (4, 2, 2, 2)
-    assert static["train_step_ms"] == pytest.approx(1500)  # median of the first call (2.0 s) and a block (1.0 s)
-    assert static["train_step_ms_max"] == pytest.approx(2000)
-    # each block is paired with the static block that started nearest to it: kw's train blocks (clock 7 and 10)
-    # with static's second train block (clock 5), not with its first call (clock 1)
-    assert kw["train_vs_static"] == pytest.approx(0.6 / 1.0) and kw["train_ratio_spread_pct"] == 0
+    assert static["train_step_ms"] == pytest.approx(1000) and static["train_step_ms_max"] == pytest.approx(1000)
+    assert kw["train_vs_static"] == pytest.approx(0.6)
+
+
+def test_each_block_is_paired_with_the_static_block_nearest_in_time():
+    blocks = [{"started": 10.0}, {"started": 31.0}]
+    static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
+              {"started": 30.0, "seconds": 4.0}]
+    assert model_bench._nearest_seconds(blocks, static) == [2.0, 4.0]  # not the first two (1.0, 2.0)

@@ -5,10 +5,10 @@ paper's Tables 12 and 16 on your machine.
 Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
 timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
 over its blocks, their spread (interquartile range) and the median of its per-round ratio to the static
-network. Cheap steps get more rounds than slow ones (`Settings.max_repeat`), and a step whose first call
-already takes `Settings.timed_first` seconds is timed from that call: one-time costs are a small share of
-it, and the warm-up it would otherwise need costs as much as a round. Rows that varied between rounds are
-marked and named in one warning line, which says whether another process held the CPU (spread.py)."""
+network. Cheap steps get more rounds than slow ones (`Settings.max_repeat`); a step's first call (the memory
+measurement, also the warm-up) is never timed: even for 2-10 s steps it measured 10-60 % slower than later
+calls. Rows that varied between rounds are marked and named in one warning line, which says whether another
+process held the CPU (spread.py)."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +61,6 @@ class Settings:
     channels_last: bool
     max_repeat: int = 0          # blocks for a cheap step (a block under `cheap_block` seconds); 0: `repeat`
     cheap_block: float = 0.0
-    timed_first: float = math.inf  # a step whose first call took this long is timed from that call
     threads: int = dataclasses.field(default_factory=torch.get_num_threads)
 
     def blocks_wanted(self, block_seconds: float) -> int:
@@ -71,11 +70,10 @@ class Settings:
 
 def quick_settings(device: str) -> Settings:
     """A first result soon on a 2-core CPU: the smallest batch the attention's BatchNorm trains on, 32x32; two
-    blocks per slow step (the least that shows a spread), five per step whose block costs under 0.15 s; steps
-    of a second or more timed from their first call."""
+    blocks per slow step (the least that shows a spread), five per step whose block costs under 0.15 s."""
     if device == "cuda":
         return Settings(device, 32, 16, 224, 5, 0.05, "bf16", True)
-    return Settings(device, 2, 2, 32, 2, 0.03, None, False, max_repeat=5, cheap_block=0.15, timed_first=1.0)
+    return Settings(device, 2, 2, 32, 2, 0.03, None, False, max_repeat=5, cheap_block=0.15)
 
 
 def full_settings(device: str) -> Settings:
@@ -202,9 +200,8 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
             first = ready[i][f"{kind}_first"]
             iters[i, kind] = max(1, math.ceil(settings.min_time / first["seconds"]))
             wanted[i, kind] = settings.blocks_wanted(iters[i, kind] * first["seconds"])
-            # a slow step's first call is its first block (the memory step: no profiler time inside it)
-            blocks[i, kind] = [first] if first["seconds"] >= settings.timed_first else []
-    bar.total += sum(wanted[key] - len(blocks[key]) for key in wanted)
+            blocks[i, kind] = []
+    bar.total += sum(wanted.values())
     try:
         while any(len(blocks[key]) < wanted[key] for key in wanted):
             for i in order:
@@ -363,8 +360,6 @@ def _blocks_text(settings: Settings) -> str:
     text = f"median of {settings.repeat} timed blocks per step kind in interleaved rounds"
     if settings.max_repeat > settings.repeat:
         text += f" ({settings.max_repeat} where a block costs under {settings.cheap_block} s)"
-    if math.isfinite(settings.timed_first):
-        text += f"; steps of {settings.timed_first} s or more timed from their first call (no separate warm-up)"
     return text
 
 
