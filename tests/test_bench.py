@@ -39,7 +39,8 @@ def test_summarise_flags_rows_to_distrust(seconds, static, waits, flags):
     out = summarise(seconds, static, waits)
     assert out["flags"] == flags
     assert out["median"] == sorted(seconds)[1] and out["min"] == min(seconds) and out["max"] == max(seconds)
-    assert out["ratio"] == pytest.approx(sorted(s / b for s, b in zip(seconds, static))[1])
+    assert out["ratio"] == pytest.approx(sorted(seconds)[1] / sorted(static)[1])  # the ratio of the medians
+    assert summarise(seconds, static, waits, static_median=0.5)["ratio"] == pytest.approx(sorted(seconds)[1] / 0.5)
     assert (out["spread"] > SPREAD_LIMIT) == any(f.startswith("spread") for f in flags)
 
 
@@ -197,8 +198,19 @@ def test_cheap_steps_run_extra_rounds_and_first_calls_are_never_timed(monkeypatc
     assert kw["train_vs_static"] == pytest.approx(0.6)
 
 
-def test_each_block_is_paired_with_the_static_block_nearest_in_time():
-    blocks = [{"started": 10.0}, {"started": 31.0}]
-    static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
-              {"started": 30.0, "seconds": 4.0}]
-    assert model_bench._nearest_seconds(blocks, static) == [2.0, 4.0]  # not the first two (1.0, 2.0)
+def test_vs_static_is_the_ratio_of_medians_robust_to_one_static_outlier(monkeypatch):
+    """static's infer blocks: 0.1 s except an outlier of 1.0 s in round 2, which is also kw's second and last
+    round (0.6 s blocks: not cheap, two rounds). kw's vs static is 0.1 / 0.6 from the medians, where the median
+    of its two per-round ratios (6 and 0.6) would say 0.3; those disagreeing ratios flag the row."""
+    steps = {"static": iter([0.1, 1.0, 0.1, 0.1, 0.1] + [1.0] * 20), "kw": iter([0.6] * 20)}
+    monkeypatch.setattr(FakeWorker, "block", lambda self, kind, iters: (
+        self.calls.append((self.label, kind, iters)),
+        {"started": next(self.clock), "seconds": next(steps[self.label]) if kind == "infer" else 1.0,
+         "wait": 0.0})[1])
+    settings = Settings("cpu", 4, 2, 32, 2, 0.1, None, False, max_repeat=5, cheap_block=0.5)
+    rows, _ = _fake_run(monkeypatch, settings, {"static": {"infer": 0.1, "train": 2.0},
+                                                "kw": {"infer": 0.6, "train": 2.0}}, {})
+    static, kw = rows
+    assert (static["infer_blocks"], kw["infer_blocks"]) == (5, 2)
+    assert kw["infer_vs_static"] == pytest.approx(0.1 / 0.6) and "infer rounds disagree" in kw["flags"]
+    assert static["infer_spread_pct"] == 0 and static["infer_images_per_s_min"] == pytest.approx(4 / 1.0)

@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -150,8 +151,9 @@ def timer_kind(device: str) -> str:
     return "CUDA events around each block" if torch.device(device).type == "cuda" else "perf_counter around each block"
 
 
-def _summary_fields(kind: str, seconds, static_seconds, waits, batch: int) -> tuple[dict, list[str]]:
-    s = summarise(seconds, static_seconds, waits)
+def _summary_fields(kind: str, seconds, static_seconds, waits, batch: int,
+                    static_median: float | None = None) -> tuple[dict, list[str]]:
+    s = summarise(seconds, static_seconds, waits, static_median)
     if kind == "infer":
         fields = {"infer_images_per_s": batch / s["median"], "infer_images_per_s_min": batch / s["max"],
                   "infer_images_per_s_max": batch / s["min"], "infer_vs_static": 1 / s["ratio"] if "ratio" in s
@@ -223,10 +225,13 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
         flags, waits = [], []
         for kind in KINDS:
             seconds = [b["seconds"] for b in blocks[i, kind]]
-            static_seconds = None if static is None else _nearest_seconds(blocks[i, kind], blocks[static, kind])
+            static_seconds = static_median = None
+            if static is not None:
+                static_seconds = _nearest_seconds(blocks[i, kind], blocks[static, kind])
+                static_median = statistics.median(b["seconds"] for b in blocks[static, kind])
             batch = settings.batch if kind == "infer" else settings.train_batch
             fields, kind_flags = _summary_fields(kind, seconds, static_seconds, [b["wait"] for b in blocks[i, kind]],
-                                                 batch)
+                                                 batch, static_median)
             waits.append(fields.pop(f"{kind}_wait"))
             row.update(fields)
             row[f"{kind}_blocks"] = len(seconds)
@@ -265,7 +270,7 @@ TABLE_HEADER = ("| model | method | params (M) | infer img/s | spread | vs stati
 
 def table_rows(rows: list[dict]) -> list[str]:
     """Markdown lines of `rows`; spread: interquartile range of the timed blocks in % of the median; vs static:
-    median of the per-round ratios; !: a row to distrust (spread.busy_warning says why)."""
+    the ratio of the medians; !: a row to distrust (spread.busy_warning says why)."""
     lines = []
     for r in rows:
         if r["status"] != "ok":
@@ -423,8 +428,9 @@ def main(argv=None) -> int:
     print(f"settings: inference batch {settings.batch}, training batch {settings.train_batch}, "
           f"{settings.size}x{settings.size}, {settings.amp or 'fp32'}, channels_last={settings.channels_last}; "
           f"{_blocks_text(settings)}, blocks of at least {settings.min_time} s ({timer_kind(settings.device)}); "
-          f"spread: interquartile range of the blocks in % of the median; vs static: median of the per-round "
-          f"ratios; memory: {memory_kind(settings.device)}"
+          f"spread: interquartile range of the blocks in % of the median; vs static: ratio of the medians (rows "
+          f"are flagged when the ratios to the static blocks of the same rounds disagree); memory: "
+          f"{memory_kind(settings.device)}"
           + ("" if args.full else " (quick settings; --full for the paper's)"))
     print(f"csv: {csv_path}{moved}; {note}\n")
     print(markdown_table(rows))

@@ -20,9 +20,13 @@ def spread(values) -> float:
     return (high - low) / statistics.median(values)
 
 
-def summarise(seconds: list[float], static_seconds: list[float] | None, waits: list[float]) -> dict:
-    """Median, min, max and spread of per-round times; median and spread of the per-round ratio to the static
-    network's time in the same round; the share of the time spent waiting for a CPU; and why to distrust it."""
+def summarise(seconds: list[float], static_seconds: list[float] | None, waits: list[float],
+              static_median: float | None = None) -> dict:
+    """Median, min, max and spread of the blocks' times; the ratio of the median to the static network's
+    median (`static_median`, default: that of `static_seconds`) and the spread of the per-round ratios to
+    `static_seconds` (the static blocks paired with these); the share of the time spent waiting for a CPU;
+    and why to distrust the row. The ratio of medians stays put when one static block is an outlier (the
+    static network has the most blocks); the per-round ratios are what tells a round apart."""
     out = {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "spread": spread(seconds),
            "wait": sum(waits) / sum(seconds)}
     reasons = []
@@ -30,7 +34,8 @@ def summarise(seconds: list[float], static_seconds: list[float] | None, waits: l
         reasons.append(f"spread {out['spread']:.0%}")
     if static_seconds is not None:  # round by round, as far as both have blocks
         ratios = [s / base for s, base in zip(seconds, static_seconds)]
-        out["ratio"], out["ratio_spread"] = statistics.median(ratios), spread(ratios)
+        base = static_median if static_median is not None else statistics.median(static_seconds)
+        out["ratio"], out["ratio_spread"] = out["median"] / base, spread(ratios)
         if out["ratio_spread"] > SPREAD_LIMIT:
             reasons.append(f"rounds disagree by {out['ratio_spread']:.0%}")
     if out["wait"] > WAIT_LIMIT:
