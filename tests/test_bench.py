@@ -134,8 +134,7 @@ class FakeWorker:
         self.label = model_name
 
     def start(self):
-        first = {f"{kind}_first": {"started": next(self.clock), "seconds": seconds, "wait": 0.0}
-                 for kind, seconds in self.first[self.label].items()}
+        first = {f"{kind}_first_s": seconds for kind, seconds in self.first[self.label].items()}
         return {"params": 7, "infer_rss_mb": 1.0, "infer_alloc_mb": 1.0, "train_rss_mb": 1.0, "train_alloc_mb": 1.0,
                 **first}
 
@@ -214,3 +213,10 @@ def test_vs_static_is_the_ratio_of_medians_robust_to_one_static_outlier(monkeypa
     assert (static["infer_blocks"], kw["infer_blocks"]) == (5, 2)
     assert kw["infer_vs_static"] == pytest.approx(0.1 / 0.6) and "infer rounds disagree" in kw["flags"]
     assert static["infer_spread_pct"] == 0 and static["infer_images_per_s_min"] == pytest.approx(4 / 1.0)
+
+
+def test_each_block_is_paired_with_the_static_block_nearest_in_time():
+    blocks = [{"started": 10.0}, {"started": 31.0}]
+    static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
+              {"started": 30.0, "seconds": 4.0}]
+    assert model_bench._nearest_seconds(blocks, static) == [2.0, 4.0]  # not the first two (1.0, 2.0)

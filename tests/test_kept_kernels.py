@@ -111,3 +111,18 @@ def test_layer_takes_it_for_small_training_steps_and_matches_the_op(monkeypatch)
     with torch.no_grad():
         conv(x)
     assert calls == [1]  # inference runs the op
+
+
+def test_the_bench_released_formulation_is_this_computation_and_matches_the_op():
+    from kw_ops.benchmarking.released import released_formulation, released_kw_conv
+    from kw_ops.ops.kept_kernels import released_conv
+
+    assert released_kw_conv is released_conv
+    torch.manual_seed(0)
+    model = kw_ops.models.create("tiny_kw1x", num_classes=10).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        with released_formulation(model):
+            got = model(x)
+    _assert_close(got, expected, "released formulation vs the op", {"atol": 1e-4, "rtol": 1e-4})

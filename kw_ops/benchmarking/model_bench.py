@@ -4,8 +4,8 @@ paper's Tables 12 and 16 on your machine.
 
 Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
 timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
-over its blocks, their spread (interquartile range) and the median of its per-round ratio to the static
-network. Cheap steps get more rounds than slow ones (`Settings.max_repeat`); a step's first call (the memory
+over its blocks, their spread (interquartile range) and the ratio of its median to the static network's
+(its per-round ratios flag rounds that disagree). Cheap steps get more rounds than slow ones (`Settings.max_repeat`); a step's first call (the memory
 measurement, also the warm-up) is never timed: even for 2-10 s steps it measured 10-60 % slower than later
 calls. Rows that varied between rounds are marked and named in one warning line, which says whether another
 process held the CPU (spread.py)."""
@@ -196,13 +196,10 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
         wall[i] = time.perf_counter() - started
         bar.update(1)
     order = list(workers)
-    iters, wanted, blocks = {}, {}, {}
-    for i in order:
-        for kind in KINDS:
-            first = ready[i][f"{kind}_first"]
-            iters[i, kind] = max(1, math.ceil(settings.min_time / first["seconds"]))
-            wanted[i, kind] = settings.blocks_wanted(iters[i, kind] * first["seconds"])
-            blocks[i, kind] = []
+    first = {(i, kind): ready[i][f"{kind}_first_s"] for i in order for kind in KINDS}
+    iters = {key: max(1, math.ceil(settings.min_time / seconds)) for key, seconds in first.items()}
+    wanted = {key: settings.blocks_wanted(iters[key] * seconds) for key, seconds in first.items()}
+    blocks = {key: [] for key in first}
     bar.total += sum(wanted.values())
     try:
         while any(len(blocks[key]) < wanted[key] for key in wanted):

@@ -58,7 +58,7 @@ def _serve(conn, model_name: str, released: bool, settings) -> None:
         for kind, step in steps.items():
             first = {}
             memory = step_memory_mb(lambda: first.update(_timed_block(step, device)), device)
-            ready[f"{kind}_first"] = first  # a block of one step: the memory measurement's set-up is outside it
+            ready[f"{kind}_first_s"] = first["seconds"]  # the memory measurement's set-up is outside it
             ready[f"{kind}_rss_mb"], ready[f"{kind}_alloc_mb"] = memory["rss"], memory["alloc"]
         conn.send(("ready", ready))
         while (request := conn.recv()) is not None:
@@ -83,8 +83,8 @@ def _main(conn, model_name: str, released: bool, settings) -> None:
 
 class Worker:
     """Parent side of one method's process: `start()` returns its parameter count, first-step memory and
-    first-step blocks ('infer_first', 'train_first'),
-    `block(kind, iters)` times a block of 'infer' or 'train' steps there, `close()` ends it."""
+    first-step seconds ('infer_first_s', 'train_first_s'), `block(kind, iters)` times a block of 'infer' or
+    'train' steps there, `close()` ends it."""
 
     def __init__(self, model_name: str, released: bool, settings):
         context = multiprocessing.get_context("forkserver")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .backends import requested_backend
 from .torch_impl import assemble_kernels, conv_output_size, output_memory_format
 
-__all__ = ["keeps_kernels", "kept_kernels_conv", "KEEP_BYTES", "KEEP_POSITIONS"]
+__all__ = ["keeps_kernels", "kept_kernels_conv", "released_conv", "KEEP_BYTES", "KEEP_POSITIONS"]
 
 #: per-sample kernels of the whole batch (B x the layer's weights) kept at most, in bytes
 KEEP_BYTES = 32 << 20
@@ -56,12 +56,14 @@ def keeps_kernels(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, 
     return positions <= KEEP_POSITIONS and kernel_bytes <= KEEP_BYTES
 
 
-def kept_kernels_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
-                      out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """KW convolution with the batch's kernels mixed once and kept by autograd; the contract of kw_ops.ops.kw_conv.
+def released_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                  out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """The released code's formulation in plain ops: one mixing GEMM for the batch, the kernels permuted into
+    [B*O, I, *k], one convolution with groups = B * groups (also the bench's baseline,
+    kw_ops.benchmarking.released).
 
     x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [O] or None
-    -> y [B, O, *out] (channels_last where x is)
+    -> y [B, O, *out] (contiguous, as the released code returns it)
     """
     batch, channels, *size = x.shape
     weight = assemble_kernels(attn, warehouse, out_channels, channels // groups, kernel_size)
@@ -70,4 +72,15 @@ def kept_kernels_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tens
     y = y.view(batch, out_channels, *y.shape[2:])
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * len(size)))
+    return y
+
+
+def kept_kernels_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
+                      out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """KW convolution with the batch's kernels mixed once and kept by autograd; the contract of kw_ops.ops.kw_conv.
+
+    x [B, C, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [O] or None
+    -> y [B, O, *out] (channels_last where x is)
+    """
+    y = released_conv(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     return y.contiguous(memory_format=output_memory_format(x))
