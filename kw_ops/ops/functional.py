@@ -5,9 +5,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends import select_backend
 from .checks import check_kw_conv_args
-from .op import apply_kw_conv, autocast_args
+from .dispatch import Call, decide, run_formulation
+from .verify import current_layer
 
 __all__ = ["kw_conv", "normalize_tuple"]
 
@@ -28,7 +28,7 @@ def normalize_tuple(value, dims: int, name: str) -> tuple[int, ...]:
 def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None = None, *,
             out_channels: int, kernel_size: Sequence[int] | int, stride: Sequence[int] | int = 1,
             padding: Sequence[int] | int = 0, dilation: Sequence[int] | int = 1, groups: int = 1,
-            formulation: str | None = None, backend: str | None = None) -> torch.Tensor:
+            formulation: str | None = None, backend: str | None = None, name: str | None = None) -> torch.Tensor:
     """KernelWarehouse convolution: per-sample kernels mixed from a shared warehouse, then convolved.
 
     x          [B, C_in, *size]              any memory format
@@ -72,9 +72,8 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
-    name = select_backend(x, attn, warehouse, bias, backend, geometry)
-    args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
-            groups, name, formulation or ""]
-    if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does
-        args = autocast_args(x.device.type, args)
-    return apply_kw_conv(*args)
+    call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
+    decision = decide(call, backend, formulation, (x, attn, warehouse, bias, geometry), name=name)
+    with current_layer(name):
+        return run_formulation(decision.formulation, x, attn, warehouse, bias, out_channels, kernel_size, stride,
+                               padding, dilation, groups)
