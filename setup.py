@@ -69,7 +69,7 @@ setup(
     description="KernelWarehouse dynamic convolution for PyTorch: layers, presets, fused ops, benchmarks",
     packages=find_packages(include=["kw_ops", "kw_ops.*"]),
     package_data={"kw_ops": ["_C_build.txt"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.5", "tqdm"],
     extras_require={"triton": ["triton>=3.2"], "test": ["pytest", "numpy"]},
     ext_modules=ext_modules,

@@ -50,7 +50,7 @@ def layer_rows(model: str, spec: dict, batch: int, dtype: str, peaks) -> list[di
 
 
 def floor_ms(spec: dict, batch: int, element_size: int, peaks) -> tuple[float, float, float]:
-    """DESIGN.md's forward roofline of one layer: (FLOPs, bytes, floor ms) with x + y + E + attn moved."""
+    """The forward roofline of one layer (docs/design.md §5): (FLOPs, bytes, floor ms) with x + y + E + attn moved."""
     shape = cost_model.ConvShape.from_spec(spec, batch, element_size, out_size(spec))
     flops = shape.conv_flops + shape.mix_flops
     moved = shape.x_bytes + shape.y_bytes + shape.warehouse_bytes + shape.attn_bytes
@@ -71,10 +71,10 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
              "Predicted ms per layer call; backward = dx + weight gradient; **bold**: choose_mode's pick among "
              f"the built modes ({', '.join(cost_model.KERNEL_MODES)}: what launch.py runs); "
              f"{', '.join(f'{m}*' for m in cost_model.MODELLED_ONLY)}: modelled, NOT built (comparison points); "
-             "`-`: the mode cannot run the shape; bound: the term of the longest phase of the pick; floor: DESIGN.md's "
-             "forward roofline (x + y + E + attn moved once, conv + mixing FLOPs). Inputs NCHW, as the benchmarks "
-             "pass them: two_phase includes the conversion of x (dy) to channels_last. Shapes with g=.. (grouped, "
-             "depthwise) run the grouped kernels on CUDA cores.", ""]
+             "`-`: the mode cannot run the shape; bound: the term of the longest phase of the pick; floor: the "
+             "forward roofline of docs/design.md §5 (x + y + E + attn moved once, conv + mixing FLOPs). Inputs "
+             "NCHW, as the benchmarks pass them: two_phase includes the conversion of x (dy) to channels_last. Shapes "
+             "with g=.. (grouped, depthwise) run the grouped kernels on CUDA cores.", ""]
     table = {}
     for r in rows:
         table.setdefault((r["model"], r["batch"], r["layer"], r["shape"], r["count"]), {})[(r["pass"], r["mode"])] = r

@@ -1,7 +1,7 @@
 // kw_ops._C: the KW op's geometry, shared by every device's kernels (csrc/<device>/kw_conv_<device>.cpp).
 //
 //   x          [B, C, *size]              contiguous
-//   attn       [B, m, n]                  mixture j = (s * GO + go) * GI + gi (SPEC §2)
+//   attn       [B, m, n]                  mixture j = (s * GO + go) * GI + gi (docs/semantics.md §2)
 //   warehouse  [n, c_out, c_in, *cell_k]  cell_k all ones (spatial partition) or the whole kernel
 //   y          [B, O, *out]
 //

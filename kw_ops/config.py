@@ -14,7 +14,7 @@ ATTENTION_FUNCTIONS = ("caf", "softmax", "sigmoid", "relu_l1")
 #: β initialisations (Appendix A.2, Table 13): the paper's one-to-one assignment and the ablated alternatives.
 INIT_STRATEGIES = ("one_to_one", "all_to_one", "none", "many_to_one", "one_to_many")
 
-#: ε of the contrasting-driven attention function z / (Σ|z| + ε) (SPEC §3).
+#: ε of the contrasting-driven attention function z / (Σ|z| + ε) (docs/semantics.md §3).
 CAF_EPS = 1e-3
 #: Smallest hidden width of the attention MLP: max(int(C_in * reduction), MIN_HIDDEN).
 MIN_HIDDEN = 16
@@ -29,7 +29,7 @@ class KWConfig:
     """Settings of one KernelWarehouse warehouse and the attention of its layers.
 
     budget:       b, the convolutional parameter budget; n = max(int(b * Σm), 1). An integer ≥ 1 or
-                  any 0 < b < 1. b = 1/k keeps the authors' β pattern (SPEC §4); any other b < 1
+                  any 0 < b < 1. b = 1/k keeps the authors' β pattern (docs/semantics.md §4); any other b < 1
                   gets the paper's rule (Appendix A.2): the first n mixtures of the warehouse, in
                   member order, one fresh cell each, the rest the zero cell.
     in_ratio, out_ratio: cell sides relative to the greatest common divisor of the layers'

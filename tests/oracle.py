@@ -1,6 +1,6 @@
-"""Brute-force float64 references: explicit loops over samples, mixtures and cells (SPEC §2-§3).
+"""Brute-force float64 references: explicit loops over samples, mixtures and cells (docs/semantics.md §2-§3).
 
-The oracle owns its constants, written from the SPEC, so a changed constant in kw_ops fails a test.
+The oracle owns its constants, written from docs/semantics.md, so a changed constant in kw_ops fails a test.
 """
 import itertools
 import math
@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-#: ε of the contrasting-driven attention function z / (Σ|z| + ε) (SPEC §3).
+#: ε of the contrasting-driven attention function z / (Σ|z| + ε) (docs/semantics.md §3).
 CAF_EPS = 1e-3
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -502,14 +502,14 @@ def test_converters_keep_each_conv_train_or_eval_mode(convert, layer):
 # -- the papers' networks (kw_ops.models: static twins with torchvision names) -------------------------
 models = pytest.importorskip("kw_ops.models")
 
-#: (model, converter, K, rule, published parameters in millions, BASELINES.md).
+#: (model, converter, K, rule, published parameters in millions, docs/baselines.md §6).
 PUBLISHED = [
     ("resnet18", "dy", 4, "resnet", 45.475), ("resnet18", "od", 1, "resnet", 11.94),
     ("resnet18", "od", 4, "resnet", 44.90), ("resnet50", "od", 1, "resnet", 28.64),
     ("resnet50", "od", 4, "resnet", 90.67), ("mobilenetv2_100", "od", 1, "mobilenetv2", 4.94),
     ("mobilenetv2_100", "od", 4, "mobilenetv2", 11.51),
 ]
-#: MobileNetV2 + DY-Conv (4x): published 12.40M; hidden = int(C_in/4) + 1 (BASELINES.md) gives 12,416,576
+#: MobileNetV2 + DY-Conv (4x): published 12.40M; hidden = int(C_in/4) + 1 (docs/baselines.md §2) gives 12,416,576
 #: (+0.13%), hidden = int(C_in/4) gives 12,400,596 — the published count was made with the latter.
 MOBILENETV2_DY = {1: 12_416_576, 0: 12_400_596}
 

@@ -1,5 +1,5 @@
-"""The model zoo (kw_ops.models): the paper's presets against the authors' plans (SPEC §6, §7, §10),
-static twins, the registry, and loading checkpoints in the authors' format (SPEC §8).
+"""The model zoo (kw_ops.models): the paper's presets against the authors' plans (docs/semantics.md §6, §7, §10),
+static twins, the registry, and loading checkpoints in the authors' format (docs/semantics.md §8).
 
 The fixtures (`<preset>.json`, dumped from the authors' models) are the oracle: warehouse shapes in
 order of first reservation, every KW layer's path, m, [S, GO, GI] grid, β and attention size, the
@@ -23,7 +23,7 @@ from kw_ops.nn.planning import ZERO_CELL
 
 
 def _fixture_dir() -> Path | None:
-    candidates = [os.environ.get("KW_FIXTURES"), Path(__file__).parent / "fixtures", "/work/shared/fixtures"]
+    candidates = [os.environ.get("KW_FIXTURES"), Path(__file__).parent / "fixtures"]
     for candidate in candidates:
         if candidate and Path(candidate, "kw1x_resnet18.json").exists():
             return Path(candidate)
@@ -34,7 +34,7 @@ FIXTURES = _fixture_dir()
 needs_fixtures = pytest.mark.skipif(FIXTURES is None, reason="the authors' plan fixtures (tests/fixtures/*.json) "
                                                              "are not available")
 
-#: SPEC §7: trainable parameters at 1000 classes (the released configurations).
+#: docs/semantics.md §7: trainable parameters at 1000 classes (the released configurations).
 PARAMS = {
     "resnet18": 11_689_512, "resnet18_kw1d4x": 4_031_768, "resnet18_kw1d2x": 7_431_044,
     "resnet18_kw1x": 11_932_148, "resnet18_kw2x": 23_242_127, "resnet18_kw4x": 45_862_085,
@@ -278,7 +278,7 @@ def test_tau_one_is_the_static_net_tiled_from_beta():
         torch.testing.assert_close(model(x), static(x), rtol=1e-4, atol=1e-5)
 
 
-# -- the authors' checkpoint format (SPEC §8) -----------------------------------------------------------------------
+# -- the authors' checkpoint format (docs/semantics.md §8) ----------------------------------------------------------
 ROUND_TRIP = ["resnet18_kw1x", "resnet50_kw1d2x", "mobilenetv2_100_kw1d2x", "mobilenetv2_050_kw4x",
               pytest.param("convnext_tiny_kw1x", marks=pytest.mark.slow)]
 

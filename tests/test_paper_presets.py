@@ -130,6 +130,6 @@ def test_the_count_search_counts_as_the_built_models():
     spec.loader.exec_module(search)
     search.check_formula()
     for name, count in (("resnet18_kw1x_layer_sharing", 11_805_134), ("deit_tiny_kw1x", 6_383_536),
-                        ("resnet18_kw1d2x", 7_431_044)):  # the last: half-gcd cells, b = 1/2 (SPEC §7)
+                        ("resnet18_kw1d2x", 7_431_044)):  # the last: half-gcd cells, b = 1/2 (docs/semantics.md §7)
         recipe = zoo.recipe(name)
         assert search.kw_count(zoo.create(recipe.static), recipe.sharing, recipe.config, recipe.overrides) == count

@@ -1,4 +1,4 @@
-"""Warehouse planning (SPEC §1, §4) on hand-planned layers: cell shapes, m, n, β and refusals."""
+"""Warehouse planning (docs/semantics.md §1, §4) on hand-planned layers: cell shapes, m, n, β and refusals."""
 import pytest
 import torch.nn as nn
 

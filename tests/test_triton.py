@@ -43,7 +43,7 @@ TOLERANCES = {
     torch.float32: (2e-4, 2e-4),
 }
 # Half precision: the Triton error against the fp64 oracle must stay within this factor of the torch path's
-# error in the same dtype (STYLE.md: ~2x), plus a floor for outputs the torch path happens to get nearly exact.
+# error in the same dtype (about 2x), plus a floor for outputs the torch path happens to get nearly exact.
 HALF_ERROR_RATIO = 2.0
 HALF_ERROR_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 

@@ -1,7 +1,7 @@
 // CPU kernels of the KW op, forward and backward, on ATen (at::parallel_for with OpenMP, ATen GEMMs and
 // convolutions).
 //
-// Algorithm (DESIGN.md "The op"): the per-sample kernels W_b are never materialised for the whole batch.
+// Algorithm (docs/design.md §1): the per-sample kernels W_b are never materialised for the whole batch.
 // Work is cut into output-channel blocks whose mixed kernels fit a cache-sized thread-local buffer; each
 // block is mixed and consumed at once, writing its rows of y in place. The backward recomputes the same
 // blocks for dx, dattn and dE. Two formulations:
@@ -81,7 +81,7 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, const at::Te
   TORCH_CHECK(g.spatial * g.ck == g.kernel_numel && g.go * g.c_out == out_channels &&
                   g.gi * g.c_in == g.in_per_group && attn.size(1) == g.spatial * g.go * g.gi &&
                   attn.size(2) == g.n && attn.size(0) == g.batch,
-              "kw_ops._C: attn, warehouse and the layer's geometry do not tile (SPEC §2)");
+              "kw_ops._C: attn, warehouse and the layer's geometry do not tile (docs/semantics.md §2)");
   return g;
 }
 

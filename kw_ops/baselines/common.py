@@ -2,7 +2,7 @@
 
 Both baselines keep their temperature T (> 0, logits are divided by it) in a 0-dim buffer
 `temperature`, so it travels with state_dict, `.to()` and dtype casts. T = 1 is the inference value
-the benchmarks use and the default of a new layer; training anneals it from 30 (BASELINES.md).
+the benchmarks use and the default of a new layer; training anneals it from 30 (docs/baselines.md §4).
 """
 from __future__ import annotations
 

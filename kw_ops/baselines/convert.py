@@ -1,7 +1,7 @@
 """Turn a static CNN into its DY-Conv or ODConv baseline: replace the nn.Conv2d layers a rule picks.
 
 Rules are `rule(name, module) -> bool` over `model.named_modules()` (only plain nn.Conv2d layers
-are offered). The papers' layer choices, on torchvision module names (BASELINES.md):
+are offered). The papers' layer choices, on torchvision module names (docs/baselines.md §5):
 
 | rule                     | replaced                                                   | static           |
 |--------------------------|------------------------------------------------------------|------------------|

@@ -28,7 +28,7 @@ __all__ = ["DYConv2d", "DYAttention", "DY_REDUCTION", "DY_HIDDEN_OFFSET"]
 
 #: hidden width of the attention MLP: max(int(C_in · DY_REDUCTION) + hidden_offset, 1).
 DY_REDUCTION = 0.25
-#: the reimplementation BASELINES.md follows adds 1; hidden_offset=0 (some copies of it) is the
+#: the reimplementation docs/baselines.md §2 follows adds 1; hidden_offset=0 (some copies of it) is the
 #: variant that reproduces the published MobileNetV2 + DY-Conv (4x) size (12.40M; 12.42M with 1).
 DY_HIDDEN_OFFSET = 1
 

@@ -1,5 +1,5 @@
 """`python -m kw_ops bench-op`: the KW op per layer shape against a static conv and the released formulation,
-timed and set against the roofline of DESIGN.md, with the peaks measured on this device in this run.
+timed and set against the roofline of docs/design.md §5, with the peaks measured on this device in this run.
 
 Shapes: every distinct KW layer call of the models (kw_ops.benchmarking.layer_shapes, hooks on a batch-1
 forward at --size). Providers:
@@ -11,7 +11,7 @@ A provider that cannot run a shape is a 'skipped' row with the reasons of kw_ops
 one that fails is an 'error' row with the exception; no row carries NaN.
 Modes: forward (no_grad), backward (autograd.grad of a retained graph: the op's backward alone), both (the two).
 
-Cost model (DESIGN.md; P = the layer's static weight count, HW' = output positions, KW providers only: mixing):
+Cost model (docs/design.md §5; P = the layer's static weight count, HW' = output positions, KW providers only: mixing):
     forward   FLOPs = 2·B·HW'·P + 2·B·n·P                bytes = x + y + E + attn (static: x + y + W)
     backward  FLOPs = 2·(2·B·HW'·P) + 3·(2·B·n·P)        bytes = x + dy + dx + 2·(E + attn) (read + gradient)
               (dx and dW are each a conv's worth; mixing is recomputed, then dattn = dW·Eᵀ and dE = attnᵀ·dW)

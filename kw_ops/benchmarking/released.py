@@ -1,6 +1,6 @@
 """The released code's formulation of a KW layer, reimplemented as the baseline every speed-up is
 measured against: one mixing mm for all samples into a fresh tensor, a permuted copy into the
-kernel layout, and one convolution with groups = B * groups (SPEC §9: ~3x a static conv on CPU). The
+kernel layout, and one convolution with groups = B * groups (docs/semantics.md §9: ~3x a static conv on CPU). The
 computation itself is kw_ops.ops.kept_kernels.released_conv, which KW layers also run in small CPU training
 steps; here it replaces every layer's forward."""
 from __future__ import annotations

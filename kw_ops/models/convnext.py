@@ -103,7 +103,7 @@ _CONVNEXT_CONV = re.compile(r"downsample_layers\.(\d)\.\d|stages\.(\d+)\.\d+\.(d
 
 
 def convnext_stage_sharing(name: str, module: nn.Module) -> str | None:
-    """The paper's ConvNeXt sharing (SPEC §6, released config): 'stem' (4x4 stem conv), 'downsample{i}'
+    """The paper's ConvNeXt sharing (docs/semantics.md §6, released config): 'stem' (4x4 stem conv), 'downsample{i}'
     (each 2x2 downsample conv its own), per stage 'stage{i}_dw' (depthwise 7x7 convs) and 'stage{i}_pw'
     (pwconv1 + pwconv2). The head stays static.
 

@@ -7,10 +7,10 @@ nn.Linear layers (`attn.q`, `attn.k`, `attn.v`; the same parameters as one qkv l
 projection alone can become a KW layer. DeiT-Tiny has 5,717,416 parameters, DeiT-Small 22,050,664 (the
 paper prints 22.06M) at 1000 classes.
 
-KW (Section "Applying KW to Vision Transformer Backbones"): the value projection and the two MLP layers of
-every block are KW linear layers whose warehouses are shared across blocks; query, key, the attention
-output projection, the patch embedding and the head stay static. See `deit_kw_sharing` for the choices
-the paper leaves open and how they were found.
+KW (Section "Applying KW to Vision Transformer Backbones"): the value projection, the attention output
+projection and the two MLP layers of every block are KW linear layers, blocks 3i to 3i + 2 sharing warehouse
+'blocks{i}'; query, key, the patch embedding and the head stay static. The paper names only "value and MLP"
+layers; see `deit_kw_sharing` for the choices it leaves open and how they were found.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Static twins: `mobilenetv2_100`, `mobilenetv2_050`: features.0 (stem conv-BN-ReLU6), features.1-17
 (inverted residuals, `.conv` = [expand conv-BN-ReLU6,] depthwise conv-BN-ReLU6, project conv, BN),
 features.18 (final 1x1 conv-BN-ReLU6), classifier = [Dropout, Linear]; 3,504,872 and 1,968,680
-parameters at 1000 classes. KW presets: `mobilenetv2_stage_sharing(...)` (SPEC §6).
+parameters at 1000 classes. KW presets: `mobilenetv2_stage_sharing(...)` (docs/semantics.md §6).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ _FEATURE = re.compile(r"features\.(\d+)\.(.+)")
 
 def _block_stages(setting: Sequence[tuple[int, int, int, int]], stage_of_group: Sequence[int]) -> list[int]:
     """KW stage of each inverted residual (features.1, 2, ...): the first block of a group that starts
-    a new stage goes to the previous stage's warehouses (SPEC §6)."""
+    a new stage goes to the previous stage's warehouses (docs/semantics.md §6)."""
     stages = []
     for group, (_, _, n, _) in enumerate(setting):
         for i in range(n):
@@ -129,7 +129,7 @@ def mobilenetv2_stage_sharing(*, split_pointwise: bool = False, pointwise_stages
                               kw_classifier: bool = False,
                               setting: Sequence[tuple[int, int, int, int]] = INVERTED_RESIDUAL_SETTING,
                               stage_of_group: Sequence[int] = KW_STAGE_OF_GROUP):
-    """The paper's MobileNetV2 sharing rule (SPEC §6), as a `convert` sharing function.
+    """The paper's MobileNetV2 sharing rule (docs/semantics.md §6), as a `convert` sharing function.
 
     Warehouses: 'stem' (features.0), per stage s 'stage{s}_dw' (depthwise convs) and either
     'stage{s}_pw' (expand + project 1x1s; split_pointwise=False, the 1x preset) or

@@ -1,4 +1,4 @@
-"""Load the KW authors' checkpoints (SPEC §8) into our presets, and write ours in their format.
+"""Load the KW authors' checkpoints (docs/semantics.md §8) into our presets, and write ours in their format.
 
 Their format differs from our state_dict in four ways:
 - warehouses are `warehouse_manager.weights.<i>` ([n, c_out, c_in, *cell_k]), i = the order in which
@@ -79,7 +79,7 @@ def _unwrap(checkpoint: Mapping) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_pretrained(model: nn.Module, state_dict: Mapping, *, warn: bool = True) -> nn.Module:
-    """Load a checkpoint in the KW authors' format (SPEC §8) into `model`; returns the model.
+    """Load a checkpoint in the KW authors' format (docs/semantics.md §8) into `model`; returns the model.
 
     Every key is mapped to ours and every shape checked before anything is copied: a checkpoint
     with a missing, unexpected or mis-shaped key is refused (ValueError naming the first bad key)

@@ -1,4 +1,4 @@
-"""ResNet18/50 with torchvision's module names, and the paper's KW presets (SPEC §6, §7).
+"""ResNet18/50 with torchvision's module names, and the paper's KW presets (docs/semantics.md §6, §7).
 
 Static twins: `resnet18`, `resnet50` (conv1, bn1, layer1.0.conv1, ..., layer2.0.downsample.0, fc;
 torchvision's parameter names and counts: 11,689,512 and 25,557,032). KW presets are the twins
@@ -135,7 +135,7 @@ _RESNET_CONV = re.compile(r"layer(\d+)\.(\d+)\.(conv\d+|downsample\.0)$")
 
 
 def resnet_stage_sharing(name: str, module: nn.Module) -> str | None:
-    """The paper's ResNet sharing (SPEC §6): warehouse 'stage{s}' for every conv of stage s = layer{s+1}.
+    """The paper's ResNet sharing (docs/semantics.md §6): warehouse 'stage{s}' for every conv of stage s = layer{s+1}.
 
     The first block of stage s hands its conv1 and its downsample 1x1 to stage s-1's warehouse.
     For stage 0 there is no previous warehouse: a BasicBlock's 3x3 conv1 stays in stage 0 (ResNet18),
@@ -170,6 +170,6 @@ for _static, _budgets in _RESNET_PRESETS.items():
             f"{_static}_{_budget}",
             KWRecipe(_static, KWConfig.preset(_budget, **_RESNET_CHANGES.get((_static, _budget), {})),
                      resnet_stage_sharing),
-            doc=f"{_static} with KernelWarehouse {_budget} (SPEC §6-7): one warehouse per stage, "
+            doc=f"{_static} with KernelWarehouse {_budget} (docs/semantics.md §6-7): one warehouse per stage, "
                 f"kw_ops.models.resnet_stage_sharing.",
         )

@@ -1,4 +1,4 @@
-"""Attention of one KW layer (SPEC §3): GAP -> fc1 -> norm -> ReLU -> fc2 -> CAF -> temperature blend.
+"""Attention of one KW layer (docs/semantics.md §3): GAP -> fc1 -> norm -> ReLU -> fc2 -> CAF -> temperature blend.
 
 τ (`temperature`) and β (`beta`) are buffers, so they travel with state_dict, `.to()` and dtype casts.
 """

@@ -46,7 +46,7 @@ def warehouses(model: nn.Module) -> list[Warehouse]:
 
 
 def assign_cells(model: nn.Module) -> list[Warehouse]:
-    """Hand out every warehouse's cells in module registration order (SPEC §4) and check the plans.
+    """Hand out every warehouse's cells in module registration order (docs/semantics.md §4) and check the plans.
 
     Names the layers after their module paths (for messages and describe()); raises PlanningError
     when a warehouse's cells cannot be assigned one-to-one.

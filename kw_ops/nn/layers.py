@@ -128,7 +128,7 @@ class KWLinear(KWLayer):
 
     Like nn.Linear it takes an empty batch (B = 0) and an unbatched input [in_features].
 
-    As in the paper (SPEC §2) the input is treated as [B, in_features, L] (L = product of the
+    As in the paper (docs/semantics.md §2) the input is treated as [B, in_features, L] (L = product of the
     middle dims) and goes through a KW 1-D convolution with kernel 1; the attention pools
     over the L tokens of each sample.
     """

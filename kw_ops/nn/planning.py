@@ -1,4 +1,4 @@
-"""Warehouse planning (SPEC §1, §4): cell shape, mixtures per layer, warehouse size and β.
+"""Warehouse planning (docs/semantics.md §1, §4): cell shape, mixtures per layer, warehouse size and β.
 
 Pure functions over static weight shapes, so plans can be checked against the authors'
 fixtures without building a network.
@@ -80,7 +80,7 @@ class WarehousePlan:
         return sum(layer.consumed for layer in self.layers)
 
     def check_complete(self) -> None:
-        """Raise unless the β slices use every cell exactly once (SPEC §4)."""
+        """Raise unless the β slices use every cell exactly once (docs/semantics.md §4)."""
         if self.consumed != self.n:
             layers = ", ".join(f"{p.name} (m={p.m}, {p.consumed} cells)" for p in self.layers)
             raise PlanningError(
@@ -92,7 +92,7 @@ class WarehousePlan:
 
 
 def _beta_slice(m: int, start: int, n: int, config: KWConfig) -> tuple[tuple, int]:
-    """β of one layer's mixtures and the number of cells its slice takes (SPEC §4, Table 13).
+    """β of one layer's mixtures and the number of cells its slice takes (docs/semantics.md §4, Table 13).
 
     An entry is a cell index (ZERO_CELL: the zero cell) or, for the strategies that give a mixture
     several cells or none, a tuple of cell indices.

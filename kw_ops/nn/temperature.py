@@ -1,4 +1,4 @@
-"""The temperature τ of the KW attention and its schedule (SPEC §5)."""
+"""The temperature τ of the KW attention and its schedule (docs/semantics.md §5)."""
 from __future__ import annotations
 
 import torch

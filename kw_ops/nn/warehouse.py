@@ -21,7 +21,7 @@ __all__ = ["Warehouse"]
 class Warehouse(nn.Module):
     """Cells [n, c_out, c_in, *cell_k] shared by the KW layers bound to it.
 
-    Layers join in construction order and are handed cells in that order (SPEC §4); every join
+    Layers join in construction order and are handed cells in that order (docs/semantics.md §4); every join
     re-plans the warehouse (cell shape, n, β) and re-initialises it and its members' attention.
     `kw_ops.convert` and `kw_ops.assign_cells(model)` put members into module registration
     order, the order of the authors' code. Build a warehouse's layers inside `planning_deferred()`
@@ -156,7 +156,7 @@ class Warehouse(nn.Module):
         self.reset_parameters()
 
     def check_complete(self) -> None:
-        """Raise PlanningError unless every cell is assigned exactly once (SPEC §4)."""
+        """Raise PlanningError unless every cell is assigned exactly once (docs/semantics.md §4)."""
         self.plan.check_complete()
 
     def layer_plan(self, layer: nn.Module) -> LayerPlan:

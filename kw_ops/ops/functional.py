@@ -38,7 +38,7 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     returns    [B, C_out, *out_size]
 
     Mixture j = (s * GO + go) * GI + gi of sample b fills output block go, input block gi and
-    spatial cell s of that sample's kernel (SPEC §2). `formulation` forces 'grouped' or 'gemm'
+    spatial cell s of that sample's kernel (docs/semantics.md §2). `formulation` forces 'grouped' or 'gemm'
     (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton', 'cpp' or
     'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
     kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward), to any

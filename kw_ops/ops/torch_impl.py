@@ -1,10 +1,10 @@
 """The KW op in plain PyTorch: the CPU path, the fallback of every backend and the readable math.
 
-Per sample b (SPEC §2): the m mixtures w[b, j] = Σ_k attn[b, j, k] · E[k] are tiled into the
+Per sample b (docs/semantics.md §2): the m mixtures w[b, j] = Σ_k attn[b, j, k] · E[k] are tiled into the
 kernel W_b (mixture j = (s * GO + go) * GI + gi covers output block go, input block gi and
 spatial cell s), then y_b = conv(x_b, W_b) + bias.
 
-Backward (DESIGN.md, "The op"), with dW_b gathered back into cell order [m, cell]:
+Backward (docs/design.md §1), with dW_b gathered back into cell order [m, cell]:
 
     dx_b = conv_transpose(dy_b, W_b)      dW_b = conv_weight_grad(x_b, dy_b)
     dattn[b] = dW_b @ E^T                 dE = Σ_b attn[b]^T @ dW_b          dbias = Σ dy
@@ -71,7 +71,7 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
 
 def assemble_kernels(attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, in_per_group: int,
                      kernel_size: Sequence[int]) -> torch.Tensor:
-    """Per-sample kernels W_b from attention and warehouse (SPEC §2).
+    """Per-sample kernels W_b from attention and warehouse (docs/semantics.md §2).
 
     attn [B, m, n], warehouse [n, c_out, c_in, *cell_k] -> [B, out_channels, in_per_group, *kernel_size]
     """

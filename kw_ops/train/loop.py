@@ -3,7 +3,7 @@
     from kw_ops.train import TrainConfig, train
     summary = train(TrainConfig(model="resnet18_kw1x", data="/data/imagenet", recipe="resnet", amp="bf16"))
 
-Every iteration sets τ (TemperatureSchedule, SPEC §5) before the forward, then steps the optimizer
+Every iteration sets τ (TemperatureSchedule, docs/semantics.md §5) before the forward, then steps the optimizer
 and the per-iteration LR schedule. After every epoch (and when --max-steps stops a run) rank 0
 evaluates top-1/top-5 on val, appends a row to `<out>/log.csv` and saves `<out>/last.pt`
 (`best.pt` when top-1 improves); `resume=` continues from such a checkpoint exactly. A folder that

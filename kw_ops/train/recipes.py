@@ -4,7 +4,7 @@
     optimizer = build_optimizer(model, recipe)
     scheduler = build_lr_scheduler(optimizer, recipe, iters_per_epoch=len(loader))   # step it every iteration
 
-Temperature epochs follow SPEC §5 (20 for ResNet and ConvNeXt, 15 for MobileNetV2); the paper's
+Temperature epochs follow docs/semantics.md §5 (20 for ResNet and ConvNeXt, 15 for MobileNetV2); the paper's
 appendix says 10 for the traditional ResNet and MobileNetV2 setups: pass `temp_epochs=10` for those.
 The 'convnext' recipe keeps AdamW, the cosine schedule, warmup and label smoothing of the advanced
 setup; RandAugment, mixup, cutmix and random erasing are not implemented here.
@@ -31,7 +31,7 @@ class Recipe:
     optimizer: 'sgd' (with momentum, Nesterov off) or 'adamw' (with `betas`).
     schedule:  'step' (x step_gamma every step_epochs epochs) or 'cosine' (to zero at the last
                iteration), both after `warmup_epochs` of linear warmup; evaluated per iteration.
-    temp_epochs: epochs over which τ falls linearly from 1 to 0 (SPEC §5).
+    temp_epochs: epochs over which τ falls linearly from 1 to 0 (docs/semantics.md §5).
     """
 
     name: str

@@ -15,8 +15,8 @@ GEMM on tensor cores (K = n) writes each per-sample kernel once, then the conv k
 stride phase) read it while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may
 set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a ResNet50 layer4 3x3 conv at batch
 128 in bf16), larger ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former
-"fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the DESIGN.md cost
-model it is never the cheapest (issue 12).
+"fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the cost model
+(docs/design.md §5) it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient (groups = 1) runs by slices of the cell's rows (`_wgrad_sliced`; rows per slice from
 cost_model.wgrad_slice_rows: the dW of every sample and mixture for those rows fits KERNEL_CHUNK_BYTES, or
