@@ -38,10 +38,12 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     returns    [B, C_out, *out_size]
 
     Mixture j = (s * GO + go) * GI + gi of sample b fills output block go, input block gi and
-    spatial cell s of that sample's kernel (docs/semantics.md §2). `formulation` forces 'grouped' or 'gemm'
-    (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton', 'cpp' or
-    'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
-    kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward), to any
+    spatial cell s of that sample's kernel (docs/semantics.md §2). How it is computed is decided per call by
+    kw_ops.ops.dispatch (the released formulation, the registered op on a backend, the export formulation),
+    by estimated cost. `backend` forces 'torch', 'triton' or 'cpp' for this call ('auto' or None:
+    use_backend() / KW_OPS_BACKEND / automatic); `formulation` forces the op's 'grouped' or 'gemm' path
+    (see kw_ops.ops.torch_impl). `name` names the caller in messages (KW layers pass their module path).
+    Differentiable in x, attn, warehouse and bias (hand-written backward), to any
     order (double backward), under torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian) and torch.vmap. The
     output is channels_last where x is (as nn.Conv2d).
 
