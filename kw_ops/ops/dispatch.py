@@ -50,7 +50,7 @@ from .kept_kernels import kept_kernels_conv
 from .op import apply_kw_conv, autocast_args
 
 __all__ = ["Call", "Estimate", "Decision", "FORMULATIONS", "MARGIN", "DEFAULT_MARGIN", "KEEP_BYTES_ENV",
-           "decide", "backend_formulation", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
+           "decide", "compiled_choice", "backend_formulation", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
 
 FORMULATIONS = ("released", "op:torch:grouped", "op:torch:gemm", "op:cpp:gemm", "op:cpp:grouped",
                 "op:triton:two_phase", "export")
@@ -102,6 +102,12 @@ class Call:
     def of(cls, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
            stride, padding, dilation, groups: int) -> Call:
         """The call of kw_conv on these tensors (arguments normalised), in the current grad mode and transforms."""
+        return cls(*cls.fields_of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups))
+
+    @staticmethod
+    def fields_of(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
+                  stride, padding, dilation, groups: int) -> tuple:
+        """`Call.of` as a tuple of Python constants (what torch.compile hands to `compiled_choice`)."""
         backward = torch.is_grad_enabled() and (x.requires_grad or attn.requires_grad or warehouse.requires_grad)
         if exporting():
             transform = "export"
@@ -112,10 +118,10 @@ class Call:
         else:
             transform = ""
         channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return cls(x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
-                   out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
-                   warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward),
-                   bool(backward and x.requires_grad), transform, channels_last)
+        return (x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
+                out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
+                warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
+                transform, channels_last)
 
     @property
     def element_size(self) -> int:
@@ -285,12 +291,9 @@ def _backend_reasons(backend: str, call: Call, tensors) -> list[str]:
     x, attn, warehouse, bias, geometry = tensors
     reasons = not_supported_reasons(backend, x, attn, warehouse, bias, geometry)
     if backend == "triton" and not reasons:
-        from .verify import arch_reasons, failed
+        from .verify import arch_reasons
 
         reasons = arch_reasons(x.device, x.dtype)
-        if not reasons and failed(call):
-            reasons = ["its kernels gave wrong results on this device and shape earlier in this process "
-                       "(verification on first use); the torch path runs instead"]
     return reasons
 
 
@@ -328,7 +331,8 @@ def _op_formulations(backend: str, call: Call) -> list[str]:
 
 def _candidates(call: Call, requested: str, formulation: str | None, tensors) -> tuple[list[str], dict[str, str]]:
     """(formulations that may run, {formulation: why not} for the others)."""
-    backends = [requested] if requested != "auto" else ["torch", "cpp", "triton"]
+    automatic = {"cpu": ["torch", "cpp"], "cuda": ["torch", "triton"]}.get(call.device, ["torch"])
+    backends = [requested] if requested != "auto" else automatic  # Triton on CPU tensors (its interpreter): forced
     allowed, excluded = [], {}
     if requested == "auto" and formulation is None:
         if call.transform == "func":
@@ -343,6 +347,12 @@ def _candidates(call: Call, requested: str, formulation: str | None, tensors) ->
         if formulation is not None:
             names = [f for f in names if f.endswith(":" + formulation)] or [names[0]]
         reasons = _backend_reasons(backend, call, tensors)
+        if backend == "triton" and requested == "auto" and not reasons:
+            from .verify import failed
+
+            if failed(call):  # forced, its verified wrapper runs the torch path for the key instead
+                reasons = ["its kernels disagreed with the torch path on this device and shape bucket earlier in "
+                           "this process (verification on first use)"]
         if backend == "cpp" and call.device != "cpu":
             reasons = reasons or [f"{call.device} tensors"]
         if reasons:
@@ -393,7 +403,7 @@ def decide(call: Call, backend: str | None = None, formulation: str | None = Non
     geometry) lets backends check what only the tensors tell (Triton's kernel limits); `name` is the caller's,
     for `recording()`."""
     requested, source = requested_backend(backend)
-    key = (call, requested, formulation, keep_bytes())
+    key = (call, requested, source, formulation, keep_bytes())
     decision = _DECISIONS.get(key)
     if decision is None:
         decision = _decide(call, requested, source, formulation, tensors)
@@ -403,13 +413,23 @@ def decide(call: Call, backend: str | None = None, formulation: str | None = Non
     return decision
 
 
+@torch.compiler.assume_constant_result
+def compiled_choice(fields: tuple, backend: str | None, formulation: str | None) -> str:
+    """`decide` for a call inside torch.compile: run once while tracing, its answer a constant of the graph (the
+    graph is guarded on the shapes and dtypes the answer depends on)."""
+    return decide(Call(*fields), backend, formulation).formulation
+
+
 def _decide(call: Call, requested: str, source: str, formulation: str | None, tensors) -> Decision:
     if call.transform == "export":
         decision = Decision("export", (), "exporting: the formulation whose batch stays symbolic")
     else:
         allowed, excluded = _candidates(call, requested, formulation, tensors)
-        estimates = [estimate(f, call) for f in allowed]
-        choice, reason = _choose(estimates)
+        if len(allowed) == 1:  # nothing to weigh (e.g. Triton forced on CPU tensors under its interpreter)
+            estimates, choice, reason = [], allowed[0], "the only candidate"
+        else:
+            estimates = [estimate(f, call) for f in allowed]
+            choice, reason = _choose(estimates)
         if requested != "auto":
             reason = f"{requested} forced by {source}; {reason}"
         estimates += [Estimate(f, None, why_not=why) for f, why in excluded.items()]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 
 from .checks import check_kw_conv_args
-from .dispatch import Call, decide, run_formulation
+from .dispatch import Call, compiled_choice, decide, run_formulation
 from .verify import current_layer
 
 __all__ = ["kw_conv", "normalize_tuple"]
@@ -74,6 +74,11 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
+    if torch.compiler.is_compiling():
+        fields = Call.fields_of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
+        chosen = compiled_choice(fields, backend, formulation)
+        return run_formulation(chosen, x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
+                               dilation, groups)
     call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
     decision = decide(call, backend, formulation, (x, attn, warehouse, bias, geometry), name=name)
     with current_layer(name):

@@ -24,8 +24,9 @@ __all__ = ["VERIFY_ENV", "RTOL", "ATOL", "verify_mode", "arch_reasons", "failed"
            "current_layer", "reset"]
 
 VERIFY_ENV = "KW_OPS_VERIFY"
-#: relative tolerance by dtype (of the reference's largest magnitude): TF32 / 16-bit rounding, summed over K
-RTOL = {torch.float64: 1e-9, torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+#: relative tolerance by dtype (of the reference's largest magnitude): a few units of the operands' rounding (TF32
+#: and fp16 keep 10 mantissa bits, bf16 7) grown over the sums; a wrong tile, phase or chunk errs by O(1)
+RTOL = {torch.float64: 1e-9, torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 ATOL = 1e-5
 _ROCM_MATRIX_CORES = ("gfx90a", "gfx942", "gfx950")
 
