@@ -16,6 +16,8 @@ Candidates (`FORMULATIONS`; a name is `kind[:backend[:variant]]`):
 What decides (`decide`), strongest first:
 
 1. exporting (ONNX, torch.export, tracing, `export_mode()`): `export`, the only formulation with a dynamic batch;
+   inside torch.compile: the registered op, its backend and formulation decided by cost when it runs (so that
+   one graph serves every batch size);
 2. a forced backend (`backend=`, a layer's `backend`, `use_backend()`, KW_OPS_BACKEND): that backend's op, its
    formulation by cost (or the `formulation=` asked for);
 3. else every candidate that can run the call (device, dtype, the extension built, Triton's arch gate and its
@@ -50,7 +52,7 @@ from .kept_kernels import kept_kernels_conv
 from .op import apply_kw_conv, autocast_args
 
 __all__ = ["Call", "Estimate", "Decision", "FORMULATIONS", "MARGIN", "DEFAULT_MARGIN", "KEEP_BYTES_ENV",
-           "decide", "compiled_choice", "backend_formulation", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
+           "decide", "compiled_choice", "op_choice", "backend_formulation", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
 
 FORMULATIONS = ("released", "op:torch:grouped", "op:torch:gemm", "op:cpp:gemm", "op:cpp:grouped",
                 "op:triton:two_phase", "export")
@@ -107,7 +109,7 @@ class Call:
     @staticmethod
     def fields_of(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
                   stride, padding, dilation, groups: int) -> tuple:
-        """`Call.of` as a tuple of Python constants (what torch.compile hands to `compiled_choice`)."""
+        """The fields of `Call.of`, in order."""
         backward = torch.is_grad_enabled() and (x.requires_grad or attn.requires_grad or warehouse.requires_grad)
         if exporting():
             transform = "export"
@@ -329,7 +331,8 @@ def _op_formulations(backend: str, call: Call) -> list[str]:
     return [f"op:{backend}:two_phase"] if backend == "triton" else [f"op:{backend}"]
 
 
-def _candidates(call: Call, requested: str, formulation: str | None, tensors) -> tuple[list[str], dict[str, str]]:
+def _candidates(call: Call, requested: str, formulation: str | None, tensors,
+                source: str = "automatic") -> tuple[list[str], dict[str, str]]:
     """(formulations that may run, {formulation: why not} for the others)."""
     automatic = {"cpu": ["torch", "cpp"], "cuda": ["torch", "triton"]}.get(call.device, ["torch"])
     backends = [requested] if requested != "auto" else automatic  # Triton on CPU tensors (its interpreter): forced
@@ -357,7 +360,7 @@ def _candidates(call: Call, requested: str, formulation: str | None, tensors) ->
             reasons = reasons or [f"{call.device} tensors"]
         if reasons:
             if requested != "auto":
-                raise BackendUnavailableError(f"kw_ops backend {backend!r} cannot run this call:\n  - "
+                raise BackendUnavailableError(f"kw_ops backend {backend!r} ({source}) cannot run this call:\n  - "
                                               + "\n  - ".join(reasons))
             excluded.update({f: "; ".join(reasons) for f in names})
             continue
@@ -413,18 +416,35 @@ def decide(call: Call, backend: str | None = None, formulation: str | None = Non
     return decision
 
 
-@torch.compiler.assume_constant_result
-def compiled_choice(fields: tuple, backend: str | None, formulation: str | None) -> str:
-    """`decide` for a call inside torch.compile: run once while tracing, its answer a constant of the graph (the
-    graph is guarded on the shapes and dtypes the answer depends on)."""
-    return decide(Call(*fields), backend, formulation).formulation
+def compiled_choice(backend: str | None, formulation: str | None) -> str:
+    """Inside torch.compile: the registered op, whose backend and formulation are decided when it runs, on the
+    concrete sizes (`op_choice`), so that one graph serves every batch size (a choice made while tracing would
+    be a constant of the graph, and a new batch size a recompile). A forced backend is kept."""
+    requested, _ = requested_backend(backend)
+    return f"op:{requested}:{formulation or ''}"
+
+
+def op_choice(x, attn, warehouse, out_channels: int, kernel_size, stride, padding, dilation, groups: int,
+              backward: bool) -> tuple[str, str]:
+    """(backend, formulation) for the registered op called with backend 'auto': the cheapest of the op's own
+    candidates on the concrete tensors (the released formulation is not one: the op is already running)."""
+    with torch.no_grad():
+        call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
+    call = dataclasses.replace(call, backward=backward, input_grad=backward, transform="")
+    geometry = {"out_channels": out_channels, "kernel_size": tuple(kernel_size), "stride": tuple(stride),
+                "padding": tuple(padding), "dilation": tuple(dilation), "groups": groups}
+    allowed, _ = _candidates(call, "auto", None, (x, attn, warehouse, None, geometry))
+    allowed = [f for f in allowed if f != "released"]
+    choice = allowed[0] if len(allowed) == 1 else _choose([estimate(f, call) for f in allowed])[0]
+    _, backend, variant = choice.split(":")
+    return backend, variant if variant in ("grouped", "gemm") else ""
 
 
 def _decide(call: Call, requested: str, source: str, formulation: str | None, tensors) -> Decision:
     if call.transform == "export":
         decision = Decision("export", (), "exporting: the formulation whose batch stays symbolic")
     else:
-        allowed, excluded = _candidates(call, requested, formulation, tensors)
+        allowed, excluded = _candidates(call, requested, formulation, tensors, source)
         if len(allowed) == 1:  # nothing to weigh (e.g. Triton forced on CPU tensors under its interpreter)
             estimates, choice, reason = [], allowed[0], "the only candidate"
         else:
@@ -456,7 +476,7 @@ def run_formulation(formulation: str, x, attn, warehouse, bias, out_channels: in
     if formulation == "export":
         return export_conv(x, attn, warehouse, bias, *geometry)
     _, backend, variant = formulation.split(":")
-    variant = variant if variant in ("grouped", "gemm") else ""
+    variant = variant if variant in ("grouped", "gemm") else ""  # 'auto': the op decides when it runs
     args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
             groups, backend, variant]
     if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does

@@ -74,9 +74,8 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
-    if torch.compiler.is_compiling():
-        fields = Call.fields_of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
-        chosen = compiled_choice(fields, backend, formulation)
+    if torch.compiler.is_compiling():  # the op, its backend decided when it runs: one graph for every batch size
+        chosen = compiled_choice(backend, formulation)
         return run_formulation(chosen, x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
                                dilation, groups)
     call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
