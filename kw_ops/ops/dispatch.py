@@ -119,7 +119,8 @@ class Call:
             transform = "compile"
         else:
             transform = ""
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = (transform != "func" and x.dim() == 4 and not x.is_contiguous()  # (vmap cannot tell)
+                         and x.is_contiguous(memory_format=torch.channels_last))
         return (x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
                 out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
                 warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),

@@ -7,6 +7,7 @@ import torch
 
 from .checks import check_kw_conv_args
 from .dispatch import Call, compiled_choice, decide, run_formulation
+from .export_impl import exporting
 from .verify import current_layer
 
 __all__ = ["kw_conv", "normalize_tuple"]
@@ -75,7 +76,7 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
     if torch.compiler.is_compiling():  # the op, its backend decided when it runs: one graph for every batch size
-        chosen = compiled_choice(backend, formulation)
+        chosen = "export" if exporting() else compiled_choice(backend, formulation)
         return run_formulation(chosen, x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
                                dilation, groups)
     call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
