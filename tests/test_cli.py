@@ -2,6 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
+from kw_ops.__main__ import main
+
 
 def _run(*args):
     result = subprocess.run([sys.executable, "-m", "kw_ops", *args], capture_output=True, text=True, timeout=300)
@@ -31,3 +35,27 @@ def test_describe_prints_the_papers_count_beside_the_measured_one():
     code, out = _run("describe", "resnet18_kw1x_layer_sharing")
     assert code == 0, out
     assert "paper: 11.81M (Table 6), measured 11.81M (11,805,134), difference +0.00M" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps (--steps) must be an integer >= 1 (training steps per budget), got 0"),
+    (["--steps", "-2"], "steps (--steps) must be an integer >= 1 (training steps per budget), got -2"),
+    (["--batch", "1"], "batch (--batch) must be an integer >= 2 (the attention's BatchNorm cannot train on one "
+                       "sample), got 1"),
+    (["--batch", "0"], "batch (--batch) must be an integer >= 2"),
+    (["--size", "-5"], "size (--size) must be an integer >= 1 (the input resolution), got -5"),
+    (["--size", "0"], "size (--size) must be an integer >= 1 (the input resolution), got 0"),
+], ids=["steps-0", "steps-negative", "batch-1", "batch-0", "size-negative", "size-0"])
+def test_demo_bad_options_are_one_line_and_exit_2(capsys, args, message):
+    code = main(["demo", "--steps", "1", "--size", "8", *args])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("kw_ops demo: " + message), err
+    assert not captured.out
+
+
+def test_demo_runs_at_the_smallest_accepted_size_and_batch(capsys):
+    code = main(["demo", "--batch", "2", "--size", "1", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "(batch 2, 1x1 random data, 1 SGD steps" in out and "nan" not in out.lower()

@@ -5,10 +5,10 @@ paper's Tables 12 and 16 on your machine.
 Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
 timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
 over its blocks, their spread (interquartile range) and the ratio of its median to the static network's
-(its per-round ratios flag rounds that disagree). Cheap steps get more rounds than slow ones (`Settings.max_repeat`); a step's first call (the memory
-measurement, also the warm-up) is never timed: even for 2-10 s steps it measured 10-60 % slower than later
-calls. Rows that varied between rounds are marked and named in one warning line, which says whether another
-process held the CPU (spread.py)."""
+(its per-round ratios flag rounds that disagree). Cheap steps get more rounds than slow ones
+(`Settings.max_repeat`); a step's first call (the memory measurement, also the warm-up) is never timed:
+even for 2-10 s steps it measured 10-60 % slower than later calls. Rows that varied between rounds are
+marked and named in one warning line, which says whether another process held the CPU (spread.py)."""
 from __future__ import annotations
 
 import argparse
@@ -448,7 +448,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated KW budgets (default: {','.join(QUICK_BUDGETS)}; --full: the "
                         f"paper's per backbone), each written {BUDGET_SPELLINGS}")
     parser.add_argument("--full", action="store_true", help="the paper's settings (224x224, batch 100 on GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where available)")
     parser.add_argument("--batch", type=int, help=f"inference batch ({_defaults('batch')})")
     parser.add_argument("--train-batch", type=int, help="training batch, at least 2: the attention's BatchNorm "
                         f"cannot train on one sample ({_defaults('train_batch')})")
