@@ -1,4 +1,5 @@
 """The command line as a user runs it."""
+import re
 import subprocess
 import sys
 
@@ -59,3 +60,15 @@ def test_demo_runs_at_the_smallest_accepted_size_and_batch(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "(batch 2, 1x1 random data, 1 SGD steps" in out and "nan" not in out.lower()
+
+
+def test_describe_says_zero_cell_only_for_layers_without_cells(capsys):
+    """deit_small_kw3d4x gives some MLP layers no cell of their warehouse (b < 1): their mixtures all take the
+    zero cell; the others keep their range of cells."""
+    assert main(["describe", "deit_small_kw3d4x"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "zero cell only" in lines["blocks.2.mlp.fc1"] and "zero cell only" in lines["blocks.2.mlp.fc2"]
+    assert "cells 0..0 " in lines["blocks.0.attn.v"] and "cells 2..5 " in lines["blocks.0.mlp.fc1"]
+    for line in lines.values():  # a range of cells, first <= last, or the zero cell only
+        cells = re.search(r"cells (\d+)\.\.(\d+) ", line)
+        assert (cells is None) == ("zero cell only" in line) and (cells is None or int(cells[1]) <= int(cells[2])), line
