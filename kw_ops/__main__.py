@@ -29,8 +29,13 @@ def _describe(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .demo import check_demo_options, run_demo
 
+    try:
+        check_demo_options(args.batch, args.size, args.steps)
+    except ValueError as error:
+        print(f"kw_ops demo: {error}", file=sys.stderr)
+        return 2
     run_demo(batch=args.batch, size=args.size, steps=args.steps)
     return 0
 
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
                         "(python -m kw_ops attention-map --help)")
     commands.add_parser("info", help="versions and which op backends can run here")
     demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")
-    demo.add_argument("--batch", type=int, default=8)
+    demo.add_argument("--batch", type=int, default=8, help="training batch, at least 2")
     demo.add_argument("--size", type=int, default=32, help="input resolution")
     demo.add_argument("--steps", type=int, default=10, help="training steps per budget")
     describe = commands.add_parser("describe", help="warehouse table of a registered model preset")

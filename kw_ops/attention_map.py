@@ -96,8 +96,10 @@ def collect_attention(model: nn.Module, batches: Iterable, device: torch.device 
     """Mean α per warehouse over `batches` (tensors or (images, targets) pairs), in eval mode.
 
     The model's τ is used as it is (a trained model has τ = 0). Returns one WarehouseAttention per
-    warehouse, in the order of `kw_ops.warehouses(model)`.
+    warehouse, in the order of `kw_ops.warehouses(model)`. `max_batches`: None (every batch) or >= 1.
     """
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"collect_attention: max_batches must be None or >= 1, got {max_batches}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -160,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-batches", type=int)
+    p.add_argument("--max-batches", type=int, help="average over the first N batches only (default: every batch)")
     p.add_argument("--num-classes", type=int, help="default: the checkpoint's classes, else the dataset's")
     p.add_argument("--temperature", type=float, help="set τ before collecting (default: the model's)")
     p.add_argument("--workers", type=int, default=0)
@@ -204,6 +206,9 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.max_batches is not None and args.max_batches < 1:
+            raise ValueError(f"--max-batches must be an integer >= 1 (or left out: every batch), "
+                             f"got {args.max_batches}")
         device = parse_device(args.device)
         split = args.split if (Path(args.data) / args.split).is_dir() else ""
         dataset = ImageFolder(args.data, split, args.image_size, train=False)

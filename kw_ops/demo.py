@@ -30,7 +30,23 @@ def stage_sharing(name: str, module: nn.Module) -> str | None:
     return f"stage{int(top) - 2}" if top in ("3", "4", "5") else None
 
 
+#: the demo's options: name -> (least value, what it is)
+LIMITS = {"batch": (2, "the attention's BatchNorm cannot train on one sample"), "size": (1, "the input resolution"),
+          "steps": (1, "training steps per budget")}
+
+
+def check_demo_options(batch: int, size: int, steps: int) -> None:
+    """ValueError naming the option (`--batch`, `--size`, `--steps`) for a value the demo cannot run."""
+    for name, value in (("batch", batch), ("size", size), ("steps", steps)):
+        least, what = LIMITS[name]
+        if value < least:
+            raise ValueError(f"{name} (--{name}) must be an integer >= {least} ({what}), got {value}")
+
+
 def run_demo(batch: int = 8, size: int = 32, steps: int = 10) -> None:
+    """Train `steps` SGD steps of batch `batch` at `size`x`size` per budget and print the results
+    (ValueError from `check_demo_options` first)."""
+    check_demo_options(batch, size, steps)
     torch.manual_seed(0)
     static = small_convnet()
     x, target = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))

@@ -150,10 +150,12 @@ def _flags(*flags, message):
 @pytest.mark.parametrize("case", [
     _unreadable, _image_as_checkpoint, _tensor_as_checkpoint, _other_classes, _corrupt_image, _empty_class_folder,
     _flags("--device", "bogus", message="--device: expected cpu, cuda or cuda:N, got 'bogus'"),
+    _flags("--max-batches", "0", message="--max-batches must be an integer >= 1 (or left out: every batch), got 0"),
+    _flags("--max-batches", "-3", message="--max-batches must be an integer >= 1 (or left out: every batch), got -3"),
     pytest.param(_flags("--device", "cuda", message="--device cuda: no CUDA device here"),
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ], ids=["truncated-checkpoint", "image-as-checkpoint", "tensor-as-checkpoint", "other-classes", "corrupt-image",
-        "empty-class-folder", "unknown-device", "cuda-without-cuda"])
+        "empty-class-folder", "unknown-device", "max-batches-0", "max-batches-negative", "cuda-without-cuda"])
 def test_bad_input_is_one_line_and_exit_code_2_and_the_old_png_is_kept(data, tmp_path, capsys, case):
     """Each: exit code 2, one line naming what was wrong, an existing PNG at --out untouched."""
     args, message = case(tmp_path, data)
@@ -164,3 +166,8 @@ def test_bad_input_is_one_line_and_exit_code_2_and_the_old_png_is_kept(data, tmp
     err = captured.err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("kw_ops attention-map: ") and message in err[0], err
     assert out.read_bytes() == PNG_MAGIC + b"an earlier map" and not captured.out
+
+
+def test_collect_refuses_fewer_than_one_batch(data):
+    with pytest.raises(ValueError, match="max_batches must be None or >= 1, got 0"):
+        collect_attention(build_model("tiny_kw1x", 3), _loader(data), max_batches=0)

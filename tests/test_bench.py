@@ -103,10 +103,12 @@ def test_interleaved_run_under_load_warns_or_keeps_the_ratio():
 
 def test_cli_prints_rows_early_and_writes_table_csv_and_png(tmp_path):
     command = [sys.executable, "-m", "kw_ops", "bench", "--models", "mobilenetv2_050", "--budgets", "1x,3x",
-               "--batch", "2", "--size", "32", "--repeat", "2", "--min-time", "0", "--out", str(tmp_path)]
+               "--batch", "3", "--train-batch", "2", "--size", "32", "--repeat", "2", "--min-time", "0.001",
+               "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| model | method |" in result.stdout and "git " in result.stdout
+    assert "settings: inference batch 3, training batch 2, 32x32" in result.stdout
     assert "| mobilenetv2_050 | static |" in result.stderr  # the model's rows as soon as they exist
     for noise in ("Memory block", "STAGE:", "[W"):  # profiler and C++ warnings stay out of the output
         assert noise not in result.stdout + result.stderr
@@ -117,6 +119,7 @@ def test_cli_prints_rows_early_and_writes_table_csv_and_png(tmp_path):
     for method in ("static", "DY-Conv (4x) released", "ODConv (4x) kw_ops", "KW (1x) released", "KW (1x) kw_ops"):
         row = rows[method]
         assert row["status"] == "ok", row
+        assert (row["batch"], row["train_batch"]) == ("3", "2")
         assert float(row["infer_spread_pct"]) >= 0 and float(row["train_step_ms_max"]) >= float(row["train_step_ms"])
         assert float(row["train_rss_mb"]) >= 0 and float(row["train_alloc_mb"]) > 0
         assert 2 <= int(row["infer_blocks"]) <= 5 and 2 <= int(row["train_blocks"]) <= 5 and float(row["wall_s"]) > 0
@@ -220,3 +223,90 @@ def test_each_block_is_paired_with_the_static_block_nearest_in_time():
     static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
               {"started": 30.0, "seconds": 4.0}]
     assert model_bench._nearest_seconds(blocks, static) == [2.0, 4.0]  # not the first two (1.0, 2.0)
+
+
+def _bench_main(monkeypatch, capsys, tmp_path, *args):
+    """`python -m kw_ops bench ARGS --out tmp_path` in this process with the measuring replaced: (exit code,
+    stderr lines, the settings it would have measured with, the plan); a CSV from an earlier run is there."""
+    seen = {}
+
+    def fake_run(plan, settings, on_model=None):
+        seen.update(plan=plan, settings=settings)
+        return [{"git_sha": "abc", "torch": "t", "triton": "t", "date": "d", "model": model, "method": method.label,
+                 "status": "skipped", "reason": "fake"} for model, methods in plan for method in methods]
+
+    monkeypatch.setattr(model_bench, "run", fake_run)
+    monkeypatch.setattr(model_bench, "plot", lambda *a: "no plot")
+    try:
+        code = model_bench.main([*args, "--out", str(tmp_path)])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    return code, capsys.readouterr().err.strip().splitlines(), seen.get("settings"), seen.get("plan")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch must be an integer >= 1 (the inference batch), got 0"),
+    (["--train-batch", "1"], "--train-batch must be an integer >= 2 (the attention's BatchNorm cannot train on "
+                             "one sample), got 1"),
+    (["--size", "0"], "--size must be an integer >= 1 (the input resolution), got 0"),
+    (["--size", "-5"], "--size must be an integer >= 1 (the input resolution), got -5"),
+    (["--min-time", "nan"], "--min-time must be a finite number of seconds > 0, got nan"),
+    (["--min-time", "inf"], "--min-time must be a finite number of seconds > 0, got inf"),
+    (["--min-time", "0"], "--min-time must be a finite number of seconds > 0, got 0.0"),
+    (["--min-time", "-1"], "--min-time must be a finite number of seconds > 0, got -1.0"),
+    (["--repeat", "1"], "--repeat must be an integer >= 2 (one block has no spread), got 1"),
+    (["--repeat", "-3"], "--repeat must be an integer >= 2 (one block has no spread), got -3"),
+    (["--models", ""], "--models: no backbone given; known: convnext_tiny, deit_small, deit_tiny, mobilenetv2_050, "
+                       "mobilenetv2_100, resnet18, resnet50"),
+    (["--models", "resnet18,resnet99"], "--models: unknown backbone(s) 'resnet99'; known: convnext_tiny, "),
+    (["--models", "resnet18_kw1x"], "--models: unknown backbone(s) 'resnet18_kw1x'; known: "),
+    (["--budgets", ""], "--budgets: no budget given; write"),
+    (["--budgets", "1x,half"], "--budgets: cannot read 'half'; write a KW budget as 1x, 4x, 4, kw4x, 1/2x, 0.5x, "
+                               "1d2x or kw1d2x (the paper's: 1/4x, 1/2x, 1x, 2x, 4x)"),
+    (["--budgets", "0x"], "--budgets: cannot read '0x'; write a KW budget as"),
+    (["--budgets=-1x"], "--budgets: cannot read '-1x'; write a KW budget as"),
+    (["--device", "foo"], "--device: expected cpu or cuda, got 'foo'"),
+    (["--device", "cuda"], "--device cuda: no CUDA device here (torch "),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_options_are_one_line_and_exit_2_and_the_csv_is_unchanged(monkeypatch, capsys, tmp_path, args, message):
+    monkeypatch.setattr(model_bench.torch.cuda, "is_available", lambda: False)  # --device cuda: a CPU-only machine
+    earlier = "an,earlier,run\n1,2,3\n"
+    for device in ("cpu", "cuda"):
+        (tmp_path / f"bench_models_{device}.csv").write_text(earlier)
+    code, err, settings, _ = _bench_main(monkeypatch, capsys, tmp_path, *args)
+    assert code == 2 and len(err) == 1 and err[0].startswith("kw_ops bench: " + message), err
+    assert settings is None  # nothing measured
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_models_cpu.csv", "bench_models_cuda.csv"]
+    assert all((tmp_path / f"bench_models_{d}.csv").read_text() == earlier for d in ("cpu", "cuda"))
+
+
+@pytest.mark.parametrize("spellings, budgets", [
+    ("1/2x,0.5x,1d2x,kw1d2x,0.5,KW1/2X", ["1d2x"]),
+    ("kw1x,1x,1,1.0x", ["1x"]),
+    ("4,kw4x,4x", ["4x"]),
+    ("1/4x,0.75x,kw3d4x,2", ["1d4x", "3d4x", "2x"]),
+])
+def test_budgets_accept_the_spellings_users_write(monkeypatch, capsys, tmp_path, spellings, budgets):
+    code, err, _, plan = _bench_main(monkeypatch, capsys, tmp_path, "--models", "resnet18", "--budgets", spellings)
+    assert code == 0, err
+    kw_rows = [m for m in plan[0][1] if m.label.startswith("KW")]
+    assert [m.label for m in kw_rows[::2]] == [f"KW ({b.replace('d', '/')}) released" for b in budgets]
+    names = [m.model_name for m in kw_rows]
+    assert all(name is None or name == f"resnet18_kw{b}" for name, b in zip(names, [b for b in budgets
+                                                                                   for _ in range(2)]))
+    if budgets == ["1d2x"]:
+        assert names == ["resnet18_kw1d2x"] * 2
+
+
+def test_batch_is_the_inference_batch_and_train_batch_the_training_batch(monkeypatch, capsys, tmp_path):
+    code, _, settings, _ = _bench_main(monkeypatch, capsys, tmp_path, "--device", "cpu", "--models", "resnet18",
+                                       "--batch", "6", "--train-batch", "3")
+    assert code == 0 and (settings.batch, settings.train_batch) == (6, 3)
+    defaults = model_bench.quick_settings("cpu")
+    code, _, settings, _ = _bench_main(monkeypatch, capsys, tmp_path, "--device", "cpu", "--models", "resnet18",
+                                       "--batch", "1")
+    assert code == 0 and (settings.batch, settings.train_batch) == (1, defaults.train_batch)
+    full = model_bench.full_settings("cpu")
+    code, _, settings, _ = _bench_main(monkeypatch, capsys, tmp_path, "--device", "cpu", "--models", "resnet18",
+                                       "--full", "--train-batch", "4")
+    assert code == 0 and (settings.batch, settings.train_batch) == (full.batch, 4)

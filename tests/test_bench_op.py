@@ -7,8 +7,11 @@ from pathlib import Path
 
 from kw_ops.benchmarking import op_bench
 from kw_ops.benchmarking.layer_shapes import kw_layer_shapes
+from kw_ops.ops import cpp
 
 ROOT = Path(__file__).resolve().parents[1]
+#: peaks given to runs that are not about the roofline (measuring them costs seconds)
+PEAKS = {"tflops": 1.0, "bandwidth_gbs": 10.0, "copy_mib": 256.0, "matmul": 2048}
 
 
 def _tiny(**overrides):
@@ -29,8 +32,8 @@ def test_rows_have_fields_and_skips_have_reasons(monkeypatch):
         assert set(row) >= set(op_bench.CSV_FIELDS) - {"reason", "median_ms", "tflops", "gflop", "mbytes",
                                                        "floor_ms", "ratio_to_floor"}
         assert row["device"] and row["torch"] and row["git_sha"] and row["model"] == "resnet18_kw1x"
-        if row["provider"] == "triton":  # CPU: not timed (needs CUDA, or only the interpreter would run it)
-            assert row["status"] == "skipped" and row["reason"], row
+        if row["provider"] == "triton" or (row["provider"] == "cpp" and not cpp.available()):
+            assert row["status"] == "skipped" and row["reason"], row  # triton on CPU: only the interpreter runs
             continue
         assert row["status"] == "ok", row
         for field in ("median_ms", "tflops", "floor_ms", "ratio_to_floor"):
@@ -39,6 +42,43 @@ def test_rows_have_fields_and_skips_have_reasons(monkeypatch):
     assert "nan" not in str(rows).lower()
     report = op_bench.markdown(rows, _tiny(), peaks, env)
     assert "| model | layer | shape |" in report and "measured peaks" in report and "skipped" in report
+
+
+def _two_shapes(monkeypatch):
+    """resnet18_kw1x's first 3x3 layer (the automatic choice: cpp where built) and first 1x1 layer (torch)."""
+    shapes = kw_layer_shapes("resnet18_kw1x", 32)
+    assert shapes[0]["kernel"] == (3, 3) and shapes[1]["kernel"] == (1, 1)
+    monkeypatch.setattr(op_bench, "kw_layer_shapes", lambda model, size: shapes[:2])
+    monkeypatch.setattr(op_bench, "CPU_MIN_RUN_S", 0.01)
+    return _tiny(modes=("forward", "backward"), providers=("torch", "cpp", "auto"))
+
+
+def test_cpp_and_the_automatic_choice_are_timed_and_auto_names_its_pick(monkeypatch):
+    rows, peaks, env = op_bench.run(_two_shapes(monkeypatch), peaks=PEAKS)
+    picked = "cpp" if cpp.available() else "torch"
+    providers = lambda layer: [r["provider"] for r in rows if r["layer"] == layer]
+    assert providers("layer1.0.conv1") == ["torch", "cpp", f"auto ({picked})"] * 2  # forward, then backward
+    assert providers("layer2.0.downsample.0") == ["torch", "cpp", "auto (torch)"] * 2
+    for row in rows:
+        if row["provider"] == "cpp" and not cpp.available():
+            assert row["status"] == "skipped" and "kw_ops._C" in row["reason"], row
+        else:
+            assert row["status"] == "ok" and float(row["median_ms"]) > 0, row
+    report = op_bench.markdown(rows, _two_shapes(monkeypatch), peaks, env)
+    table_header = next(line for line in report.splitlines() if line.startswith("| model | layer |"))
+    assert table_header.endswith("| torch | cpp | auto |")
+    assert "| layer1.0.conv1 | " in report and f"({picked}) " in report and "(torch) " in report
+
+
+def test_cpp_is_skipped_with_its_reason_where_the_extension_is_not_built(monkeypatch):
+    reason = "the compiled extension kw_ops._C is not importable (No module named 'kw_ops._C'; pip install ...)"
+    monkeypatch.setattr(cpp, "unavailable_reasons", lambda: [reason])
+    rows, _, _ = op_bench.run(_two_shapes(monkeypatch), peaks=PEAKS)
+    assert {(r["provider"], r["status"], r["reason"]) for r in rows if r["provider"] == "cpp"} == {
+        ("cpp", "skipped", reason)}
+    assert {r["provider"] for r in rows if r["provider"].startswith("auto")} == {"auto (torch)"}
+    assert all(r["status"] == "ok" for r in rows if r["provider"] != "cpp")
+    assert {"cpp", "auto"} <= set(op_bench.PROVIDERS)
 
 
 def test_cost_model_counts_mixing_and_backward():
@@ -56,7 +96,7 @@ def test_cost_model_counts_mixing_and_backward():
 
 def test_cli_appends_csv(tmp_path):
     command = [sys.executable, "-m", "kw_ops", "bench-op", "--models", "resnet18_kw1x", "--batch", "1", "--size",
-               "16", "--modes", "forward", "--providers", "static,torch,triton", "--out", str(tmp_path),
+               "16", "--modes", "forward", "--providers", "static,torch,triton,cpp,auto", "--out", str(tmp_path),
                "--markdown", str(tmp_path / "report.md")]
     for _ in range(2):
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -65,6 +105,7 @@ def test_cli_appends_csv(tmp_path):
     with (tmp_path / "bench_op_cpu.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) >= 6 and len(rows) % 2 == 0  # two runs appended under one header
-    assert {r["provider"] for r in rows} == {"static", "torch", "triton"}
+    picked = {"auto (cpp)", "auto (torch)"} if cpp.available() else {"auto (torch)"}  # 3x3 and 1x1 layers
+    assert {r["provider"] for r in rows} == {"static", "torch", "triton", "cpp"} | picked
     assert all(r["reason"] for r in rows if r["status"] != "ok")
     assert (tmp_path / "report.md").read_text().startswith("# KW op per layer shape")

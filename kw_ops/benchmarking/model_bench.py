@@ -5,16 +5,17 @@ paper's Tables 12 and 16 on your machine.
 Each method runs in a process of its own (kw_ops.benchmarking.worker); the methods of one model are
 timed interleaved, round after round, so a burst of load hits them all, and each row reports the median
 over its blocks, their spread (interquartile range) and the ratio of its median to the static network's
-(its per-round ratios flag rounds that disagree). Cheap steps get more rounds than slow ones (`Settings.max_repeat`); a step's first call (the memory
-measurement, also the warm-up) is never timed: even for 2-10 s steps it measured 10-60 % slower than later
-calls. Rows that varied between rounds are marked and named in one warning line, which says whether another
-process held the CPU (spread.py)."""
+(its per-round ratios flag rounds that disagree). Cheap steps get more rounds than slow ones
+(`Settings.max_repeat`); a step's first call (the memory measurement, also the warm-up) is never timed:
+even for 2-10 s steps it measured 10-60 % slower than later calls. Rows that varied between rounds are
+marked and named in one warning line, which says whether another process held the CPU (spread.py)."""
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
 import datetime
+import fractions
 import math
 import platform
 import statistics
@@ -103,7 +104,7 @@ def methods_for(model: str, budgets) -> list[Method]:
                         Method(full, None, released, reason=f"no preset {name!r}"))
     for budget in budgets:
         name = f"{model}_kw{budget}"
-        label = f"KW ({budget.replace('1d', '1/')})"
+        label = f"KW ({budget.replace('d', '/')})"
         if name not in known:
             reason = f"the paper trains no {budget} {model}" if budget not in PAPER_BUDGETS.get(model, ()) else \
                 f"no preset {name!r}"
@@ -365,50 +366,109 @@ def _blocks_text(settings: Settings) -> str:
     return text
 
 
+BUDGET_SPELLINGS = "1x, 4x, 4, kw4x, 1/2x, 0.5x, 1d2x or kw1d2x (the paper's: 1/4x, 1/2x, 1x, 2x, 4x)"
+
+
+def parse_budget(text: str) -> str:
+    """A KW budget as the presets name it ('1d2x', '4x', '3d4x') from the spellings users write: 1/2x, 0.5x,
+    0.5, 1d2x, kw1d2x, 4, 4x, kw4x (any case); ValueError naming --budgets and the accepted spellings."""
+    core = text.strip().lower().removeprefix("kw").removesuffix("x").replace("d", "/")
+    try:
+        budget = fractions.Fraction(core)
+    except (ValueError, ZeroDivisionError):
+        budget = None
+    if budget is None or budget <= 0:
+        raise ValueError(f"--budgets: cannot read {text!r}; write a KW budget as {BUDGET_SPELLINGS}")
+    return f"{budget.numerator}x" if budget.denominator == 1 else f"{budget.numerator}d{budget.denominator}x"
+
+
+def backbones() -> list[str]:
+    """Registered networks with DY-Conv, ODConv or KW presets: what `bench --models` measures."""
+    names = models.list_models()
+    return [m for m in names if any(n.startswith(f"{m}_{kind}") for n in names for kind in ("kw", "dy", "od"))]
+
+
+def _defaults(field: str) -> str:
+    """The default of a Settings field per device and --full, for the help text."""
+    quick, full = (", ".join(f"{getattr(make(d), field)} on {d.upper() if d == 'cpu' else 'GPU'}"
+                             for d in ("cpu", "cuda")) for make in (quick_settings, full_settings))
+    return f"default: {quick}; --full: {full}"
+
+
+#: the numeric options: field -> (test of a given value, what it must be)
+LIMITS = {"batch": (lambda v: v >= 1, "an integer >= 1 (the inference batch)"),
+          "train_batch": (lambda v: v >= 2, "an integer >= 2 (the attention's BatchNorm cannot train on one sample)"),
+          "size": (lambda v: v >= 1, "an integer >= 1 (the input resolution)"),
+          "repeat": (lambda v: v >= 2, "an integer >= 2 (one block has no spread)"),
+          "min_time": (lambda v: math.isfinite(v) and v > 0, "a finite number of seconds > 0")}
+
+
+def settings_from_options(args) -> tuple[Settings, list[tuple[str, list[Method]]]]:
+    """The settings and the plan [(backbone, methods)] of the command line `args`; ValueError, one line naming
+    the option, for a value the bench cannot run (before anything runs or is written)."""
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device cuda: no CUDA device here (torch {torch.__version__}, {build}); use --device cpu")
+    for field, (test, expected) in LIMITS.items():
+        value = getattr(args, field)
+        if value is not None and not test(value):
+            raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {value}")
+    known = backbones()
+    model_names = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    unknown = [m for m in model_names if m not in known]
+    if not model_names or unknown:
+        problem = f"unknown backbone(s) {', '.join(map(repr, unknown))}" if unknown else "no backbone given"
+        raise ValueError(f"--models: {problem}; known: {', '.join(known)}")
+    if args.budgets is not None:
+        budgets = tuple(dict.fromkeys(parse_budget(b) for b in args.budgets.split(",") if b.strip()))
+        if not budgets:
+            raise ValueError(f"--budgets: no budget given; write {BUDGET_SPELLINGS}, comma-separated")
+    settings = full_settings(args.device) if args.full else quick_settings(args.device)
+    for field in LIMITS:
+        if getattr(args, field) is not None:
+            setattr(settings, field, getattr(args, field))
+    if args.amp:
+        settings.amp = None if args.amp == "none" else args.amp
+    if args.channels_last:
+        settings.channels_last = args.channels_last == "on"
+    if args.budgets is None:
+        return settings, [(m, methods_for(m, PAPER_BUDGETS.get(m, ("1x",)) if args.full else QUICK_BUDGETS))
+                          for m in model_names]
+    return settings, [(m, methods_for(m, budgets)) for m in model_names]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated backbones")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated backbones (default: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--budgets", default=None,
-                        help="comma-separated KW budgets (default: 1x,4x; --full: the paper's)")
+                        help=f"comma-separated KW budgets (default: {','.join(QUICK_BUDGETS)}; --full: the "
+                        f"paper's per backbone), each written {BUDGET_SPELLINGS}")
     parser.add_argument("--full", action="store_true", help="the paper's settings (224x224, batch 100 on GPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--size", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where available)")
+    parser.add_argument("--batch", type=int, help=f"inference batch ({_defaults('batch')})")
+    parser.add_argument("--train-batch", type=int, help="training batch, at least 2: the attention's BatchNorm "
+                        f"cannot train on one sample ({_defaults('train_batch')})")
+    parser.add_argument("--size", type=int, help=f"input resolution ({_defaults('size')})")
     parser.add_argument("--repeat", type=int,
                         help="timed blocks per method and step kind, in interleaved rounds, at least 2 (default: "
                         "2, and 5 for steps whose block costs under 0.15 s, on CPU; 5 on GPU; --full: 5, 7 on GPU)")
     parser.add_argument("--min-time", type=float,
-                        help="seconds each timed block lasts at least, in whole steps (default: 0.03 CPU, 0.05 GPU; "
-                        "--full: 0.5 CPU, 0.2 GPU)")
+                        help=f"seconds each timed block lasts at least, in whole steps ({_defaults('min_time')})")
     parser.add_argument("--amp", choices=("bf16", "fp16", "none"))
     parser.add_argument("--channels-last", choices=("on", "off"), help="default: on for CUDA, off for CPU")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the CSV and the PNG")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    settings = full_settings(args.device) if args.full else quick_settings(args.device)
-    for field in ("batch", "size", "repeat", "min_time"):
-        if getattr(args, field) is not None:
-            setattr(settings, field, getattr(args, field))
-    if args.batch:
-        settings.train_batch = max(2, min(settings.train_batch, args.batch))
-    if settings.repeat < 2:
-        parser.error("--repeat must be at least 2: one block has no spread")
-    if args.amp:
-        settings.amp = None if args.amp == "none" else args.amp
-    if args.channels_last:
-        settings.channels_last = args.channels_last == "on"
-    model_names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in model_names if m not in models.list_models()]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {', '.join(models.list_models())}")
-    if args.budgets:
-        budgets_for = lambda m: tuple(args.budgets.split(","))
-    elif args.full:
-        budgets_for = lambda m: PAPER_BUDGETS.get(m, ("1x",))
-    else:
-        budgets_for = lambda m: QUICK_BUDGETS
-    plan = [(m, methods_for(m, budgets_for(m))) for m in model_names]
+    try:
+        settings, plan = settings_from_options(args)
+    except ValueError as error:
+        print(f"kw_ops bench: {error}", file=sys.stderr)
+        return 2
     header = [TABLE_HEADER]
 
     def show(model_rows):  # each model's rows as soon as they exist, above the progress bar

@@ -6,7 +6,9 @@ forward at --size). Providers:
     static    F.conv2d with the layer's static weight [O, I/g, k, k] (cuDNN on CUDA, oneDNN on CPU)
     released  released_kw_conv: the authors' formulation (one mixing mm, permuted copy, conv with groups = B)
     torch     kw_conv(..., backend='torch'): the pure-PyTorch op with its hand-written backward
+    cpp       kw_conv(..., backend='cpp'): the compiled CPU kernel (kw_ops._C; skipped where it is not built)
     triton    kw_conv(..., backend='triton'): the Triton kernels (CUDA only; the interpreter is not timed)
+    auto      kw_conv(...) with the automatic choice, labelled with what it picked for the shape: 'auto (cpp)'
 A provider that cannot run a shape is a 'skipped' row with the reasons of kw_ops.ops.not_supported_reasons;
 one that fails is an 'error' row with the exception; no row carries NaN.
 Modes: forward (no_grad), backward (autograd.grad of a retained graph: the op's backward alone), both (the two).
@@ -37,12 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import kw_conv, not_supported_reasons
+from ..ops.backends import select_backend
 from .layer_shapes import kw_layer_shapes, out_size, shape_text
 from .model_bench import _environment, device_name
 from .released import released_kw_conv
 
-PROVIDERS = ("static", "released", "torch", "triton")
-KW_PROVIDERS = ("released", "torch", "triton")
+PROVIDERS = ("static", "released", "torch", "cpp", "triton", "auto")
+KW_PROVIDERS = ("released", "torch", "cpp", "triton", "auto")
 MODES = ("forward", "backward", "both")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MODELS = ("resnet18_kw1x", "resnet50_kw1x")
@@ -157,14 +160,23 @@ def _forward(spec, provider):
         padding=spec["padding"], dilation=spec["dilation"], groups=spec["groups"], backend=provider)
 
 
+def _geometry(spec) -> dict:
+    return {"out_channels": spec["out"], "kernel_size": spec["kernel"], "stride": spec["stride"],
+            "padding": spec["padding"], "dilation": spec["dilation"], "groups": spec["groups"]}
+
+
+def automatic_choice(spec, batch, dtype, device) -> str:
+    """The backend kw_conv's automatic choice runs for this shape, batch, dtype and device."""
+    tensors, bias, _ = _operands(spec, "auto", batch, dtype, device, False)
+    return select_backend(*tensors, bias, "auto", _geometry(spec))
+
+
 def skip_reasons(spec, provider, batch, dtype, device) -> list[str]:
-    """Why `provider` cannot run this shape here (empty: it can)."""
-    if provider in ("static", "released"):
+    """Why `provider` cannot run this shape here (empty: it can; the automatic choice always runs one)."""
+    if provider in ("static", "released", "auto"):
         return []
     tensors, bias, _ = _operands(spec, provider, batch, dtype, device, False)
-    geometry = {"out_channels": spec["out"], "kernel_size": spec["kernel"], "stride": spec["stride"],
-                "padding": spec["padding"], "dilation": spec["dilation"], "groups": spec["groups"]}
-    reasons = not_supported_reasons(provider, *tensors, bias, geometry)
+    reasons = not_supported_reasons(provider, *tensors, bias, _geometry(spec))
     if provider == "triton" and not reasons and torch.device(device).type != "cuda":
         reasons = ["Triton kernels on CPU run in the interpreter (TRITON_INTERPRET=1): not worth timing"]
     return reasons
@@ -209,11 +221,13 @@ def run(settings: Settings, peaks: dict | None = None) -> tuple[list[dict], dict
     for index, (model, spec) in enumerate(plan):
         _progress(index, len(plan), f"{model} {spec['layer']}")
         reasons = {p: skip_reasons(spec, p, settings.batch, dtype, settings.device) for p in settings.providers}
+        labels = {p: f"auto ({automatic_choice(spec, settings.batch, dtype, settings.device)})" if p == "auto" else p
+                  for p in settings.providers}
         for mode in settings.modes:
             for provider in settings.providers:
                 row = {**env, "model": model, "layer": spec["layer"], "count": spec["count"],
                        "shape": shape_text(spec), "batch": settings.batch, "size": settings.size,
-                       "dtype": settings.dtype, "provider": provider, "mode": mode,
+                       "dtype": settings.dtype, "provider": labels[provider], "mode": mode,
                        "peak_tflops": f"{peaks['tflops']:.4g}", "peak_bandwidth_gbs": f"{peaks['bandwidth_gbs']:.4g}"}
                 if reasons[provider]:
                     rows.append({**row, "status": "skipped", "reason": "; ".join(reasons[provider])})
@@ -238,6 +252,11 @@ def run(settings: Settings, peaks: dict | None = None) -> tuple[list[dict], dict
 
 
 # -- report ------------------------------------------------------------------------------------------------
+def _column(label: str) -> str:
+    """The provider of a row's label: 'auto (cpp)' -> 'auto'."""
+    return label.split(" (")[0]
+
+
 def header(settings: Settings, peaks: dict, env: dict, seconds: float | None = None) -> str:
     dtype = settings.dtype
     lines = [f"# KW op per layer shape on {env['device']}", "",
@@ -257,12 +276,13 @@ def header(settings: Settings, peaks: dict, env: dict, seconds: float | None = N
 
 
 def markdown(rows: list[dict], settings: Settings, peaks: dict, env: dict, seconds: float | None = None) -> str:
-    """Header, then per layer and mode: ms, TFLOP/s and time / floor per provider; model totals; skip reasons."""
+    """Header, then per layer and mode: ms, TFLOP/s and time / floor per provider; model totals; skip reasons.
+    The auto column's cells name the backend the automatic choice ran, as in '(cpp) 1.234 ms · ...'."""
     providers = list(settings.providers)
     cells, counts = {}, {}
     for r in rows:
         key = (r["model"], r["layer"], r["shape"], r["mode"])
-        cells.setdefault(key, {})[r["provider"]] = r
+        cells.setdefault(key, {})[_column(r["provider"])] = r
         counts[key] = int(r["count"])
 
     def cell(r):
@@ -270,10 +290,13 @@ def markdown(rows: list[dict], settings: Settings, peaks: dict, env: dict, secon
             return ""
         if r["status"] != "ok":
             return r["status"]
-        return f"{float(r['median_ms']):.3f} ms · {float(r['tflops']):.3g} TF/s · {float(r['ratio_to_floor']):.3g}x"
+        picked = r["provider"][len(_column(r["provider"])):].strip()
+        return (f"{picked + ' ' if picked else ''}{float(r['median_ms']):.3f} ms · {float(r['tflops']):.3g} TF/s · "
+                f"{float(r['ratio_to_floor']):.3g}x")
 
     lines = [header(settings, peaks, env, seconds),
-             "Per cell: median ms · achieved TFLOP/s (cost model) · time / roofline floor.", "",
+             "Per cell: median ms · achieved TFLOP/s (cost model) · time / roofline floor; auto: the automatic "
+             "choice, with the backend it ran for the shape.", "",
              "| model | layer | shape | × | mode | " + " | ".join(providers) + " |",
              "|---|---|---|---|---|" + "---|" * len(providers)]
     totals = {}

@@ -25,8 +25,10 @@ def describe(model: nn.Module) -> str:
         for member, layer_plan in zip(warehouse.members, plan.layers):
             attention = sum(p.numel() for p in member.attention.parameters())
             s, go, gi = layer_plan.grid
-            lines.append(f"  {layer_plan.name:<28} m={layer_plan.m:<4} grid S×GO×GI={s}×{go}×{gi:<4} "
-                         f"cells {layer_plan.start}..{layer_plan.start + layer_plan.consumed - 1}  "
+            # b < 1 can leave a layer no cell: every mixture of it takes the zero cell
+            cells = (f"cells {layer_plan.start}..{layer_plan.start + layer_plan.consumed - 1}" if layer_plan.consumed
+                     else "zero cell only")
+            lines.append(f"  {layer_plan.name:<28} m={layer_plan.m:<4} grid S×GO×GI={s}×{go}×{gi:<4} {cells}  "
                          f"attention params={attention:,}")
     kw_layers = [m for m in model.modules() if isinstance(m, KWLayer)]
     attention_total = sum(p.numel() for m in kw_layers for p in m.attention.parameters())
