@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deferred_init import deferred_init
 from oracle import caf, kw_conv_loop, relu_l1
 
 import kw_ops
@@ -495,7 +496,7 @@ def test_training_a_small_kw_net_with_the_schedule_and_reload():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         schedule = kw_ops.TemperatureSchedule(iters_per_epoch=5, epochs=1)
         losses = []
-        for _ in range(8):
+        for _ in range(12):  # τ falls to 0 in 5 steps (it moves the loss too), then 7 steps at τ = 0
             schedule.step(model)
             loss = F.cross_entropy(model(x), target)
             optimizer.zero_grad()
@@ -615,3 +616,31 @@ def test_optimizer_ddp_check_and_casts_see_one_warehouse_tensor():
     restored = pickle.loads(pickle.dumps(model))
     assert restored[1][3].warehouse is restored[1][0].warehouse
     assert kw_ops.count_parameters(restored) == 45018
+
+
+def test_meta_device_build_then_reset_parameters_is_a_fresh_model():
+    model, fresh = deferred_init(_tiny_model), _tiny_model()
+    assert kw_ops.count_parameters(model) == kw_ops.count_parameters(fresh)
+    built, expected = model.state_dict(), fresh.state_dict()
+    assert built.keys() == expected.keys()
+    buffers = {name for name, _ in model.named_buffers()}
+    for key, value in built.items():
+        assert torch.isfinite(value.float()).all(), key
+        if key in buffers or ".attention." in key and key.endswith("bias"):  # β, τ, statistics: a new model's
+            assert torch.equal(value, expected[key]), key
+    for name in ("1.0.warehouse.cells", "2.3.attention.fc1.weight", "2.3.attention.fc2.weight"):  # kaiming-normal
+        assert built[name].std().item() == pytest.approx(expected[name].std().item(), rel=0.2), name
+    assert any(k.endswith("attention.beta") for k in built) and kw_ops.get_temperature(model) == 0.0
+    x = torch.randn(2, 3, 16, 16)
+    for mode in (True, False):
+        assert torch.isfinite(model.train(mode)(x)).all()
+
+
+def test_reset_parameters_restores_beta_and_temperature_of_a_layer():
+    layer = KWConv2d(8, 8, 3, warehouse=KWConfig(budget=0.5))
+    beta = layer.attention.beta.clone()
+    kw_ops.set_temperature(layer, 0.7)
+    with torch.no_grad():
+        layer.attention.beta.zero_()
+    layer.reset_parameters()
+    assert torch.equal(layer.attention.beta, beta) and layer.attention.temperature.item() == 0.0
