@@ -1,4 +1,5 @@
 """Backend choice: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, fallback warning."""
+import threading
 import warnings
 
 import pytest
@@ -69,6 +70,35 @@ def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
         with use_backend("auto"):
             assert _call().shape == (2, 8, 5, 5)
     assert _call().shape == (2, 8, 5, 5)
+
+
+def test_use_backend_holds_only_in_the_thread_that_entered_it():
+    """One thread inside use_backend('cuda') (which cannot run CPU tensors), the other outside it at the same
+    time: the other still chooses automatically and runs."""
+    entered, checked = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def forcing():
+        with use_backend("torch"):
+            with use_backend("cuda"):
+                seen["nested"] = backends.requested_backend()[0]
+                entered.wait()
+                checked.wait()
+                seen["after"] = backends.requested_backend()[0]
+            seen["outer"] = backends.requested_backend()[0]
+        seen["left"] = backends.requested_backend()[0]
+
+    thread = threading.Thread(target=forcing)
+    thread.start()
+    entered.wait()
+    try:
+        seen["other thread"] = backends.requested_backend()
+        assert _call().shape == (2, 8, 5, 5)
+    finally:
+        checked.wait()
+        thread.join()
+    assert seen == {"nested": "cuda", "other thread": ("auto", "automatic"), "after": "cuda", "outer": "torch",
+                    "left": "auto"}
 
 
 def test_layer_backend_attribute_is_passed_to_the_op():
