@@ -1,6 +1,11 @@
 """Backend choice: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, fallback warning."""
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +104,23 @@ def test_use_backend_holds_only_in_the_thread_that_entered_it():
         thread.join()
     assert seen == {"nested": "cuda", "other thread": ("auto", "automatic"), "after": "cuda", "outer": "torch",
                     "left": "auto"}
+
+
+def test_kw_ops_no_ext_at_run_time_leaves_the_extension_unloaded_and_full_graph_compiles():
+    """KW_OPS_NO_EXT=1: kw_ops._C is not loaded (as on a machine without a compiler), the cpp backend says why,
+    and the automatic choice inside a full-graph torch.compile looks at no file."""
+    script = textwrap.dedent("""
+        import sys, torch, kw_ops
+        from kw_ops.ops import cpp
+        assert not cpp.available() and "kw_ops._C" not in sys.modules, sys.modules.get("kw_ops._C")
+        assert "KW_OPS_NO_EXT=1 is set" in cpp.unavailable_reasons()[0], cpp.unavailable_reasons()
+        layer = kw_ops.KWConv2d(8, 8, 3, padding=1).eval()
+        x = torch.randn(2, 8, 6, 6)
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, KW_OPS_NO_EXT="1"), text=True,
+                            capture_output=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_layer_backend_attribute_is_passed_to_the_op():

@@ -96,15 +96,24 @@ def implementation(name: str) -> tuple[Callable, Callable]:
 
 
 # -- why a backend cannot run -----------------------------------------------------------------
-def _module_missing(module: str) -> bool:
+def _find_missing(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is None
     except (ImportError, ValueError):
         return True
 
 
+# Whether triton and each backend's module are missing, found once at import (find_spec runs no module): the
+# automatic choice asks inside torch.compile'd regions, where the file system cannot be looked at.
+_MISSING = {module: _find_missing(module) for module in ("triton", *(b.module for b in BACKENDS.values()))}
+
+
+def _module_missing(module: str) -> bool:
+    return _MISSING[module]
+
+
 def _installation_reasons(name: str) -> list[str]:
-    """Reasons that do not depend on the inputs (missing packages, missing build, no GPU)."""
+    """Reasons that do not depend on the inputs (missing packages, missing build), decided at import."""
     backend = BACKENDS[name]
     reasons = []
     if name == "cpp":
@@ -120,16 +129,7 @@ def _installation_reasons(name: str) -> list[str]:
             reasons.append(f"the compiled extension {backend.module} is not built ({backend.install})")
         else:
             reasons.append(f"the Triton kernels {backend.module} are not part of this kw_ops installation")
-    elif name not in _IMPLEMENTATIONS and name != "torch" and not _has_hook(backend.module):
-        reasons.append(f"{backend.module} provides no kw_conv_implementation() (not wired into dispatch yet)")
     return reasons
-
-
-def _has_hook(module: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), "kw_conv_implementation")
-    except ImportError:
-        return False
 
 
 def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: torch.Tensor | None = None,
