@@ -30,7 +30,8 @@ class Warehouse(nn.Module):
     order, the order of the authors' code. Build a warehouse's layers inside `planning_deferred()`
     to plan once: a re-plan that replaces the tensors of an earlier plan warns (an optimizer made
     before holds the old ones), and once the warehouse has run a forward or loaded weights, a
-    re-plan (a layer joining, a new order) is refused.
+    re-plan (a layer joining, a new order) is refused. The warehouse registers itself under its first
+    member (`first.warehouse`); keep other references to it as plain attributes, not submodules.
 
     >>> wh = Warehouse("stage1", KWConfig(budget=1))
     >>> from kw_ops import KWConv2d
