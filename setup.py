@@ -5,8 +5,8 @@ If the extension cannot be built (no compiler, a compile error, torch not import
 installs and runs on the pure-PyTorch path; the reason is written to kw_ops/_C_build.txt, which
 `python -m kw_ops info` prints.
 
-Environment: KW_OPS_NO_EXT=1 skips the extension; MAX_JOBS bounds ninja's parallel jobs (torch's
-BuildExtension reads it). Build with `pip install -e . --no-build-isolation` (build isolation would
+Environment: KW_OPS_NO_EXT=1 skips the extension (set at run time, kw_ops does not load a built one);
+MAX_JOBS bounds ninja's parallel jobs (torch's BuildExtension reads it). Build with `pip install -e . --no-build-isolation` (build isolation would
 download another torch).
 """
 import glob

@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deferred_init import deferred_init
 
+import kw_ops.models as zoo
 from kw_ops.baselines import (
     BaselineTemperatureSchedule,
     DYConv2d,
@@ -354,6 +356,33 @@ def test_temperature_is_a_buffer_and_round_trips():
     double = copy.deepcopy(model).double()
     assert double[0].temperature.dtype == torch.float64
     torch.testing.assert_close(double(x.double()).float(), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050_dy4x", "mobilenetv2_050_od4x"])
+def test_meta_device_build_then_reset_parameters_is_a_fresh_model(name):
+    model, fresh = deferred_init(lambda: zoo.create(name, num_classes=10)), zoo.create(name, num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.isfinite(model.eval()(x)).all() and get_baseline_temperature(model) == 1.0
+    built, expected = model.state_dict(), fresh.state_dict()
+    for key in (k for k, _ in model.named_buffers()):  # T and BatchNorm statistics: exactly a new model's
+        assert torch.equal(built[key], expected[key]), key
+    attention = next(m.attention for m in model.modules() if isinstance(m, (DYConv2d, ODConv2d)))
+    twin = next(m.attention for m in fresh.modules() if isinstance(m, (DYConv2d, ODConv2d)))
+    for (key, value), reference in zip(attention.state_dict().items(), twin.state_dict().values()):
+        if key.endswith("weight") and value.dim() == 2:  # kaiming-normal (fan_out), as in a new model
+            assert value.std().item() == pytest.approx(reference.std().item(), rel=0.25), key
+        elif key.endswith("bias"):
+            assert torch.equal(value, reference), key
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_050_dy4x", "mobilenetv2_050_od4x"])
+def test_functional_call_leaves_a_baseline_model_unchanged(name):
+    model = zoo.create(name, num_classes=10)
+    before = dict(model.named_parameters())
+    params = {key: p.detach() for key, p in before.items()}
+    torch.func.functional_call(model, params, (torch.randn(2, 3, 32, 32),))
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
 
 
 def test_temperature_changes_the_attention():

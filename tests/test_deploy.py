@@ -1,4 +1,6 @@
 """Deployment: the export formulation, ONNX with a dynamic batch, torch.export, tracing, detection setup."""
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +8,7 @@ from oracle import kw_conv_loop
 
 import kw_ops
 from kw_ops.deploy import FrozenBatchNorm1d, export_onnx, prepare_for_detection
-from kw_ops.ops.export_impl import export_conv, export_mode
+from kw_ops.ops.export_impl import export_conv, export_mode, exporting
 
 DT = torch.float64
 
@@ -40,6 +42,29 @@ def test_layers_use_the_export_formulation_when_exporting():
     with torch.no_grad(), export_mode():
         exported = model(x)
     torch.testing.assert_close(exported, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_mode_holds_only_in_the_thread_that_entered_it():
+    entered, checked = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def exporting_thread():
+        with export_mode():
+            with export_mode():
+                entered.wait()
+                checked.wait()
+            seen["nested"] = exporting()
+        seen["left"] = exporting()
+
+    thread = threading.Thread(target=exporting_thread)
+    thread.start()
+    entered.wait()
+    try:
+        seen["other thread"] = exporting()
+    finally:
+        checked.wait()
+        thread.join()
+    assert seen == {"other thread": False, "nested": True, "left": False}
 
 
 def test_onnx_export_from_a_batch_1_example_has_a_dynamic_batch_and_keeps_train_mode(tmp_path):

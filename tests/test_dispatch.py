@@ -1,5 +1,12 @@
 """Asking for a backend: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, the report.
 (What runs when nothing is forced: tests/test_dispatcher.py.)"""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,6 +76,52 @@ def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
         with use_backend("auto"):
             assert _call().shape == (2, 8, 5, 5)
     assert _call().shape == (2, 8, 5, 5)
+
+
+def test_use_backend_holds_only_in_the_thread_that_entered_it():
+    """One thread inside use_backend('triton') (which cannot run CPU tensors), the other outside it at the same
+    time: the other still chooses automatically and runs."""
+    entered, checked = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
+    seen = {}
+
+    def forcing():
+        with use_backend("torch"):
+            with use_backend("triton"):
+                seen["nested"] = backends.requested_backend()[0]
+                entered.wait()
+                checked.wait()
+                seen["after"] = backends.requested_backend()[0]
+            seen["outer"] = backends.requested_backend()[0]
+        seen["left"] = backends.requested_backend()[0]
+
+    thread = threading.Thread(target=forcing)
+    thread.start()
+    entered.wait()
+    try:
+        seen["other thread"] = backends.requested_backend()
+        assert _call().shape == (2, 8, 5, 5)
+    finally:
+        checked.wait()
+        thread.join()
+    assert seen == {"nested": "triton", "other thread": ("auto", "automatic"), "after": "triton", "outer": "torch",
+                    "left": "auto"}
+
+
+def test_kw_ops_no_ext_at_run_time_leaves_the_extension_unloaded_and_full_graph_compiles():
+    """KW_OPS_NO_EXT=1: kw_ops._C is not loaded (as on a machine without a compiler), the cpp backend says why,
+    and the automatic choice inside a full-graph torch.compile looks at no file."""
+    script = textwrap.dedent("""
+        import sys, torch, kw_ops
+        from kw_ops.ops import cpp
+        assert not cpp.available() and "kw_ops._C" not in sys.modules, sys.modules.get("kw_ops._C")
+        assert "KW_OPS_NO_EXT=1 is set" in cpp.unavailable_reasons()[0], cpp.unavailable_reasons()
+        layer = kw_ops.KWConv2d(8, 8, 3, padding=1).eval()
+        x = torch.randn(2, 8, 6, 6)
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, KW_OPS_NO_EXT="1"), text=True,
+                            capture_output=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_layer_backend_attribute_is_passed_to_the_op(monkeypatch):

@@ -4,11 +4,13 @@ import io
 import pickle
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deferred_init import deferred_init
 from oracle import caf, kw_conv_loop, relu_l1
 
 import kw_ops
@@ -494,7 +496,7 @@ def test_training_a_small_kw_net_with_the_schedule_and_reload():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         schedule = kw_ops.TemperatureSchedule(iters_per_epoch=5, epochs=1)
         losses = []
-        for _ in range(8):
+        for _ in range(12):  # τ falls to 0 in 5 steps (it moves the loss too), then 7 steps at τ = 0
             schedule.step(model)
             loss = F.cross_entropy(model(x), target)
             optimizer.zero_grad()
@@ -512,3 +514,133 @@ def test_training_a_small_kw_net_with_the_schedule_and_reload():
         fresh.load_state_dict(torch.load(buffer))
         fresh.eval()
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+# -- one registration per warehouse: functional calls, state_dict layout, older state_dicts ---------------------
+LEGACY_STATE = Path(__file__).parent / "fixtures" / "shared_warehouse_state_dict_v1.pt"
+
+
+def _tiny_model():
+    """The tiny_kw1x preset: two warehouses of two 3x3 convs each (`1.0`/`1.3`, `2.0`/`2.3`)."""
+    import kw_ops.train.tiny  # noqa: F401  (registers the tiny presets)
+
+    return kw_ops.models.create("tiny_kw1x")
+
+
+def _parameters_by_name(model):
+    return {name: p for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("keys", ["named_parameters", "state_dict"])
+def test_functional_call_leaves_the_model_unchanged(keys):
+    model = _tiny_model()
+    before = _parameters_by_name(model)
+    count = kw_ops.count_parameters(model)
+    source = model.named_parameters() if keys == "named_parameters" else model.state_dict().items()
+    params = {name: tensor.detach() for name, tensor in source}
+    torch.func.functional_call(model, params, (torch.randn(2, 3, 16, 16),))
+    assert kw_ops.count_parameters(model) == count == 45018
+    after = _parameters_by_name(model)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    for warehouse in kw_ops.warehouses(model):
+        assert isinstance(warehouse.cells, nn.Parameter)
+        assert all(member.warehouse.cells is warehouse.cells for member in warehouse.members)
+
+
+def test_functional_call_gradients_equal_autograd_over_shared_warehouses():
+    model = _tiny_model().double().eval()  # eval: BatchNorm statistics are not mutated inside torch.func.grad
+    x, target = torch.randn(4, 3, 16, 16, dtype=DT), torch.randint(0, 10, (4,))
+    kw_ops.set_temperature(model, 0.5)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params):
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), target)
+
+    grads = torch.func.grad(loss)(params)
+    assert kw_ops.count_parameters(model) == 45018
+    F.cross_entropy(model(x), target).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12, msg=name)
+    cells = [w.cells for w in kw_ops.warehouses(model)]
+    assert len(cells) == 2 and all(c.grad.abs().sum() > 0 for c in cells)
+
+
+def test_each_warehouse_is_registered_once_under_its_first_member():
+    model = _tiny_model()
+    registered = [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, Warehouse)]
+    assert registered == ["1.0.warehouse", "2.0.warehouse"]
+    assert [k for k in model.state_dict() if k.endswith("warehouse.cells")] == ["1.0.warehouse.cells",
+                                                                               "2.0.warehouse.cells"]
+    assert model[1][3].warehouse is model[1][0].warehouse  # the other members reach it as an attribute
+    cells = [p for p in model.parameters() if any(p is w.cells for w in kw_ops.warehouses(model))]
+    assert len(cells) == 2
+    # the owner follows the cell order: a layer joining first but registered second hands it over
+    wh = Warehouse("direct")
+    with wh.planning_deferred():
+        late, early = KWConv2d(8, 8, 1, warehouse=wh), KWConv2d(8, 8, 3, warehouse=wh)
+    net = kw_ops.assign_cells(nn.Sequential(early, late)) and nn.Sequential(early, late)
+    assert [n for n, m in net.named_modules() if isinstance(m, Warehouse)] == ["0.warehouse"]
+    assert list(early._modules) == ["warehouse", "attention"] and "warehouse" not in late._modules
+
+
+def test_a_state_dict_saved_with_cells_under_every_member_still_loads():
+    """The fixture was saved by kw_ops 7bb0a56, which listed the cells under every member ('3.' and '4.')."""
+    saved = torch.load(LEGACY_STATE)
+    assert {"3.warehouse.cells", "4.warehouse.cells"} <= set(saved["state_dict"])
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the attention outweighs these small cells
+        model = kw_ops.convert(net, KWConfig(budget=1), sharing=lambda n, m: "s" if n != "0" else None)
+    model.load_state_dict(saved["state_dict"])  # strict
+    assert kw_ops.get_temperature(model) == pytest.approx(0.3)
+    assert torch.equal(model[4].warehouse.cells, saved["state_dict"]["4.warehouse.cells"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(saved["input"]), saved["output"], rtol=1e-5, atol=1e-6)
+    assert "4.warehouse.cells" not in model.state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for 4.warehouse.cells"):
+        model.load_state_dict({**saved["state_dict"], "4.warehouse.cells": torch.zeros(3, 8, 8, 1, 1)})
+
+
+def test_optimizer_ddp_check_and_casts_see_one_warehouse_tensor():
+    model = _tiny_model()
+    kw_ops.train.distributed.check_unique_parameters(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    cells = model[1][3].warehouse.cells
+    before = cells.detach().clone()
+    F.cross_entropy(model(torch.randn(2, 3, 16, 16)), torch.tensor([1, 2])).backward()
+    optimizer.step()
+    assert not torch.equal(before, model[1][3].warehouse.cells) and model[1][3].warehouse.cells is cells
+    half = copy.deepcopy(model).half()
+    assert half[1][3].warehouse.cells.dtype == torch.float16 and half[1][3].warehouse is half[1][0].warehouse
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored[1][3].warehouse is restored[1][0].warehouse
+    assert kw_ops.count_parameters(restored) == 45018
+
+
+def test_meta_device_build_then_reset_parameters_is_a_fresh_model():
+    model, fresh = deferred_init(_tiny_model), _tiny_model()
+    assert kw_ops.count_parameters(model) == kw_ops.count_parameters(fresh)
+    built, expected = model.state_dict(), fresh.state_dict()
+    assert built.keys() == expected.keys()
+    buffers = {name for name, _ in model.named_buffers()}
+    for key, value in built.items():
+        assert torch.isfinite(value.float()).all(), key
+        if key in buffers or ".attention." in key and key.endswith("bias"):  # β, τ, statistics: a new model's
+            assert torch.equal(value, expected[key]), key
+    for name in ("1.0.warehouse.cells", "2.3.attention.fc1.weight", "2.3.attention.fc2.weight"):  # kaiming-normal
+        assert built[name].std().item() == pytest.approx(expected[name].std().item(), rel=0.2), name
+    assert any(k.endswith("attention.beta") for k in built) and kw_ops.get_temperature(model) == 0.0
+    x = torch.randn(2, 3, 16, 16)
+    for mode in (True, False):
+        assert torch.isfinite(model.train(mode)(x)).all()
+
+
+def test_reset_parameters_restores_beta_and_temperature_of_a_layer():
+    layer = KWConv2d(8, 8, 3, warehouse=KWConfig(budget=0.5))
+    beta = layer.attention.beta.clone()
+    kw_ops.set_temperature(layer, 0.7)
+    with torch.no_grad():
+        layer.attention.beta.zero_()
+    layer.reset_parameters()
+    assert torch.equal(layer.attention.beta, beta) and layer.attention.temperature.item() == 0.0

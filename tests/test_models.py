@@ -388,3 +388,25 @@ def test_load_pretrained_takes_our_own_state_dict_as_is():
         warnings.simplefilter("error")
         zoo.load_pretrained(target, source.state_dict())
     assert kw_ops.get_temperature(target) == 0.25
+
+
+def test_load_pretrained_takes_our_state_dict_with_cells_under_every_member():
+    """kw_ops state_dicts listed a shared warehouse under every member; each warehouse now has one key."""
+    source = _randomize(zoo.create("resnet18_kw1d4x", num_classes=10), seed=4).eval()
+    kw_ops.set_temperature(source, 0.25)
+    state = source.state_dict()
+    members = {name: m for name, m in source.named_modules() if isinstance(m, KWLayer)}
+    owners = [name for name, m in members.items() if "warehouse" in m._modules]
+    assert [f"{name}.warehouse.cells" for name in owners] == [k for k in state if k.endswith("warehouse.cells")]
+    assert len(owners) == len(kw_ops.warehouses(source)) < len(members)
+    old = dict(state, **{f"{name}.warehouse.cells": m.warehouse.cells.detach() for name, m in members.items()})
+    target = zoo.create("resnet18_kw1d4x", num_classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zoo.load_pretrained(target, old)
+    assert kw_ops.get_temperature(target) == 0.25
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target.eval()(x), source(x), rtol=0, atol=0)
+    old["layer1.1.conv1.warehouse.cells"] = torch.zeros(1)
+    _assert_refused(target, old, r"key 'layer1.1.conv1.warehouse.cells' has shape \(1,\)")

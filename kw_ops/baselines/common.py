@@ -62,6 +62,11 @@ class BaselineConv2d(ConvGeometry):
                                                **factory))
         self.register_buffer("temperature", torch.tensor(INFERENCE_TEMPERATURE, **factory))
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """T back to INFERENCE_TEMPERATURE; the subclasses re-initialise their kernels and attention too."""
+        self.temperature.fill_(INFERENCE_TEMPERATURE)
+
     # -- settings ---------------------------------------------------------------------------
     @property
     def formulation(self) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.attention import AttentionLinear
 from .common import BaselineConv2d, check_kernel_function, kernel_attention
 
 __all__ = ["DYConv2d", "DYAttention", "DY_REDUCTION", "DY_HIDDEN_OFFSET"]
@@ -44,15 +45,13 @@ class DYAttention(nn.Module):
         self.kernel_function = kernel_function
         factory = {"device": device, "dtype": dtype}
         self.hidden = max(int(in_channels * DY_REDUCTION) + hidden_offset, 1)
-        self.fc1 = nn.Linear(in_channels, self.hidden, bias=False, **factory)
-        self.fc2 = nn.Linear(self.hidden, num_kernels, bias=True, **factory)
-        self.reset_parameters()
+        self.fc1 = AttentionLinear(in_channels, self.hidden, bias=False, **factory)
+        self.fc2 = AttentionLinear(self.hidden, num_kernels, bias=True, **factory)
 
     def reset_parameters(self) -> None:
-        for layer in (self.fc1, self.fc2):
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
+        """fc1, fc2: kaiming-normal (fan_out) weights, zero bias."""
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
 
     def forward(self, x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W], temperature [] -> π [B, K] (softmax: rows sum to 1; CAF: |π| sums to < 1)."""
@@ -89,7 +88,8 @@ class DYConv2d(BaselineConv2d):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each kernel (and bias) initialised like nn.Conv2d's; the attention kaiming-normal (fan_out)."""
+        """Each kernel (and bias) initialised like nn.Conv2d's; the attention kaiming-normal (fan_out); T = 1."""
+        super().reset_parameters()
         fan_in = self.weight_numel // self.out_channels
         for k in range(self.num_kernels):
             nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.attention import AttentionLinear
 from .common import BaselineConv2d, check_kernel_function, kernel_attention
 
 __all__ = ["ODConv2d", "ODAttention", "OD_REDUCTION", "OD_MIN_HIDDEN"]
@@ -44,22 +45,20 @@ class ODAttention(nn.Module):
         self.kernel_function = kernel_function
         factory = {"device": device, "dtype": dtype}
         self.hidden = max(int(in_channels * OD_REDUCTION), OD_MIN_HIDDEN)
-        self.fc = nn.Linear(in_channels, self.hidden, bias=False, **factory)
+        self.fc = AttentionLinear(in_channels, self.hidden, bias=False, **factory)
         self.bn = nn.BatchNorm1d(self.hidden, **factory)
         depthwise = in_channels == groups == out_channels
         spatial = kernel_size[0] * kernel_size[1]
-        self.channel_fc = nn.Linear(self.hidden, in_channels, **factory)
-        self.filter_fc = None if depthwise else nn.Linear(self.hidden, out_channels, **factory)
-        self.spatial_fc = None if spatial == 1 else nn.Linear(self.hidden, spatial, **factory)
-        self.kernel_fc = None if num_kernels == 1 else nn.Linear(self.hidden, num_kernels, **factory)
-        self.reset_parameters()
+        self.channel_fc = AttentionLinear(self.hidden, in_channels, **factory)
+        self.filter_fc = None if depthwise else AttentionLinear(self.hidden, out_channels, **factory)
+        self.spatial_fc = None if spatial == 1 else AttentionLinear(self.hidden, spatial, **factory)
+        self.kernel_fc = None if num_kernels == 1 else AttentionLinear(self.hidden, num_kernels, **factory)
 
     def reset_parameters(self) -> None:
+        """The heads: kaiming-normal (fan_out) weights, zero biases; the BatchNorm as new."""
         for layer in (self.fc, self.channel_fc, self.filter_fc, self.spatial_fc, self.kernel_fc):
             if layer is not None:
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+                layer.reset_parameters()
         self.bn.reset_parameters()
 
     def forward(self, x: torch.Tensor, temperature: torch.Tensor):
@@ -104,7 +103,9 @@ class ODConv2d(BaselineConv2d):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each kernel kaiming-normal (fan_out, relu) as in the released code; bias 0; the attention re-initialised."""
+        """Each kernel kaiming-normal (fan_out, relu) as in the released code; bias 0; the attention re-initialised;
+        T = 1."""
+        super().reset_parameters()
         for k in range(self.num_kernels):
             nn.init.kaiming_normal_(self.weight[k], mode="fan_out", nonlinearity="relu")
         if self.bias is not None:

@@ -3,7 +3,8 @@
 Their format differs from our state_dict in four ways:
 - warehouses are `warehouse_manager.weights.<i>` ([n, c_out, c_in, *cell_k]), i = the order in which
   each warehouse was first reserved (= `kw_ops.warehouses(model)` order for our presets); ours are
-  `<member path>.warehouse.cells`, under every member's path;
+  `<first member path>.warehouse.cells` (kw_ops state_dicts saved before listed them under every member's
+  path: those load too);
 - their KWLinear wraps a `.conv` submodule: `classifier.1.conv.attention.fc1.weight` is our
   `classifier.1.attention.fc1.weight`;
 - τ and β (`attention.temperature`, `attention.beta`) are not in it;
@@ -50,6 +51,17 @@ def reference_key_map(model: nn.Module) -> dict[str, list[str]]:
     return mapping
 
 
+def _legacy_cell_keys(model: nn.Module) -> dict[str, str]:
+    """{`<member>.warehouse.cells` of each KW layer that does not hold its warehouse's registration: the model's
+    key of those cells}: the keys under which kw_ops state_dicts listed a shared warehouse before it was
+    registered once."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, KWLayer)]
+    key = lambda name: f"{name}.warehouse.cells" if name else "warehouse.cells"
+    owners = {id(m.warehouse): key(name) for name, m in layers if "warehouse" in m._modules}
+    return {key(name): owners[id(m.warehouse)] for name, m in layers
+            if "warehouse" not in m._modules and id(m.warehouse) in owners}
+
+
 def _kw_owner(key: str, kw_layers: Mapping[str, KWLayer]) -> tuple[str, KWLayer | None]:
     """The KW layer whose state a key belongs to (the longest KW layer path prefixing it)."""
     parts = key.split(".")
@@ -85,7 +97,8 @@ def load_pretrained(model: nn.Module, state_dict: Mapping, *, warn: bool = True)
     with a missing, unexpected or mis-shaped key is refused (ValueError naming the first bad key)
     and the model is left untouched. τ is set to 0 (their checkpoints are trained to the end of
     the schedule and do not store it), with a warning; β is kept (it is derived from the plan).
-    A kw_ops state_dict of the same model (τ and β included) loads as is, τ untouched.
+    A kw_ops state_dict of the same model (τ and β included) loads as is, τ untouched, also one saved
+    by earlier kw_ops with a shared warehouse's cells under every member.
 
     Example (a checkpoint file of the authors')::
 
@@ -94,9 +107,10 @@ def load_pretrained(model: nn.Module, state_dict: Mapping, *, warn: bool = True)
     """
     checkpoint = _unwrap(state_dict)
     ours = model.state_dict()
-    own_format = set(checkpoint) == set(ours)  # a kw_ops state_dict: τ and β included
+    legacy = _legacy_cell_keys(model)
+    own_format = set(checkpoint) - set(legacy) == set(ours)  # a kw_ops state_dict: τ and β included
     mapping = {k: [k] for k in ours} if own_format else reference_key_map(model)
-    aliases = getattr(model, "reference_aliases", {})
+    aliases = {**getattr(model, "reference_aliases", {}), **legacy}
     problems: list[str] = []
     target: dict[str, torch.Tensor] = {}
     seen: set[str] = set()

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.nn as nn
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from ..config import CAF_EPS, MIN_HIDDEN, MIN_NONLOCAL_BASIS, KWConfig
 from .planning import ZERO_CELL
 
-__all__ = ["KWAttention", "caf"]
+__all__ = ["KWAttention", "AttentionLinear", "caf"]
 
 
 def caf(z: torch.Tensor) -> torch.Tensor:
@@ -30,6 +29,22 @@ def _normalise(z: torch.Tensor, function: str) -> torch.Tensor:
     if function == "sigmoid":
         return z.sigmoid()
     return z.clamp_min(0) / (z.abs().sum(dim=-1, keepdim=True) + CAF_EPS)  # relu_l1
+
+
+class AttentionLinear(nn.Linear):
+    """nn.Linear initialised as the dynamic-conv attentions are: kaiming-normal weight (fan_out, relu), zero bias.
+
+    Its own `reset_parameters` does it, so re-initialising every module (deferred initialisation: build on
+    the meta device, `to_empty`, `reset_parameters` of each module) gives the attention's initialisation,
+    not nn.Linear's.
+    """
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight.numel():
+            nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class KWAttention(nn.Module):
@@ -50,7 +65,7 @@ class KWAttention(nn.Module):
         self.function = config.attention
         self.norm_kind = config.norm
         hidden = max(int(in_channels * config.reduction), MIN_HIDDEN)
-        self.fc1 = nn.Linear(in_channels, hidden, bias=config.norm != "batch", **factory)
+        self.fc1 = AttentionLinear(in_channels, hidden, bias=config.norm != "batch", **factory)
         if config.norm == "batch":
             self.norm1 = nn.BatchNorm1d(hidden, **factory)
         elif config.norm == "layer":
@@ -62,40 +77,37 @@ class KWAttention(nn.Module):
             self.num_local = int(config.budget * m)
             num_nonlocal = n - self.num_local  # 0 while the layer is alone in its warehouse
             self.num_basis = max(int(num_nonlocal * config.nonlocal_basis_ratio), MIN_NONLOCAL_BASIS)
-            self.fc2 = nn.Linear(hidden, (self.num_local + self.num_basis + 1) * m, bias=False, **factory)
-            with warnings.catch_warnings():  # an empty fc3 while the layer is alone is fine
-                warnings.simplefilter("ignore", UserWarning)
-                self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False, **factory)
-            self.basis_bias = nn.Parameter(torch.zeros(m * (n + 1), **factory))
+            self.fc2 = AttentionLinear(hidden, (self.num_local + self.num_basis + 1) * m, bias=False, **factory)
+            self.fc3 = AttentionLinear(self.num_basis, num_nonlocal, bias=False, **factory)  # empty while alone
+            self.basis_bias = nn.Parameter(torch.empty(m * (n + 1), **factory))
         else:
-            self.fc2 = nn.Linear(hidden, m * (n + 1), bias=True, **factory)
-        rows, columns = [], []
-        for row, cells in enumerate(beta):
-            for cell in cells if isinstance(cells, tuple) else (cells,):
-                rows.append(row)
-                columns.append(n if cell == ZERO_CELL else cell)
-        one_hot = torch.zeros(m, n + 1, **factory)
-        one_hot[torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)] = 1
-        self.register_buffer("beta", one_hot)
+            self.fc2 = AttentionLinear(hidden, m * (n + 1), bias=True, **factory)
+        self._beta_cells = tuple((row, n if cell == ZERO_CELL else cell) for row, cells in enumerate(beta)
+                                 for cell in (cells if isinstance(cells, tuple) else (cells,)))
+        self.register_buffer("beta", torch.empty(m, n + 1, **factory))
         self.blend = config.init != "none"  # 'none': no β, the temperature plays no part
         self.omni = config.omni
         if self.omni:  # KW*: ODConv's other three attentions (sigmoid heads)
             if out_channels is None or m % spatial:
                 raise ValueError(f"KWAttention: KW* needs out_channels and m={m} a multiple of the spatial cells "
                                  f"{spatial}, got {out_channels}")
-            self.channel_fc = nn.Linear(hidden, in_channels, **factory)
-            self.filter_fc = nn.Linear(hidden, out_channels, **factory)
-            self.spatial_fc = nn.Linear(hidden, spatial, **factory)
-        self.register_buffer("temperature", torch.zeros((), **factory))
+            self.channel_fc = AttentionLinear(hidden, in_channels, **factory)
+            self.filter_fc = AttentionLinear(hidden, out_channels, **factory)
+            self.spatial_fc = AttentionLinear(hidden, spatial, **factory)
+        self.register_buffer("temperature", torch.empty((), **factory))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        heads = [getattr(self, name, None) for name in ("fc3", "channel_fc", "filter_fc", "spatial_fc")]
-        for layer in (self.fc1, self.fc2, *heads):
-            if layer is not None and layer.weight.numel():
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        """Initialise the weights (kaiming-normal, fan_out), β (one-hot rows from the plan) and τ = 0."""
+        self.beta.zero_()
+        if self._beta_cells:
+            rows, columns = torch.tensor(self._beta_cells, dtype=torch.long, device=self.beta.device).unbind(1)
+            self.beta[rows, columns] = 1
+        self.temperature.zero_()
+        for layer in self.modules():
+            if isinstance(layer, AttentionLinear):
+                layer.reset_parameters()
         if isinstance(self.norm1, (nn.BatchNorm1d, nn.LayerNorm)):
             self.norm1.reset_parameters()
         if self.num_basis is not None:

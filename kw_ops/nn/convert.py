@@ -41,8 +41,14 @@ def _kw_twin(module: nn.Module, warehouse: Warehouse) -> KWLayer:
 
 
 def warehouses(model: nn.Module) -> list[Warehouse]:
-    """The warehouses of a model, in the order their first member is registered."""
-    return [m for m in model.modules() if isinstance(m, Warehouse)]
+    """The warehouses of a model, in the order their first member is registered (found through every member,
+    also where the module holding a warehouse's registration is not part of `model`)."""
+    found: dict[int, Warehouse] = {}
+    for module in model.modules():
+        warehouse = module.warehouse if isinstance(module, KWLayer) else module
+        if isinstance(warehouse, Warehouse):
+            found.setdefault(id(warehouse), warehouse)
+    return list(found.values())
 
 
 def assign_cells(model: nn.Module) -> list[Warehouse]:

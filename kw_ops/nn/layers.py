@@ -38,8 +38,7 @@ class KWLayer(ConvGeometry):
             raise TypeError(f"{name}: warehouse must be a Warehouse, a KWConfig or None, "
                             f"got {type(warehouse).__name__}")
         warehouse.adopt_factory(device, dtype, who=name)
-        self.warehouse = warehouse
-        warehouse.join(self)
+        warehouse.join(self)  # sets self.warehouse: a submodule of its first member only (see warehouse.py)
 
     # -- warehouse binding -------------------------------------------------------------------
     def weight_shape(self, index: int = 0) -> WeightShape:
@@ -66,6 +65,19 @@ class KWLayer(ConvGeometry):
         self.warehouse.init_slice(self.layer_plan)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Load as any module does; a member that does not hold the warehouse's registration also takes the
+        cells under its own prefix (`<member>.warehouse.cells`), as state_dicts of earlier kw_ops list them."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "warehouse.cells"
+        if "warehouse" not in self._modules and key in state_dict:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            self.warehouse._load_from_state_dict(state_dict, prefix + "warehouse.", local_metadata, strict, [],
+                                                 unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         text = self._geometry_repr()

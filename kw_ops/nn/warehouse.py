@@ -1,8 +1,11 @@
 """A warehouse: the cells shared by the KW layers that join it, planned as layers join.
 
-Each KW layer registers its warehouse as a submodule, so `parameters()` yields the cells once
-(and optimizers, DDP, `.to()` and `deepcopy` see one shared tensor) while `state_dict` holds
-them under every member, as PyTorch does for any shared module.
+A warehouse is registered as a submodule (`warehouse`) of one module only, its first member in cell order;
+the other members hold it as a plain attribute (`layer.warehouse` works on every member). So the cells
+have one name (`<first member>.warehouse.cells`) in `parameters()`, `state_dict()` and to
+`torch.func.functional_call`, which swaps each registered name once and would otherwise leave a plain
+tensor behind in a module registered under several names. A state_dict that lists the cells under every
+member (kw_ops before this layout) still loads: see `KWLayer._load_from_state_dict`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ class Warehouse(nn.Module):
     order, the order of the authors' code. Build a warehouse's layers inside `planning_deferred()`
     to plan once: a re-plan that replaces the tensors of an earlier plan warns (an optimizer made
     before holds the old ones), and once the warehouse has run a forward or loaded weights, a
-    re-plan (a layer joining, a new order) is refused.
+    re-plan (a layer joining, a new order) is refused. The warehouse registers itself under its first
+    member (`first.warehouse`); keep other references to it as plain attributes, not submodules.
 
     >>> wh = Warehouse("stage1", KWConfig(budget=1))
     >>> from kw_ops import KWConv2d
@@ -84,11 +88,13 @@ class Warehouse(nn.Module):
                    f"{', '.join(map(str, shape.kernel))}])")
         self._refuse_if_settled(f"{joining} cannot join it")
         self._members.append(layer)
+        self._register_in_first_member()
         if not self._deferred:
             try:
                 self._replan_replacing(f"{joining} joined")
             except PlanningError:
                 self._members.pop()  # the warehouse stays as it was
+                self._register_in_first_member()
                 raise
 
     @contextlib.contextmanager
@@ -109,7 +115,22 @@ class Warehouse(nn.Module):
         if [id(m) for m in order] != [id(m) for m in self._members] or self._plan is None:
             self._refuse_if_settled("its layers cannot be put in another order")
             self._members = list(order)
+            self._register_in_first_member()
             self._replan_replacing("its layers were put in module order")
+
+    def _register_in_first_member(self) -> None:
+        """Register the warehouse as the first child (`warehouse`) of its first member, as a plain attribute of
+        the others: one name for the cells, the state_dict and parameter order of that member unchanged."""
+        for index, member in enumerate(self._members):
+            children = member._modules
+            if index == 0:
+                member.__dict__.pop("warehouse", None)
+                others = {name: children.pop(name) for name in list(children) if name != "warehouse"}
+                children["warehouse"] = self
+                children.update(others)
+            else:
+                children.pop("warehouse", None)
+                member.__dict__["warehouse"] = self
 
     def _refuse_if_settled(self, what: str) -> None:
         """Raise PlanningError once a re-plan would wipe cells that ran a forward, were trained or were loaded."""

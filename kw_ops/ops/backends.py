@@ -6,7 +6,8 @@
     cpp      the compiled extension kw_ops._C on CPU tensors (kw_ops.ops.cpp; csrc/cpu/)
 
 A backend is asked for, strongest first, by the per-call `backend=` argument (layers: their `backend`
-attribute), the innermost `use_backend(name)` context, the `KW_OPS_BACKEND` environment variable; else the
+attribute), the innermost `use_backend(name)` block of this thread
+(thread-local: other threads are not affected), the `KW_OPS_BACKEND` environment variable; else the
 choice is automatic. Whatever is asked for, kw_ops.ops.dispatch decides what runs (a forced backend that
 cannot run raises there with every reason). Nothing here imports triton or the extension, or touches the GPU,
 until asked.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
@@ -93,15 +95,24 @@ def implementation(name: str) -> tuple[Callable, Callable]:
 
 
 # -- why a backend cannot run -----------------------------------------------------------------
-def _module_missing(module: str) -> bool:
+def _find_missing(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is None
     except (ImportError, ValueError):
         return True
 
 
+# Whether triton and each backend's module are missing, found once at import (find_spec runs no module): the
+# automatic choice asks inside torch.compile'd regions, where the file system cannot be looked at.
+_MISSING = {module: _find_missing(module) for module in ("triton", *(b.module for b in BACKENDS.values()))}
+
+
+def _module_missing(module: str) -> bool:
+    return _MISSING[module]
+
+
 def _installation_reasons(name: str) -> list[str]:
-    """Reasons that do not depend on the inputs (missing packages, missing build, no GPU)."""
+    """Reasons that do not depend on the inputs (missing packages, missing build), decided at import."""
     backend = BACKENDS[name]
     reasons = []
     if name == "cpp":
@@ -112,16 +123,7 @@ def _installation_reasons(name: str) -> list[str]:
         reasons.append(f"triton is not installed ({backend.install})")
     if _module_missing(backend.module):
         reasons.append(f"the Triton kernels {backend.module} are not part of this kw_ops installation")
-    elif name not in _IMPLEMENTATIONS and name != "torch" and not _has_hook(backend.module):
-        reasons.append(f"{backend.module} provides no kw_conv_implementation() (not wired into dispatch yet)")
     return reasons
-
-
-def _has_hook(module: str) -> bool:
-    try:
-        return hasattr(importlib.import_module(module), "kw_conv_implementation")
-    except ImportError:
-        return False
 
 
 def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: torch.Tensor | None = None,
@@ -157,18 +159,25 @@ def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: tor
 
 
 # -- choice -----------------------------------------------------------------------------------
-_FORCED: list[str] = []     # stack of use_backend() names
+# `forced`: the innermost use_backend() name of this thread (absent outside any block). Thread-local rather
+# than a contextvars.ContextVar: torch.compile(fullgraph=True) cannot trace ContextVar.get, while it guards
+# this attribute per call (a compiled layer follows the block of the thread calling it).
+_THREAD = threading.local()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend ('torch', 'triton', 'cpp' or 'auto') for kw_conv calls inside the block."""
+    """Force a backend ('torch', 'triton', 'cpp' or 'auto') for kw_conv calls inside the block.
+
+    Blocks nest (the innermost holds) and hold only in the thread that enters them.
+    """
     _validate(name, "use_backend")
-    _FORCED.append(name)
+    previous = getattr(_THREAD, "forced", None)
+    _THREAD.forced = name
     try:
         yield
     finally:
-        _FORCED.pop()
+        _THREAD.forced = previous
 
 
 def _validate(name, where: str) -> None:
@@ -181,8 +190,9 @@ def requested_backend(backend: str | None = None) -> tuple[str, str]:
     if backend is not None:
         _validate(backend, "kw_conv(backend=...)")
         return backend, "backend= argument"
-    if _FORCED:
-        return _FORCED[-1], "use_backend()"
+    forced = getattr(_THREAD, "forced", None)
+    if forced is not None:
+        return forced, "use_backend()"
     env = os.environ.get(ENV_VAR)
     if env:
         _validate(env, ENV_VAR)

@@ -35,11 +35,39 @@ PER_SAMPLE_POSITIONS = 56 * 56
 _PATHS = {"gemm": 1, "grouped": 2}
 _BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build.txt")
 
-try:
-    from kw_ops import _C  # noqa: F401  (loading it registers torch.ops.kw_ops_C)
-    _IMPORT_ERROR = None
-except ImportError as error:  # not built, or built against another torch
-    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+#: KW_OPS_NO_EXT=1 skips the extension: at install (setup.py does not build it) and at run time (not loaded).
+NO_EXT_VAR = "KW_OPS_NO_EXT"
+
+if os.environ.get(NO_EXT_VAR) == "1":
+    _IMPORT_ERROR = f"{NO_EXT_VAR}=1 is set"
+else:
+    try:
+        from kw_ops import _C  # noqa: F401  (loading it registers torch.ops.kw_ops_C)
+        _IMPORT_ERROR = None
+    except ImportError as error:  # not built, or built against another torch
+        _IMPORT_ERROR = f"{type(error).__name__}: {error}"
+
+
+def _find_unavailable_reasons() -> tuple[str, ...]:
+    """Why the compiled kernel cannot run here (empty: it can), from the import above and the build note."""
+    if _IMPORT_ERROR is None:
+        return ()
+    how = "pip install -e . --no-build-isolation with a C++ compiler"
+    if os.environ.get(NO_EXT_VAR) == "1":
+        return (f"{NO_EXT_VAR}=1 is set: kw_ops does not load the compiled extension kw_ops._C (unset it to use "
+                f"it where it is built; {how})",)
+    note = ""
+    if os.path.exists(_BUILD_NOTE):
+        with open(_BUILD_NOTE) as f:
+            note = f.read().strip()
+    if note and note != "kw_ops._C built":
+        return (f"{note} ({how})",)
+    return (f"the compiled extension kw_ops._C is not importable ({_IMPORT_ERROR}; {how})",)
+
+
+# Decided once, at import: the automatic backend choice asks inside torch.compile'd regions, where looking
+# at files (the build note) would break the graph.
+_UNAVAILABLE = _find_unavailable_reasons()
 
 
 def available() -> bool:
@@ -47,17 +75,8 @@ def available() -> bool:
 
 
 def unavailable_reasons() -> list[str]:
-    """Why the compiled kernel cannot run here (empty: it can)."""
-    if _IMPORT_ERROR is None:
-        return []
-    note = ""
-    if os.path.exists(_BUILD_NOTE):
-        with open(_BUILD_NOTE) as f:
-            note = f.read().strip()
-    how = "pip install -e . --no-build-isolation with a C++ compiler"
-    if note and note != "kw_ops._C built":
-        return [f"{note} ({how})"]
-    return [f"the compiled extension kw_ops._C is not importable ({_IMPORT_ERROR}; {how})"]
+    """Why the compiled kernel cannot run here (empty: it can); decided when kw_ops.ops.cpp is imported."""
+    return list(_UNAVAILABLE)
 
 
 def _path(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):

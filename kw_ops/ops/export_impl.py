@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +22,29 @@ from .torch_impl import assemble_kernels, conv_output_size, output_memory_format
 
 __all__ = ["export_conv", "exporting", "export_mode"]
 
-_EXPORT_MODE = [False]
+# `export_mode`: whether this thread is inside export_mode() (absent: not). Thread-local, not a ContextVar,
+# which torch.compile(fullgraph=True) cannot trace.
+_THREAD = threading.local()
 
 
 def exporting() -> bool:
-    """True inside `export_mode()`, an ONNX export, torch.export or TorchScript tracing."""
-    return (_EXPORT_MODE[0] or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """True inside `export_mode()` (of this thread), an ONNX export, torch.export or TorchScript tracing."""
+    return (getattr(_THREAD, "export_mode", False) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or torch.compiler.is_exporting())
 
 
 @contextlib.contextmanager
 def export_mode():
-    """Run KW layers in the export formulation inside the block (e.g. around torch.export.export)."""
-    previous, _EXPORT_MODE[0] = _EXPORT_MODE[0], True
+    """Run KW layers in the export formulation inside the block (e.g. around torch.export.export).
+
+    Blocks nest and hold only in the thread that enters them.
+    """
+    previous = getattr(_THREAD, "export_mode", False)
+    _THREAD.export_mode = True
     try:
         yield
     finally:
-        _EXPORT_MODE[0] = previous
+        _THREAD.export_mode = previous
 
 
 def export_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
