@@ -101,7 +101,7 @@ class KWLayer(ConvGeometry):
             attn = self.attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
+            x, attn, cells = x.to(dtype), attn.to(dtype), self.warehouse.cells_as(dtype)
             bias = bias.to(dtype) if bias is not None else None
         x = self._pad(x)
         y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
