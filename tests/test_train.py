@@ -23,8 +23,9 @@ import torch
 import kw_ops
 from kw_ops.train import TrainConfig, build_model, get_recipe, lr_factor, param_groups, run_folder, train
 from kw_ops.train.__main__ import main as train_main
-from kw_ops.train.checkpoint import load_checkpoint
+from kw_ops.train.checkpoint import Position, load_checkpoint
 from kw_ops.train.data import ImageFolder, write_synthetic_image_folder
+from kw_ops.train.resume_settings import rederive_position
 
 #: DDP all-reduces gradients in a different summation order than one process: float32 rounding only
 DDP_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
@@ -219,6 +220,17 @@ def test_resume_with_changed_settings_and_override_rederives_the_position_and_sc
             f"0.02, --batch-size 4 -> 8; re-derived: the position from the 16 samples seen in epoch 1: epoch 1, "
             f"batch 2 of 3 (step 2, was 4); the LR and τ schedules of the given settings at step 2 (3 iterations "
             f"per epoch)") in err
+
+
+def test_rederived_position_counts_whole_batches_of_the_new_size():
+    """20 samples seen at batch 4: 2 batches of 8 (4 samples trained again); at batch 16 with one iteration per
+    epoch the epoch is complete; the same global batch and epoch length keep the position."""
+    cut = Position(epoch=1, batches=5, step=11, best_top1=50.0)
+    assert rederive_position(cut, 4, 8, 3) == (Position(1, 2, 5, 50.0), "the position from the 20 samples seen in "
+                                               "epoch 2: epoch 2, batch 2 of 3 (step 5, was 11; 4 samples trained "
+                                               "again)")
+    assert rederive_position(cut, 4, 16, 1)[0] == Position(2, 0, 2, 50.0)
+    assert rederive_position(cut, 4, 4, 6) == (cut, None)
 
 
 def test_a_checkpoint_continues_its_run_in_a_new_folder(data, tmp_path):
@@ -498,6 +510,8 @@ def _flags(*flags, message):
     _flags("--lr", "0", message="lr (--lr) must be a finite number > 0, got 0.0"),
     _flags("--lr", "-0.1", message="lr (--lr) must be a finite number > 0, got -0.1"),
     _flags("--max-steps", "0", message="max_steps (--max-steps) must be >= 1, got 0"),
+    _flags("--resume-override", message="resume_override (--resume-override) accepts changed settings of a resumed "
+           "run: it needs resume (--resume)"),
     _flags("--resume", "auto", "--overwrite", message="resume (--resume auto) continues a run and overwrite "
            "(--overwrite) replaces it: pass one of them"),
 ], ids=["truncated-checkpoint", "image-as-checkpoint", "state-dict", "other-classes", "finished-run",
@@ -506,6 +520,7 @@ def _flags(*flags, message):
         "log-of-a-run-without-checkpoints", "out-is-a-file", "out-under-a-file",
         "corrupt-image", "corrupt-image-in-worker", "empty-class-folder", "class-only-in-val", "unknown-device",
         "cuda-without-cuda", "lr-nan", "lr-inf", "lr-zero", "lr-negative", "max-steps-0",
+        "override-without-resume",
         "resume-and-overwrite"])
 def test_bad_input_is_one_line_and_exit_code_2_and_nothing_is_written(data, run_dir, tmp_path, capsys, case):
     """Each: exit code 2, one line naming what was wrong (after the announcement of the run's folder

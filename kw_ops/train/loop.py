@@ -264,7 +264,7 @@ def _global_batch(recipe: dict | Recipe, world_size: int) -> int:
     return batch * world_size
 
 
-def _override(run: _Run, state: dict, found: list, path: Path) -> tuple[Position, list[str]]:
+def _override(run: _Run, state: dict, path: Path) -> tuple[Position, list[str]]:
     """--resume-override: the re-derived position and what else is recomputed (notes for the user); refuses a
     change of optimizer (its state would not carry over)."""
     old = state["recipe"]
@@ -280,6 +280,8 @@ def _override(run: _Run, state: dict, found: list, path: Path) -> tuple[Position
     notes.append(f"the LR and {SYMBOLS[run.temperature_kind]} schedules of the given settings at step "
                  f"{position.step} ({run.iters_per_epoch} iterations per epoch)")
     notes.append("the optimizer's hyper-parameters from the given recipe (its momentum/moment state kept)")
+    if state["config"].get("seed") != run.config.seed:
+        notes.append("the rest of the epoch in the given seed's order (some of its samples seen twice, some not)")
     if state["config"].get("amp") != run.config.amp:
         notes.append("a fresh grad scaler")
     return position, notes
@@ -316,9 +318,11 @@ def _resume(run: _Run, path: Path, held: run_folder.FolderRun | None) -> None:
                         len(run.train_loader.dataset))
     if found and not run.config.resume_override:
         raise ValueError(refusal(path, found))
-    position, notes = _override(run, state, found, path) if found else (Position(**state["position"]), [])
+    position, notes = _override(run, state, path) if found else (Position(**state["position"]), [])
     _check_left_to_train(run, position, path)
-    run.position, run.run_id, run.epoch_sums = position, state["run_id"], dict(state["epoch_sums"])
+    same_epoch = position.epoch == state["position"]["epoch"]  # (a re-derived position may complete it)
+    run.position, run.run_id = position, state["run_id"]
+    run.epoch_sums = dict(state["epoch_sums"] if same_epoch else NO_SUMS)
     _load_states(run, state, overridden=bool(found))
     rng = state["rng"]
     set_rng_state(rng[min(run.info.rank, len(rng) - 1)])
