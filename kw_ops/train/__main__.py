@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     overrides.add_argument("--epochs", type=int)
     overrides.add_argument("--batch-size", type=int, help="per process")
     overrides.add_argument("--lr", type=float)
-    overrides.add_argument("--temp-epochs", type=float, help="epochs over which τ falls from 1 to 0")
+    overrides.add_argument("--temp-epochs", type=float, help="epochs over which KW's τ falls from 1 to 0 (default: "
+                           "the recipe's), or DY-Conv's / ODConv's T from 30 to 1 (default 10)")
     overrides.add_argument("--image-size", type=int)
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     p.add_argument("--amp", choices=("bf16", "fp16"), help="autocast dtype (fp16 adds a GradScaler)")
@@ -31,8 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--out", help="folder for log.csv, last.pt and best.pt (default: a new runs/train/MODEL-TIME); "
                    "one holding checkpoints is refused unless --resume or --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="delete the checkpoints and log in --out first")
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/last.pt if present")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoints and log wait "
+                   "in OUT/overwritten until the new run's first checkpoint, and come back if it fails before)")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/last.pt if present; --out must "
+                   "be empty or hold that run, and the settings must be the checkpoint's")
+    p.add_argument("--resume-override", action="store_true", help="resume with settings that differ from the "
+                   "checkpoint's: the changes are printed, the position in the epoch and the schedules re-derived")
     p.add_argument("--max-steps", type=int, help="stop after this many iterations (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")

@@ -1,5 +1,6 @@
-"""Checkpoints that resume a run exactly: model, optimizer, LR scheduler, GradScaler, τ schedule,
-position (epoch, batches done in it, global step), best top-1 and the RNG states.
+"""Checkpoints that resume a run exactly: model, optimizer, LR scheduler, GradScaler, temperature schedule,
+position (epoch, batches done in it, global step), best top-1, the RNG states, the epoch's running sums
+(loss, samples, seconds), the run's id and the settings it was trained with.
 
 Data order and augmentation are functions of (seed, epoch, index) (see `data.py`), so the position
 is enough to rebuild the data stream; the RNG states cover dropout / drop-path.
@@ -14,11 +15,13 @@ from pathlib import Path
 import torch
 
 __all__ = ["Position", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "check_train_checkpoint",
-           "TRAIN_CHECKPOINT_KEYS"]
+           "TRAIN_CHECKPOINT_KEYS", "SETTINGS_KEYS"]
 
 #: what `python -m kw_ops train` saves, and needs to resume
 TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "temperature", "position", "rng", "model_name",
                          "classes")
+#: what it saves since runs have an identity and resumes compare settings (older checkpoints lack them)
+SETTINGS_KEYS = ("run_id", "recipe", "config", "world_size", "train_images", "iters_per_epoch", "epoch_sums")
 
 
 @dataclasses.dataclass
@@ -81,3 +84,7 @@ def check_train_checkpoint(state, path) -> None:
     if missing:
         raise ValueError(f"{path} is not a `kw_ops train` checkpoint (a plain state_dict?): it lacks "
                          f"{', '.join(repr(key) for key in missing)}; resume only from a last.pt written by train")
+    missing = [key for key in SETTINGS_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{path} was written by an older `kw_ops train` (it lacks {', '.join(missing)}): this "
+                         f"version cannot resume it; its weights are state['model']")

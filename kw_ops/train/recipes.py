@@ -125,7 +125,10 @@ def lr_factor(iteration: int, recipe: Recipe, iters_per_epoch: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe,
-                       iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR of `lr_factor` (call `step()` after every optimizer step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, recipe, iters_per_epoch))
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, iters_per_epoch: int,
+                       start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration LambdaLR of `lr_factor` (call `step()` after every optimizer step).
+    start: iterations already done (a resumed run whose schedule is re-derived; the groups then need their
+    'initial_lr', the base the factor multiplies); the groups' lr is set for iteration `start`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, recipe, iters_per_epoch),
+                                             last_epoch=start - 1)

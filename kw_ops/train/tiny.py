@@ -6,15 +6,19 @@ warehouse per stage (stem and classifier static), like the paper's ResNet preset
 
 `tiny_convnet_gn` / `tiny_gn_kw1x` use GroupNorm and a LayerNorm in the KW attention: nothing depends
 on how a batch is split, so one step on 2 ranks x B samples equals one step on 2B samples.
+
+`tiny_dy4x` / `tiny_od4x`: tiny_convnet with the stage convs as DY-Conv / ODConv (4 kernels), the
+baselines' temperature schedules in a few ms per step.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
+from ..baselines import to_dyconv, to_odconv
 from ..config import KWConfig
 from ..models.registry import KWRecipe, register, register_recipe
 
-__all__ = ["tiny_convnet", "tiny_convnet_gn", "tiny_stage_sharing", "TINY_WIDTHS"]
+__all__ = ["tiny_convnet", "tiny_convnet_gn", "tiny_dy4x", "tiny_od4x", "tiny_stage_sharing", "TINY_WIDTHS"]
 
 #: channels of the stem and of the two stages
 TINY_WIDTHS = (8, 16, 32)
@@ -61,3 +65,19 @@ for _budget in ("kw1d2x", "kw1x", "kw2x"):
                     doc=f"tiny_convnet with KernelWarehouse {_budget}, one warehouse per stage (smoke tests).")
 register_recipe("tiny_gn_kw1x", KWRecipe("tiny_convnet_gn", KWConfig(norm="layer"), tiny_stage_sharing),
                 doc="tiny_convnet_gn with KernelWarehouse 1x and LayerNorm attention (batch-independent).")
+
+
+def _stage_conv(name: str, module: nn.Module) -> bool:
+    return name.split(".")[0] in ("1", "2")
+
+
+@register("tiny_dy4x")
+def tiny_dy4x(num_classes: int = 10, in_chans: int = 3) -> nn.Sequential:
+    """tiny_convnet with DY-Conv (4 kernels) stage convs (smoke tests of the baselines' training)."""
+    return to_dyconv(tiny_convnet(num_classes, in_chans), K=4, rule=_stage_conv)
+
+
+@register("tiny_od4x")
+def tiny_od4x(num_classes: int = 10, in_chans: int = 3) -> nn.Sequential:
+    """tiny_convnet with ODConv (4 kernels) stage convs (smoke tests of the baselines' training)."""
+    return to_odconv(tiny_convnet(num_classes, in_chans), K=4, rule=_stage_conv)
