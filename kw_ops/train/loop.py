@@ -3,13 +3,13 @@
     from kw_ops.train import TrainConfig, train
     summary = train(TrainConfig(model="resnet18_kw1x", data="/data/imagenet", recipe="resnet", amp="bf16"))
 
-Every iteration sets the temperature of the network's dynamic convs before the forward (KW's τ, docs/semantics.md §5, or
-DY-Conv's / ODConv's T by their own schedule, docs/baselines.md §4: see `temperatures.py`), then steps the optimizer and the
-per-iteration LR schedule. After every epoch (and when --max-steps stops a run) rank 0 evaluates
-top-1/top-5 on val, appends a row to `<out>/log.csv` and saves `<out>/last.pt` (`best.pt` when top-1
-improves); `resume=` continues from such a checkpoint exactly, with the same settings (or re-derived
-ones: `resume_override`, see `resume_settings.py`). A folder that already holds a run's checkpoints is
-only written to when resuming that run or with `overwrite=True` (see `run_folder.py`).
+Every iteration sets the temperature of the network's dynamic convs before the forward (KW's τ,
+docs/semantics.md §5, or DY-Conv's / ODConv's T by their own schedule, docs/baselines.md §4: see
+`temperatures.py`), then steps the optimizer and the per-iteration LR schedule. After every epoch (and when
+--max-steps stops a run) rank 0 evaluates top-1/top-5 on val, appends a row to `<out>/log.csv` and saves
+`<out>/last.pt` (`best.pt` when top-1 improves); `resume=` continues from such a checkpoint exactly, with the
+same settings (or re-derived ones: `resume_override`, see `resume_settings.py`). A folder that already holds a
+run's checkpoints is only written to when resuming that run or with `overwrite=True` (see `run_folder.py`).
 """
 from __future__ import annotations
 
