@@ -37,7 +37,7 @@ def collect_calls(model: torch.nn.Module, batch: int, size: int, train: bool) ->
 
 
 def calibrate_models(names, batches=(2,), size: int = 224, train: bool = True, infer: bool = True,
-                     redo: bool = False, min_time: float = 0.02, progress=None):
+                     redo: bool = False, min_time: float = 0.05, progress=None):
     """Calibrate the kernels of these registered models' KW layers; returns (rate table, kernels timed)."""
     from . import models
     from .ops import dispatch

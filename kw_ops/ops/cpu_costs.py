@@ -296,10 +296,36 @@ _CALL_RUNNERS = {"op_forward": _tiny_call("op:torch:grouped", False), "op_step":
                  "released_forward": _tiny_call("released", False), "released_step": _tiny_call("released", True)}
 
 
-def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None, min_time: float = 0.0,
+def _run_queue_wait_s() -> float:
+    """Seconds this process's threads have waited on a run queue (Linux schedstat; 0 where it is missing)."""
+    total = 0
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
+#: share of a calibration's time its threads may wait for a CPU before it is called unreliable
+BUSY_WAIT = 0.10
+
+
+class BusyMachineWarning(UserWarning):
+    """The machine was busy while a calibration ran: its rates are too low and skewed (rerun it idle)."""
+
+
+def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None, min_time: float = 0.05,
                       progress: Callable[[str], None] | None = None) -> RateTable:
-    """Time every kernel whose bucket the table lacks; returns the table with their rates added."""
+    """Time every kernel whose bucket the table lacks; returns the table with their rates added. Each kernel's
+    rate is from its fastest call of several (at least two, more while they last under `min_time` s in all),
+    which a short burst of other work does not move; a machine busy throughout (its threads waited on a run
+    queue for over BUSY_WAIT of the time: with every core in use, OpenMP threads wait for each other) is
+    warned about, since every rate then comes out low and small kernels lowest."""
+    import warnings
+
     table = table or load_rates()
+    started, waited = time.perf_counter(), _run_queue_wait_s()
     seen = set()
     for kernel in kernels:
         key = kernel.key
@@ -314,4 +340,9 @@ def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None,
         if progress:
             progress(key)
     table.source = "calibrated"
+    spent, waited = time.perf_counter() - started, _run_queue_wait_s() - waited
+    if seen and spent > 0 and waited / spent > BUSY_WAIT:
+        warnings.warn(f"kw_ops calibrate: other processes held the CPU for {100 * waited / spent:.0f}% of the "
+                      f"calibration; its rates are unreliable (run `python -m kw_ops calibrate --redo` on an idle "
+                      f"machine)", BusyMachineWarning, stacklevel=2)
     return table

@@ -261,7 +261,7 @@ def _gpu_seconds(formulation: str, call: Call) -> tuple[float | None, str]:
                                  two(call.kernel_size, 1), call.groups, call.n, call.m, call.element_size,
                                  channels_last=call.channels_last, cell_rows=call.cell[0])
     directions = ("forward",) + ((("dx",) if call.input_grad else ()) + ("wgrad",) if call.backward else ())
-    mode = {"released": "released", "op:triton:two_phase": "two_phase", "op:torch:grouped": "released"}.get(formulation)
+    mode = {"released": "released", "op:triton:two_phase": "two_phase", "op:torch:grouped": "torch_op"}.get(formulation)
     if mode is None:
         return None, "not modelled on GPU"
     seconds = 0.0
@@ -270,9 +270,6 @@ def _gpu_seconds(formulation: str, call: Call) -> tuple[float | None, str]:
         if prediction is None:
             return None, f"the {mode} kernels cannot run this shape"
         seconds += prediction.seconds
-    if formulation == "op:torch:grouped" and call.backward:  # recomputes the kernels: the mixing once more
-        seconds += cost_model.predict(shape, "released", "forward").phases[0].seconds(cost_model.default_peaks(),
-                                                                                       call.element_size)
     return seconds, ""
 
 
@@ -511,7 +508,7 @@ def recording():
 PLAUSIBLE = 2.0
 
 
-def calibrate_calls(calls, min_time: float = 0.0, progress=None, redo: bool = False) -> cpu_costs.RateTable:
+def calibrate_calls(calls, min_time: float = 0.05, progress=None, redo: bool = False) -> cpu_costs.RateTable:
     """Time, on this CPU, the kernels of every plausible candidate of these calls (within PLAUSIBLE x the
     cheapest by default rates) whose bucket is not yet measured (all of them with `redo`); save the rates to
     the machine's cache and use them from now on."""
