@@ -457,8 +457,8 @@ def settings_from_options(args) -> tuple[Settings, list[tuple[str, list[Method]]
         if value is not None and not test(value):
             raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {value}")
     known = backbones()
-    model_names = list(dict.fromkeys(m.strip() for m in (args.models or ",".join(DEFAULT_MODELS)).split(",")
-                                     if m.strip()))
+    given = args.models if args.models is not None else ",".join(DEFAULT_MODELS)
+    model_names = list(dict.fromkeys(m.strip() for m in given.split(",") if m.strip()))
     unknown = [m for m in model_names if m not in known]
     if not model_names or unknown:
         problem = f"unknown backbone(s) {', '.join(map(repr, unknown))}" if unknown else "no backbone given"
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
 
     print(f"kw_ops bench: {', '.join(m for m, _ in plan)} at {settings.size}x{settings.size}, inference batch "
           f"{settings.batch}, training batch {settings.train_batch}"
-          + ("" if args.full or args.models else f"; the quick default leaves out {', '.join(FULL_ONLY_MODELS)} "
+          + ("" if args.full or args.models is not None else f"; the quick default leaves out {', '.join(FULL_ONLY_MODELS)} "
              f"(--full, or --models {','.join(DEFAULT_MODELS + FULL_ONLY_MODELS)})"), file=sys.stderr)
     rows = run(plan, settings, on_model=show)
     out = Path(args.out)
