@@ -1,4 +1,4 @@
-"""Predicted time per layer and mode by the cost model (kw_ops/ops/triton/cost_model.py), and choose_mode's choice.
+"""Predicted time per layer and mode by the cost model (kw_ops/ops/triton/cost_model.py), and the dispatcher's picks.
 
 No GPU needed: every number is a prediction under the peaks named in the header (datasheet figures, or the
 peaks gpu_check.py measured: --peaks peaks.json). Layer shapes of the KW presets from
@@ -22,21 +22,36 @@ sys.path.insert(0, str(ROOT))
 
 from kw_ops.benchmarking.layer_shapes import kw_layer_shapes, out_size, shape_text  # noqa: E402
 from kw_ops.benchmarking.model_bench import _environment  # noqa: E402
+from kw_ops.ops import dispatch  # noqa: E402
 from kw_ops.ops.triton import cost_model  # noqa: E402
 
 MODELS = ("resnet18_kw1x", "resnet50_kw1x", "mobilenetv2_100_kw1x")
-SHOWN = ("static", "released", *cost_model.KERNEL_MODES, *cost_model.MODELLED_ONLY)
+SHOWN = ("static", "released", "torch_op", *cost_model.KERNEL_MODES, *cost_model.MODELLED_ONLY)
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 CSV_FIELDS = ("git_sha", "peaks", "model", "layer", "count", "shape", "batch", "dtype", "pass", "mode", "predicted_ms",
               "bound", "chosen")
+DTYPE_NAME = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def dispatcher_pick(spec: dict, batch: int, dtype: str, train: bool) -> dispatch.Decision:
+    """What kw_ops.ops.dispatch runs for this layer on a CUDA device (decided from the cost model alone)."""
+    kernel = tuple(spec["kernel"])
+    call = dispatch.Call("cuda", DTYPE_NAME[dtype], batch, spec["channels"], tuple(spec["size"]), spec["out"], kernel,
+                         tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"],
+                         spec["n"], tuple(spec["cell"]), backward=train, input_grad=train)
+    return dispatch.decide(call, "auto")
+
+
+_MODE_OF = {"released": "released", "op:triton:two_phase": "two_phase", "op:torch:grouped": "torch_op"}
 
 
 def layer_rows(model: str, spec: dict, batch: int, dtype: str, peaks) -> list[dict]:
-    """One row per pass (forward; backward = dx + wgrad) and mode, with the kernel mode choose_mode picks."""
+    """One row per pass (forward; backward = dx + wgrad) and mode; `chosen`: the dispatcher's pick for inference
+    (forward rows) and for a training step (backward rows)."""
     shape = cost_model.ConvShape.from_spec(spec, batch, ELEMENT_SIZE[dtype], out_size(spec))
     rows = []
     for label, directions in (("forward", ("forward",)), ("backward", ("dx", "wgrad"))):
-        chosen = cost_model.choose_mode(shape, cost_model.KERNEL_MODES, directions[0], peaks)
+        chosen = _MODE_OF[dispatcher_pick(spec, batch, dtype, label == "backward").formulation]
         for mode in SHOWN:
             parts = [cost_model.predict(shape, mode, d, peaks) for d in directions]
             if any(p is None for p in parts):
@@ -68,8 +83,11 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
              f"git {env['git_sha']}, torch {env['torch']}, triton {env['triton']}, {env['date']} UTC, "
              f"computed on {platform.machine()} (no GPU: every time below is a PREDICTION)",
              f"Peaks assumed: {peaks.source}.", "",
-             "Predicted ms per layer call; backward = dx + weight gradient; **bold**: choose_mode's pick among "
-             f"the built modes ({', '.join(cost_model.KERNEL_MODES)}: what launch.py runs); "
+             "Predicted ms per layer call; backward = dx + weight gradient; **bold**: the dispatcher's pick "
+             "(kw_ops.ops.dispatch: forward columns for inference, backward columns for a training step, where "
+             "released is left out when the batch's kernels exceed KW_OPS_KEEP_BYTES, 256 MiB per layer) among "
+             f"released, torch_op (the op on its torch backend) and the built Triton modes "
+             f"({', '.join(cost_model.KERNEL_MODES)}: what launch.py runs); "
              f"{', '.join(f'{m}*' for m in cost_model.MODELLED_ONLY)}: modelled, NOT built (comparison points); "
              "`-`: the mode cannot run the shape; bound: the term of the longest phase of the pick; floor: the "
              "forward roofline of docs/design.md §5 (x + y + E + attn moved once, conv + mixing FLOPs). Inputs "
@@ -109,9 +127,16 @@ def markdown(rows: list[dict], floors: dict, env: dict, peaks, dtype: str) -> st
         floor = sum(f[2] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
         flops = sum(f[0] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
         moved = sum(f[1] * k[4] for k, f in floors.items() if k[:2] == (model, batch))
+        released = {label: totals.get((model, batch, label, "released"), 0.0) for label in ("forward", "backward")}
+        slower = sum(1 for k, c in table.items() if k[:2] == (model, batch) for (lb, _), r in c.items()
+                     if r["chosen"] and ("released" not in r["mode"]) and c.get((lb, "released")) is not None
+                     and r["predicted_ms"] > c[(lb, "released")]["predicted_ms"])
         lines += ["", f"Whole network (each layer × its count): forward floor {floor:.2f} ms "
-                      f"({flops / 1e9:.0f} GFLOP, {moved / 1e9:.2f} GB); choose_mode's picks: forward "
-                      f"{pick['forward']:.2f} ms, backward {pick['backward']:.2f} ms.", "",
+                      f"({flops / 1e9:.0f} GFLOP, {moved / 1e9:.2f} GB); the dispatcher's picks: forward "
+                      f"{pick['forward']:.2f} ms ({released['forward'] / pick['forward']:.2f}x faster than released), "
+                      f"backward {pick['backward']:.2f} ms ({released['backward'] / pick['backward']:.2f}x); picks "
+                      f"predicted slower than released: {slower} (only where the memory budget leaves released out).",
+                  "",
                   "| pass | " + " | ".join(map(_label, SHOWN)) + " |", "|" + "---|" * (1 + len(SHOWN))]
         for label in ("forward", "backward"):
             lines.append(f"| {label} | " + " | ".join(

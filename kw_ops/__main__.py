@@ -1,4 +1,4 @@
-"""Command line: `python -m kw_ops {bench, bench-op, train, attention-map, info, demo, describe MODEL}`."""
+"""Command line: `python -m kw_ops {bench, bench-op, train, attention-map, calibrate, info, demo, describe MODEL}`."""
 from __future__ import annotations
 
 import argparse
@@ -21,10 +21,31 @@ def _describe(args) -> int:
     from .nn import count_parameters, describe
 
     model = models.create(args.model)
+    if args.dispatch:
+        return _describe_dispatch(args, model)
     print(describe(model))
     note = paper_note(args.model, count_parameters(model))
     if note:
         print(note)
+    return 0
+
+
+def _describe_dispatch(args, model) -> int:
+    from .dispatch_report import dispatch_table
+
+    checks = [("--batch", args.batch, 1), ("--size", args.size, 1)]
+    for option, value, least in checks:
+        if value < least:
+            print(f"kw_ops describe: {option} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    if args.train and args.batch < 2:
+        print("kw_ops describe: --train needs --batch of at least 2 (the attention's BatchNorm cannot train on one "
+              "sample)", file=sys.stderr)
+        return 2
+    if args.device not in ("cpu", "cuda"):
+        print(f"kw_ops describe: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: " + dispatch_table(model, args.batch, args.size, args.train, args.device, args.dtype))
     return 0
 
 
@@ -54,6 +75,10 @@ def main(argv=None) -> int:
         from .train.__main__ import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from .calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     if argv[:1] == ["attention-map"]:
         from .attention_map import main as attention_map_main
 
@@ -68,13 +93,26 @@ def main(argv=None) -> int:
                         "(python -m kw_ops train --help)")
     commands.add_parser("attention-map", help="mean attentions per warehouse over a dataset as a PNG "
                         "(python -m kw_ops attention-map --help)")
+    commands.add_parser("calibrate", help="time this CPU's kernels for the dispatcher's cost estimates "
+                        "(python -m kw_ops calibrate --help)")
     commands.add_parser("info", help="versions and which op backends can run here")
     demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")
     demo.add_argument("--batch", type=int, default=8, help="training batch, at least 2")
     demo.add_argument("--size", type=int, default=32, help="input resolution")
     demo.add_argument("--steps", type=int, default=10, help="training steps per budget")
-    describe = commands.add_parser("describe", help="warehouse table of a registered model preset")
+    describe = commands.add_parser("describe", help="warehouse table of a registered model preset, or with "
+                                   "--dispatch what runs for each of its KW layers and why")
     describe.add_argument("model")
+    describe.add_argument("--dispatch", action="store_true", help="each KW layer's formulation, the estimated time "
+                          "of every candidate and the reason (kw_ops.ops.dispatch)")
+    describe.add_argument("--batch", type=int, default=2, help="batch of the call (--dispatch; default 2)")
+    describe.add_argument("--size", type=int, default=224, help="input resolution (--dispatch; default 224)")
+    describe.add_argument("--device", default="cpu", help="cpu or cuda: on a machine without CUDA, cuda is "
+                          "decided from the GPU cost model alone (--dispatch)")
+    describe.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                          help="(--dispatch) default float32 on cpu, bfloat16 on cuda")
+    describe.add_argument("--train", action="store_true", help="decide for a training step (--dispatch; default: "
+                          "inference)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info.report())

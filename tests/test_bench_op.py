@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from kw_ops.benchmarking import op_bench
 from kw_ops.benchmarking.layer_shapes import kw_layer_shapes
-from kw_ops.ops import cpp
+from kw_ops.ops import cpp, dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 #: peaks given to runs that are not about the roofline (measuring them costs seconds)
@@ -54,11 +56,13 @@ def _two_shapes(monkeypatch):
 
 
 def test_cpp_and_the_automatic_choice_are_timed_and_auto_names_its_pick(monkeypatch):
-    rows, peaks, env = op_bench.run(_two_shapes(monkeypatch), peaks=PEAKS)
-    picked = "cpp" if cpp.available() else "torch"
+    settings = _two_shapes(monkeypatch)
+    rows, peaks, env = op_bench.run(settings, peaks=PEAKS)
     providers = lambda layer: [r["provider"] for r in rows if r["layer"] == layer]
-    assert providers("layer1.0.conv1") == ["torch", "cpp", f"auto ({picked})"] * 2  # forward, then backward
-    assert providers("layer2.0.downsample.0") == ["torch", "cpp", "auto (torch)"] * 2
+    for layer, spec in zip(("layer1.0.conv1", "layer2.0.downsample.0"), op_bench.kw_layer_shapes(None, 0)):
+        picks = [op_bench.automatic_choice(spec, settings.batch, torch.float32, "cpu", grad) for grad in (False, True)]
+        assert all(p in dispatch.FORMULATIONS for p in picks)
+        assert providers(layer) == ["torch", "cpp", f"auto ({picks[0]})", "torch", "cpp", f"auto ({picks[1]})"]
     for row in rows:
         if row["provider"] == "cpp" and not cpp.available():
             assert row["status"] == "skipped" and "kw_ops._C" in row["reason"], row
@@ -67,16 +71,17 @@ def test_cpp_and_the_automatic_choice_are_timed_and_auto_names_its_pick(monkeypa
     report = op_bench.markdown(rows, _two_shapes(monkeypatch), peaks, env)
     table_header = next(line for line in report.splitlines() if line.startswith("| model | layer |"))
     assert table_header.endswith("| torch | cpp | auto |")
-    assert "| layer1.0.conv1 | " in report and f"({picked}) " in report and "(torch) " in report
+    assert "| layer1.0.conv1 | " in report and f"({picks[1]}) " in report
 
 
 def test_cpp_is_skipped_with_its_reason_where_the_extension_is_not_built(monkeypatch):
     reason = "the compiled extension kw_ops._C is not importable (No module named 'kw_ops._C'; pip install ...)"
     monkeypatch.setattr(cpp, "unavailable_reasons", lambda: [reason])
+    dispatch.clear_decisions()  # decisions made while the extension was there
     rows, _, _ = op_bench.run(_two_shapes(monkeypatch), peaks=PEAKS)
     assert {(r["provider"], r["status"], r["reason"]) for r in rows if r["provider"] == "cpp"} == {
         ("cpp", "skipped", reason)}
-    assert {r["provider"] for r in rows if r["provider"].startswith("auto")} == {"auto (torch)"}
+    assert not any("cpp" in r["provider"] for r in rows if r["provider"].startswith("auto"))
     assert all(r["status"] == "ok" for r in rows if r["provider"] != "cpp")
     assert {"cpp", "auto"} <= set(op_bench.PROVIDERS)
 
@@ -105,7 +110,9 @@ def test_cli_appends_csv(tmp_path):
     with (tmp_path / "bench_op_cpu.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) >= 6 and len(rows) % 2 == 0  # two runs appended under one header
-    picked = {"auto (cpp)", "auto (torch)"} if cpp.available() else {"auto (torch)"}  # 3x3 and 1x1 layers
-    assert {r["provider"] for r in rows} == {"static", "torch", "triton", "cpp"} | picked
+    providers = {r["provider"] for r in rows}
+    picked = {p for p in providers if p.startswith("auto (")}
+    assert providers - picked == {"static", "torch", "triton", "cpp"}
+    assert picked and all(p[len("auto ("):-1] in dispatch.FORMULATIONS for p in picked)
     assert all(r["reason"] for r in rows if r["status"] != "ok")
     assert (tmp_path / "report.md").read_text().startswith("# KW op per layer shape")

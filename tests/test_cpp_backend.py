@@ -135,18 +135,23 @@ def test_torch_compile_fullgraph_with_the_kernel_inside():
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_automatic_choice_on_cpu_is_cpp_where_preferred():
+def test_automatic_choice_weighs_cpp_and_leaves_it_out_for_dtypes_it_lacks():
+    from kw_ops.ops import dispatch
+
     case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)
     x, attn, warehouse, bias = case.tensors(torch.float32)
     geometry = {k: _tuple(v, 2) if k in ("kernel_size", "stride", "padding", "dilation") else v
                 for k, v in case.geometry().items()}
-    expected = "cpp" if cpp.prefers_cpp(x, warehouse, geometry) else "torch"
-    assert backends.select_backend(x, attn, warehouse, bias, None, geometry) == expected
-    # fp16 is not among the kernel's dtypes: the torch path runs it
+    call = dispatch.Call.of(x, attn, warehouse, **geometry)
+    decision = dispatch.decide(call, tensors=(x, attn, warehouse, bias, geometry))
+    assert {"op:cpp:gemm", "op:cpp:grouped"} <= {e.formulation for e in decision.estimates if e.seconds is not None}
+    # fp16 is not among the kernel's dtypes: a candidate no more, with the reason
     half = [t.half() for t in (x, attn, warehouse)]
-    assert backends.select_backend(*half, None, None, geometry) == "torch"
+    call = dispatch.Call.of(*half, **geometry)
+    decision = dispatch.decide(call, tensors=(*half, None, geometry))
+    excluded = {e.formulation: e.why_not for e in decision.estimates if e.seconds is None}
+    assert "float16" in excluded["op:cpp:gemm"] and not decision.formulation.startswith("op:cpp")
     assert any(line.startswith("cpp") and "unavailable" not in line for line in backends.backend_report())
-
 
 def test_kernel_refuses_bad_inputs_with_a_message():
     case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)

@@ -1,10 +1,10 @@
-"""Backend choice: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, fallback warning."""
+"""Asking for a backend: per-call argument, context manager, KW_OPS_BACKEND, forced-backend errors, the report.
+(What runs when nothing is forced: tests/test_dispatcher.py.)"""
 import os
 import subprocess
 import sys
 import textwrap
 import threading
-import warnings
 from pathlib import Path
 
 import pytest
@@ -29,27 +29,27 @@ def test_torch_backend_runs_everywhere():
     assert _call(backend="torch").shape == (2, 8, 5, 5)
 
 
-@pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_forced_backend_that_cannot_run_raises_with_every_reason(name, monkeypatch):
+def test_forced_backend_that_cannot_run_raises_with_every_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled Triton, as on a user's machine
     with pytest.raises(BackendUnavailableError) as info:
-        _call(backend=name)
+        _call(backend="triton")
     message = str(info.value)
-    if name == "triton":
-        assert "need CUDA tensors, got cpu" in message
-    else:
-        for tensor in ("x", "attn", "warehouse"):
-            assert f"{tensor} is on cpu" in message
-    module = backends.BACKENDS[name].module
-    if backends._module_missing(module):
-        assert f"{module}" in message
-    if name == "cuda":
-        assert "kw_ops._C" in message and "pip install" in message
+    assert "need CUDA tensors, got cpu" in message and "'triton'" in message
+    with pytest.raises(BackendUnavailableError, match=r"float16"):
+        x, attn, warehouse = (t.half() for t in _inputs())
+        kw_conv(x, attn, warehouse, out_channels=8, kernel_size=3, padding=1, backend="cpp")
+
+
+def test_a_backend_with_no_code_behind_it_is_not_listed():
+    assert set(backends.BACKENDS) == {"torch", "triton", "cpp"}
+    with pytest.raises(ValueError, match="unknown KW backend 'cuda'"):
+        _call(backend="cuda")
 
 
 def test_env_var_forces_a_backend(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    with pytest.raises(BackendUnavailableError, match="KW_OPS_BACKEND=cuda"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    with pytest.raises(BackendUnavailableError, match="KW_OPS_BACKEND=triton"):
         _call()
     monkeypatch.setenv(backends.ENV_VAR, "torch")
     assert _call().shape == (2, 8, 5, 5)
@@ -67,8 +67,9 @@ def test_unknown_backend_names_are_refused(monkeypatch):
 
 
 def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(backends.ENV_VAR, "torch")
-    with use_backend("cuda"):
+    with use_backend("triton"):
         with pytest.raises(BackendUnavailableError, match=r"use_backend\(\)"):
             _call()
         assert _call(backend="torch").shape == (2, 8, 5, 5)
@@ -78,14 +79,14 @@ def test_context_manager_overrides_env_and_call_overrides_context(monkeypatch):
 
 
 def test_use_backend_holds_only_in_the_thread_that_entered_it():
-    """One thread inside use_backend('cuda') (which cannot run CPU tensors), the other outside it at the same
+    """One thread inside use_backend('triton') (which cannot run CPU tensors), the other outside it at the same
     time: the other still chooses automatically and runs."""
     entered, checked = threading.Barrier(2, timeout=30), threading.Barrier(2, timeout=30)
     seen = {}
 
     def forcing():
         with use_backend("torch"):
-            with use_backend("cuda"):
+            with use_backend("triton"):
                 seen["nested"] = backends.requested_backend()[0]
                 entered.wait()
                 checked.wait()
@@ -102,7 +103,7 @@ def test_use_backend_holds_only_in_the_thread_that_entered_it():
     finally:
         checked.wait()
         thread.join()
-    assert seen == {"nested": "cuda", "other thread": ("auto", "automatic"), "after": "cuda", "outer": "torch",
+    assert seen == {"nested": "triton", "other thread": ("auto", "automatic"), "after": "triton", "outer": "torch",
                     "left": "auto"}
 
 
@@ -123,36 +124,14 @@ def test_kw_ops_no_ext_at_run_time_leaves_the_extension_unloaded_and_full_graph_
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_layer_backend_attribute_is_passed_to_the_op():
+def test_layer_backend_attribute_is_passed_to_the_op(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     layer = kw_ops.KWConv2d(8, 8, 3, padding=1, warehouse=kw_ops.KWConfig())
-    layer.backend = "cuda"
+    layer.backend = "triton"
     with pytest.raises(BackendUnavailableError):
         layer(torch.randn(2, 8, 5, 5))
     layer.backend = "torch"
     assert layer(torch.randn(2, 8, 5, 5)).shape == (2, 8, 5, 5)
-
-
-def test_automatic_choice_on_cpu_is_torch_without_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert backends.select_backend(*_inputs(), None) == "torch"
-
-
-class _FakeCudaTensor:
-    """Enough of a tensor for the selection logic: a CUDA device and a dtype."""
-
-    def __init__(self, dtype=torch.float32):
-        self.device, self.dtype = torch.device("cuda", 0), dtype
-
-
-def test_automatic_fallback_warns_once(monkeypatch):
-    monkeypatch.setattr(backends, "_WARNED", set())
-    tensors = [_FakeCudaTensor(torch.float64) for _ in range(3)]
-    with pytest.warns(RuntimeWarning, match="'torch' backend; skipped cuda: .*float64"):
-        assert backends.select_backend(*tensors, None, None) == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert backends.select_backend(*tensors, None, None) == "torch"
 
 
 def test_backend_report_lists_every_backend():
@@ -198,28 +177,7 @@ def test_info_reports_an_unknown_env_backend_instead_of_failing(monkeypatch, cap
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
     assert main(["info"]) == 0
     choice = next(line for line in capsys.readouterr().out.splitlines() if "backend choice" in line)
-    assert "KW_OPS_BACKEND" in choice and "'bogus'" in choice and "auto, torch, triton, cuda" in choice
+    assert "KW_OPS_BACKEND" in choice and "'bogus'" in choice and "auto, torch, triton, cpp" in choice
     with pytest.raises(ValueError, match=r"KW_OPS_BACKEND: unknown KW backend 'bogus'; choose one of auto, torch, "
-                                         r"triton, cuda"):
+                                         r"triton, cpp"):
         _call()
-
-
-@pytest.mark.parametrize("x_shape, n, kernel, groups, expected", [
-    ((2, 8, 4, 4), 4, (3, 3), 1, True),       # 16 positions, n = 4 >= 0.1 * 16: mixing-heavy, gemm path
-    ((2, 8, 4, 4), 4, (1, 1), 1, False),      # 1x1 stays on the torch path though the gemm path would run it
-    ((2, 8, 32, 32), 4, (3, 3), 1, False),    # 1024 positions, n = 4 < 102.4: conv-dominated
-    ((2, 8, 4, 4), 4, (3, 3), 2, False),      # grouped
-    ((64, 64, 32, 32), 1000, (3, 3), 1, False),  # im2col 64*64*9*1024*4 bytes = 144 MiB > 16 MiB
-])
-def test_prefers_cpp_rule(x_shape, n, kernel, groups, expected):
-    """The automatic CPU choice takes the cpp kernel only for k x k (k > 1) mixing-heavy ungrouped layers whose
-    im2col is small (constants owned here: GEMM_MIX_RATIO 0.1, GEMM_COLS_BYTES 16 MiB)."""
-    from kw_ops.ops import cpp
-
-    x = torch.empty(x_shape, device="meta")
-    warehouse = torch.empty(n, 4, x_shape[1] // groups, 1, 1, device="meta")
-    pad = tuple(k // 2 for k in kernel)
-    geometry = {"out_channels": 8, "kernel_size": kernel, "stride": (1, 1), "padding": pad, "dilation": (1, 1),
-                "groups": groups}
-    assert cpp.prefers_cpp(x, warehouse, geometry) is expected
-    assert cpp.prefers_cpp(x, warehouse, None) is False

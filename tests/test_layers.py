@@ -644,3 +644,41 @@ def test_reset_parameters_restores_beta_and_temperature_of_a_layer():
         layer.attention.beta.zero_()
     layer.reset_parameters()
     assert torch.equal(layer.attention.beta, beta) and layer.attention.temperature.item() == 0.0
+
+
+def test_autocast_casts_a_shared_warehouse_once_per_step():
+    """Every member of a warehouse gets the same bf16 cells (one copy) until an optimizer step changes them; the
+    gradients are exactly those of casting per call (each call's gradient cast back before they are summed)."""
+    torch.manual_seed(0)
+    model = kw_ops.models.create("tiny_kw1x", num_classes=10)
+    warehouse = next(w for w in kw_ops.warehouses(model) if len(w.members) > 1)
+    with torch.no_grad():
+        first = warehouse.cells_as(torch.bfloat16)
+        assert first.dtype == torch.bfloat16 and warehouse.cells_as(torch.bfloat16) is first
+        assert warehouse.cells_as(torch.float32) is warehouse.cells
+    x = torch.randn(2, 3, 16, 16)
+    storages = []
+    hook = lambda module, args, output: storages.append(  # noqa: E731
+        module.warehouse.cells_as(torch.bfloat16).untyped_storage().data_ptr())
+    handles = [m.register_forward_hook(hook) for m in warehouse.members]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).float().square().mean().backward()
+    for handle in handles:
+        handle.remove()
+    assert len(storages) == len(warehouse.members) and set(storages) == {first.untyped_storage().data_ptr()}
+    cached_grad = warehouse.cells.grad.clone()
+    with torch.no_grad():
+        warehouse.cells.add_(1e-3)                                   # an optimizer step: a new version
+        moved = warehouse.cells_as(torch.bfloat16)
+        assert moved is not first and torch.equal(moved, warehouse.cells.to(torch.bfloat16))
+        warehouse.cells.sub_(1e-3)
+    # the same step with a cast per call gives the same gradient, bit for bit
+    model.zero_grad()
+    original = type(warehouse).cells_as
+    type(warehouse).cells_as = lambda self, dtype: self.cells.to(dtype)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+    finally:
+        type(warehouse).cells_as = original
+    torch.testing.assert_close(warehouse.cells.grad, cached_grad, atol=0, rtol=0)

@@ -351,7 +351,7 @@ def _bad_calls():
         ("op-negative-out-channels", r"out_channels must be >= 1, got -8", lambda: op(out_channels=-8)),
         ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
         ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
-        ("op-bogus-backend", r"backend must be one of torch, triton, cuda, cpp, got 'bogus'", lambda: op(backend="bogus")),
+        ("op-bogus-backend", r"backend must be one of torch, triton, cpp, got 'bogus'", lambda: op(backend="bogus")),
     ]
 
 

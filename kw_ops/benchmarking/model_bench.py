@@ -31,7 +31,9 @@ from .. import models
 from .spread import busy_warning, summarise
 from .worker import Worker, WorkerError
 
-DEFAULT_MODELS = ("resnet18", "mobilenetv2_100", "resnet50")  # the slowest last: first rows within a minute
+DEFAULT_MODELS = ("resnet18", "mobilenetv2_100")  # the quick default; --full adds FULL_ONLY_MODELS
+#: what the quick default leaves out (its released KW 4x training step alone takes seconds on a CPU)
+FULL_ONLY_MODELS = ("resnet50",)
 #: the paper's KW budgets per backbone (Tables 1-4); the quick default runs 1x and 4x
 PAPER_BUDGETS = {"resnet18": ("1d4x", "1d2x", "1x", "2x", "4x"), "resnet50": ("1d2x", "1x", "4x"),
                  "mobilenetv2_100": ("1d2x", "1x", "4x"), "mobilenetv2_050": ("1d2x", "1x", "4x"),
@@ -46,7 +48,8 @@ CSV_FIELDS = ("date", "git_sha", "device", "torch", "triton", "model", "method",
               "infer_images_per_s", "infer_images_per_s_min", "infer_images_per_s_max", "infer_spread_pct",
               "infer_vs_static", "infer_ratio_spread_pct",
               "train_step_ms", "train_step_ms_min", "train_step_ms_max", "train_spread_pct",
-              "train_vs_static", "train_ratio_spread_pct", "cpu_wait_pct", "flags", "infer_blocks", "train_blocks",
+              "train_vs_static", "train_ratio_spread_pct", "infer_vs_released", "train_vs_released",
+              "cpu_wait_pct", "flags", "infer_blocks", "train_blocks",
               "wall_s",
               "infer_rss_mb", "infer_alloc_mb", "train_rss_mb", "train_alloc_mb", "memory_kind", "timer")
 
@@ -71,11 +74,12 @@ class Settings:
 
 
 def quick_settings(device: str) -> Settings:
-    """A first result soon on a 2-core CPU: the smallest batch the attention's BatchNorm trains on, 32x32; two
-    blocks per slow step (the least that shows a spread), five per step whose block costs under 0.15 s."""
+    """The paper's resolution in about a minute on a 2-core CPU: 224x224, batch 2 (the smallest the attention's
+    BatchNorm trains on) for inference and training; two blocks per slow step (the least that shows a spread),
+    three where a block costs under 0.3 s."""
     if device == "cuda":
         return Settings(device, 32, 16, 224, 5, 0.05, "bf16", True)
-    return Settings(device, 2, 2, 32, 2, 0.03, None, False, max_repeat=5, cheap_block=0.15)
+    return Settings(device, 2, 2, 224, 2, 0.3, None, False, max_repeat=3, cheap_block=0.3)
 
 
 def full_settings(device: str) -> Settings:
@@ -236,7 +240,42 @@ def measure_model(model_name: str, methods: list[Method], settings: Settings, ba
             flags += kind_flags
             row[f"{kind}_rss_mb"], row[f"{kind}_alloc_mb"] = ready[i][f"{kind}_rss_mb"], ready[i][f"{kind}_alloc_mb"]
         row.update(cpu_wait_pct=100 * max(waits), flags="; ".join(flags))
+    add_vs_released(rows)
     return rows
+
+
+def released_label(label: str) -> str | None:
+    """The label of the released row a kw_ops row is measured against ('KW (1x) kw_ops' -> 'KW (1x) released')."""
+    return label[: -len(FAST)] + RELEASED if label.endswith(" " + FAST) else None
+
+
+def add_vs_released(rows: list[dict]) -> None:
+    """Each measured kw_ops row gains its speed-up over the released row of the same method: images/s over
+    images/s for inference, step time over step time for training (> 1: kw_ops faster)."""
+    by_label = {r["method"]: r for r in rows if r["status"] == "ok"}
+    for row in by_label.values():
+        released = by_label.get(released_label(row["method"]) or "")
+        if released is None:
+            continue
+        row["infer_vs_released"] = row["infer_images_per_s"] / released["infer_images_per_s"]
+        row["train_vs_released"] = released["train_step_ms"] / row["train_step_ms"]
+
+
+def speedup_summary(rows: list[dict]) -> list[str]:
+    """One line per model: the geometric mean speed-up of kw_ops over released across its dynamic methods."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        paired = [r for r in rows if r["model"] == model and r.get("infer_vs_released")]
+        if not paired:
+            continue
+        geo = lambda values: math.exp(statistics.fmean(math.log(v) for v in values))  # noqa: E731
+        infer = [r["infer_vs_released"] for r in paired]
+        train = [r["train_vs_released"] for r in paired]
+        methods = ", ".join(r["method"][: -len(FAST) - 1] for r in paired)
+        lines.append(f"{model}: kw_ops vs released, geometric mean over {methods}: inference {geo(infer):.2f}x, "
+                     f"training {geo(train):.2f}x, both {geo(infer + train):.2f}x (slowest row "
+                     f"{min(infer + train):.2f}x)")
+    return lines
 
 
 def run(plan: list[tuple[str, list[Method]]], settings: Settings, on_model=None) -> list[dict]:
@@ -261,30 +300,32 @@ def _number(value, digits: int = 1, suffix: str = "") -> str:
     return "–" if value is None or value == "" else f"{float(value):.{digits}f}{suffix}"
 
 
-TABLE_HEADER = ("| model | method | params (M) | infer img/s | spread | vs static | train step ms | spread | vs static "
-                "| infer RSS MB | infer alloc MB | train RSS MB | train alloc MB | ! |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| model | method | params (M) | infer img/s | spread | vs static | vs released | train step ms | spread "
+                "| vs static | vs released | infer RSS MB | infer alloc MB | train RSS MB | train alloc MB | ! |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table_rows(rows: list[dict]) -> list[str]:
     """Markdown lines of `rows`; spread: interquartile range of the timed blocks in % of the median; vs static:
-    the ratio of the medians; !: a row to distrust (spread.busy_warning says why)."""
+    the ratio of the medians; vs released: a kw_ops row's speed-up over the released row of its method (ratio of
+    the medians, > 1: faster); !: a row to distrust (spread.busy_warning says why)."""
     lines = []
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||||||| ")
+            lines.append(f"| {r['model']} | {r['method']} | skipped: {r['reason']} |||||||||||||| ")
             continue
         lines.append(" | ".join((
             f"| {r['model']}", r["method"], f"{r['params'] / 1e6:.2f}", _number(r["infer_images_per_s"]),
             _number(r["infer_spread_pct"], 0, "%"), _number(r["infer_vs_static"], 2, "x"),
-            _number(r["train_step_ms"]), _number(r["train_spread_pct"], 0, "%"),
-            _number(r["train_vs_static"], 2, "x"), _number(r["infer_rss_mb"], 0), _number(r["infer_alloc_mb"], 0),
+            _number(r.get("infer_vs_released"), 2, "x"), _number(r["train_step_ms"]),
+            _number(r["train_spread_pct"], 0, "%"), _number(r["train_vs_static"], 2, "x"),
+            _number(r.get("train_vs_released"), 2, "x"), _number(r["infer_rss_mb"], 0), _number(r["infer_alloc_mb"], 0),
             _number(r["train_rss_mb"], 0), _number(r["train_alloc_mb"], 0), "!" if r["flags"] else "")) + " |")
     return lines
 
 
 def markdown_table(rows: list[dict]) -> str:
-    return "\n".join([TABLE_HEADER, *table_rows(rows)])
+    return "\n".join([TABLE_HEADER, *table_rows(rows), "", *speedup_summary(rows)])
 
 
 def write_csv(rows: list[dict], path: Path) -> str:
@@ -416,7 +457,8 @@ def settings_from_options(args) -> tuple[Settings, list[tuple[str, list[Method]]
         if value is not None and not test(value):
             raise ValueError(f"--{field.replace('_', '-')} must be {expected}, got {value}")
     known = backbones()
-    model_names = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))
+    given = args.models if args.models is not None else ",".join(DEFAULT_MODELS)
+    model_names = list(dict.fromkeys(m.strip() for m in given.split(",") if m.strip()))
     unknown = [m for m in model_names if m not in known]
     if not model_names or unknown:
         problem = f"unknown backbone(s) {', '.join(map(repr, unknown))}" if unknown else "no backbone given"
@@ -433,6 +475,8 @@ def settings_from_options(args) -> tuple[Settings, list[tuple[str, list[Method]]
         settings.amp = None if args.amp == "none" else args.amp
     if args.channels_last:
         settings.channels_last = args.channels_last == "on"
+    if args.models is None:
+        model_names = list(DEFAULT_MODELS) + (list(FULL_ONLY_MODELS) if args.full else [])
     if args.budgets is None:
         return settings, [(m, methods_for(m, PAPER_BUDGETS.get(m, ("1x",)) if args.full else QUICK_BUDGETS))
                           for m in model_names]
@@ -442,8 +486,9 @@ def settings_from_options(args) -> tuple[Settings, list[tuple[str, list[Method]]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kw_ops bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help=f"comma-separated backbones (default: {','.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated backbones (default: {','.join(DEFAULT_MODELS)}; --full adds "
+                        f"{','.join(FULL_ONLY_MODELS)})")
     parser.add_argument("--budgets", default=None,
                         help=f"comma-separated KW budgets (default: {','.join(QUICK_BUDGETS)}; --full: the "
                         f"paper's per backbone), each written {BUDGET_SPELLINGS}")
@@ -472,9 +517,13 @@ def main(argv=None) -> int:
     header = [TABLE_HEADER]
 
     def show(model_rows):  # each model's rows as soon as they exist, above the progress bar
-        tqdm.write("\n".join(header + table_rows(model_rows)), file=sys.stderr)
+        tqdm.write("\n".join(header + table_rows(model_rows) + speedup_summary(model_rows)), file=sys.stderr)
         header.clear()
 
+    print(f"kw_ops bench: {', '.join(m for m, _ in plan)} at {settings.size}x{settings.size}, inference batch "
+          f"{settings.batch}, training batch {settings.train_batch}"
+          + ("" if args.full or args.models is not None else f"; the quick default leaves out {', '.join(FULL_ONLY_MODELS)} "
+             f"(--full, or --models {','.join(DEFAULT_MODELS + FULL_ONLY_MODELS)})"), file=sys.stderr)
     rows = run(plan, settings, on_model=show)
     out = Path(args.out)
     csv_path = out / f"bench_models_{settings.device}.csv"
@@ -488,7 +537,8 @@ def main(argv=None) -> int:
           f"spread: interquartile range of the blocks in % of the median; vs static: ratio of the medians (rows "
           f"are flagged when the ratios to the static blocks of the same rounds disagree); memory: "
           f"{memory_kind(settings.device)}"
-          + ("" if args.full else " (quick settings; --full for the paper's)"))
+          + ("" if args.full else f" (quick settings: {', '.join(DEFAULT_MODELS)}; ResNet50 and the paper's "
+             f"other budgets with --full, or --models {','.join(DEFAULT_MODELS + FULL_ONLY_MODELS)})"))
     print(f"csv: {csv_path}{moved}; {note}\n")
     print(markdown_table(rows))
     warning = busy_warning(rows)

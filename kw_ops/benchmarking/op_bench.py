@@ -8,7 +8,8 @@ forward at --size). Providers:
     torch     kw_conv(..., backend='torch'): the pure-PyTorch op with its hand-written backward
     cpp       kw_conv(..., backend='cpp'): the compiled CPU kernel (kw_ops._C; skipped where it is not built)
     triton    kw_conv(..., backend='triton'): the Triton kernels (CUDA only; the interpreter is not timed)
-    auto      kw_conv(...) with the automatic choice, labelled with what it picked for the shape: 'auto (cpp)'
+    auto      kw_conv(...) with the dispatcher's choice, labelled with what it picked for the shape and mode:
+              'auto (released)', 'auto (op:cpp:gemm)', ...
 A provider that cannot run a shape is a 'skipped' row with the reasons of kw_ops.ops.not_supported_reasons;
 one that fails is an 'error' row with the exception; no row carries NaN.
 Modes: forward (no_grad), backward (autograd.grad of a retained graph: the op's backward alone), both (the two).
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import kw_conv, not_supported_reasons
-from ..ops.backends import select_backend
+from ..ops import dispatch
 from .layer_shapes import kw_layer_shapes, out_size, shape_text
 from .model_bench import _environment, device_name
 from .released import released_kw_conv
@@ -165,10 +166,12 @@ def _geometry(spec) -> dict:
             "padding": spec["padding"], "dilation": spec["dilation"], "groups": spec["groups"]}
 
 
-def automatic_choice(spec, batch, dtype, device) -> str:
-    """The backend kw_conv's automatic choice runs for this shape, batch, dtype and device."""
-    tensors, bias, _ = _operands(spec, "auto", batch, dtype, device, False)
-    return select_backend(*tensors, bias, "auto", _geometry(spec))
+def automatic_choice(spec, batch, dtype, device, grad: bool = False) -> str:
+    """The formulation the dispatcher runs for this shape, batch, dtype and device ('released', 'op:cpp:gemm', ...),
+    in inference or (grad) a training step."""
+    tensors, bias, _ = _operands(spec, "auto", batch, dtype, device, grad)
+    call = dispatch.Call.of(*tensors, **_geometry(spec))
+    return dispatch.decide(call, "auto", None, (*tensors, bias, _geometry(spec))).formulation
 
 
 def skip_reasons(spec, provider, batch, dtype, device) -> list[str]:
@@ -221,9 +224,9 @@ def run(settings: Settings, peaks: dict | None = None) -> tuple[list[dict], dict
     for index, (model, spec) in enumerate(plan):
         _progress(index, len(plan), f"{model} {spec['layer']}")
         reasons = {p: skip_reasons(spec, p, settings.batch, dtype, settings.device) for p in settings.providers}
-        labels = {p: f"auto ({automatic_choice(spec, settings.batch, dtype, settings.device)})" if p == "auto" else p
-                  for p in settings.providers}
         for mode in settings.modes:
+            labels = {p: f"auto ({automatic_choice(spec, settings.batch, dtype, settings.device, mode != 'forward')})"
+                      if p == "auto" else p for p in settings.providers}
             for provider in settings.providers:
                 row = {**env, "model": model, "layer": spec["layer"], "count": spec["count"],
                        "shape": shape_text(spec), "batch": settings.batch, "size": settings.size,

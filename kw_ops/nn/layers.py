@@ -8,8 +8,6 @@ import torch.nn as nn
 
 from ..config import KWConfig
 from ..ops import kw_conv
-from ..ops.export_impl import export_conv, exporting
-from ..ops.kept_kernels import keeps_kernels, kept_kernels_conv
 from .attention import KWAttention
 from .geometry import ConvGeometry
 from .planning import LayerPlan, WarehousePlan, WeightShape
@@ -23,8 +21,8 @@ class KWLayer(ConvGeometry):
 
     A layer is bound to a Warehouse (shared with other layers), to a KWConfig (a private
     warehouse with those settings) or to nothing (a private warehouse with KWConfig()).
-    `backend` forces the op backend of this layer ('torch', 'triton', 'cuda'; None: automatic,
-    `kw_ops.ops.use_backend()` or KW_OPS_BACKEND); it can be changed later as `layer.backend`.
+    `backend` forces the op backend of this layer ('torch', 'triton', 'cpp'; None: kw_ops.ops.dispatch decides
+    per call, `kw_ops.ops.use_backend()` or KW_OPS_BACKEND force one); it can be changed later as `layer.backend`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -103,18 +101,12 @@ class KWLayer(ConvGeometry):
             attn = self.attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, attn, cells = x.to(dtype), attn.to(dtype), cells.to(dtype)
+            x, attn, cells = x.to(dtype), attn.to(dtype), self.warehouse.cells_as(dtype)
             bias = bias.to(dtype) if bias is not None else None
         x = self._pad(x)
-        geometry = (self.out_channels, self.kernel_size, self.stride, self._conv_padding, self.dilation, self.groups)
-        if exporting():  # ONNX / torch.export / tracing: a formulation whose batch stays symbolic
-            y = export_conv(x, attn, cells, bias, *geometry)
-        elif keeps_kernels(x, attn, cells, *geometry, self.backend):  # small CPU training steps: see kept_kernels
-            y = kept_kernels_conv(x, attn, cells, bias, *geometry)
-        else:
-            y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
-                        backend=self.backend)
+        y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
+                    stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
+                    backend=self.backend, name=getattr(self, "_name", None))
         if self.attention.omni:
             y = y * filter_.view(*filter_.shape, *(1,) * self.dims).to(y.dtype)
         return y.squeeze(0) if unbatched else y

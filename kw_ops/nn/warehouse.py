@@ -21,6 +21,19 @@ from .planning import LayerPlan, PlanningError, WarehousePlan, plan_warehouse
 __all__ = ["Warehouse"]
 
 
+class _CachedCast(torch.autograd.Function):
+    """cells -> their cast computed earlier (no copy); the backward casts the gradient back to the cells' dtype."""
+
+    @staticmethod
+    def forward(ctx, cells: torch.Tensor, cast: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = cells.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.dtype), None
+
+
 class Warehouse(nn.Module):
     """Cells [n, c_out, c_in, *cell_k] shared by the KW layers bound to it.
 
@@ -202,6 +215,34 @@ class Warehouse(nn.Module):
         self.cells.zero_()  # cells no slice claims (an incomplete plan) stay zero
         for layer_plan in self._plan.layers:
             self.init_slice(layer_plan)
+
+    # -- the cells in another dtype ------------------------------------------------------------
+    def cells_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The cells in `dtype` (autocast): cast once while they are unchanged, not once per member's call.
+
+        The copy is made without a graph and kept while the cells are the same tensor at the same version (no
+        optimizer step, no load); each call with grad enabled wraps it in its own node whose backward casts that
+        call's gradient back, so gradients are summed in the cells' dtype exactly as with a cast per call.
+        Inside torch.compile and torch.func the cells are cast per call.
+        """
+        cells = self.cells
+        if cells.dtype == dtype:
+            return cells
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return cells.to(dtype)
+        key = (id(cells), cells.data_ptr(), cells._version, dtype, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_cast")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, cells.to(dtype))
+            self.__dict__["_cast"] = cached
+        if torch.is_grad_enabled() and cells.requires_grad:
+            return _CachedCast.apply(cells, cached[1])
+        return cached[1]
+
+    def __getstate__(self):  # the cached cast is derived: never pickled or deep-copied
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k != "_cast"}
 
     # -- torch.nn.Module plumbing -------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -1,18 +1,16 @@
-"""Which implementation runs the KW op: a capability table, the reasons a backend cannot run, the choice.
+"""The implementations of the KW op: a capability table, the reasons a backend cannot run, which one is asked for.
 
     torch    pure PyTorch, every device and floating dtype (kw_ops.ops.torch_impl)
-    triton   Triton kernels on CUDA tensors (kw_ops.ops.triton, imported lazily)
-    cuda     the compiled extension kw_ops._C on CUDA tensors
+    triton   Triton kernels on CUDA tensors (kw_ops.ops.triton, imported lazily; verified on first use,
+             kw_ops.ops.verify)
     cpp      the compiled extension kw_ops._C on CPU tensors (kw_ops.ops.cpp; csrc/cpu/)
 
-Choice, strongest first: the per-call `backend=` argument (layers: their `backend` attribute), the
-innermost `use_backend(name)` block of this thread (thread-local: other threads are not affected), the
-`KW_OPS_BACKEND` environment variable, else automatic
-(`AUTO_ORDER`: the first backend that can run; on CPU, `cpp` where it is built and
-`kw_ops.ops.cpp.prefers_cpp` picks it for the layer shape, else `torch`, without a warning: `python -m kw_ops
-info` says why the extension is missing). A forced backend that cannot run raises with every
-reason; an automatic choice that has to skip a fast backend for CUDA tensors warns once per reason set.
-Nothing here imports triton or the extension, or touches the GPU, until asked.
+A backend is asked for, strongest first, by the per-call `backend=` argument (layers: their `backend`
+attribute), the innermost `use_backend(name)` block of this thread
+(thread-local: other threads are not affected), the `KW_OPS_BACKEND` environment variable; else the
+choice is automatic. Whatever is asked for, kw_ops.ops.dispatch decides what runs (a forced backend that
+cannot run raises there with every reason). Nothing here imports triton or the extension, or touches the GPU,
+until asked.
 """
 from __future__ import annotations
 
@@ -20,18 +18,16 @@ import contextlib
 import importlib.util
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-__all__ = ["Backend", "BACKENDS", "AUTO_ORDER", "ENV_VAR", "BackendUnavailableError", "not_supported_reasons",
-           "select_backend", "use_backend", "backend_report", "register_implementation"]
+__all__ = ["Backend", "BACKENDS", "ENV_VAR", "BackendUnavailableError", "not_supported_reasons",
+           "requested_backend", "use_backend", "backend_report", "register_implementation"]
 
 ENV_VAR = "KW_OPS_BACKEND"
-AUTO_ORDER = ("cuda", "triton", "torch")
 _AUTO = "auto"
 
 
@@ -58,9 +54,6 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops.ops.triton",
                       "pip install triton (and a CUDA build of torch)",
                       "tensor-core mixing GEMM + implicit-GEMM conv Triton kernels on CUDA tensors"),
-    "cuda": Backend("cuda", ("cuda",), (torch.float16, torch.bfloat16, torch.float32), "kw_ops._C",
-                    "pip install -e . --no-build-isolation on a machine with CUDA torch and nvcc",
-                    "ahead-of-time compiled CUDA kernels (csrc/, the extension kw_ops._C)"),
     "cpp": Backend("cpp", ("cpu",), (torch.bfloat16, torch.float32, torch.float64), "kw_ops.ops.cpp",
                    "pip install -e . --no-build-isolation with a C++ compiler (kw_ops._C)",
                    "compiled CPU kernel (csrc/cpu/): blocks of mixed kernels consumed in cache by ATen GEMMs/convs"),
@@ -91,7 +84,13 @@ def implementation(name: str) -> tuple[Callable, Callable]:
             if hook is None:
                 raise BackendUnavailableError(f"kw_ops backend {name!r}: {BACKENDS[name].module} provides no "
                                               f"kw_conv_implementation()")
-            register_implementation(name, *hook())
+            forward, backward = hook()
+            if name == "triton":  # no GPU run has validated them: checked against the torch path on first use
+                from .torch_impl import kw_conv_backward_torch, kw_conv_torch
+                from .verify import verified_implementation
+
+                forward, backward = verified_implementation(forward, backward, kw_conv_torch, kw_conv_backward_torch)
+            register_implementation(name, forward, backward)
     return _IMPLEMENTATIONS[name]
 
 
@@ -120,15 +119,10 @@ def _installation_reasons(name: str) -> list[str]:
         from . import cpp
 
         return cpp.unavailable_reasons()
-    if name == "cuda" and not _module_missing(backend.module):
-        return [f"{backend.module} has no CUDA kernels yet (built for CPU only; {backend.install})"]
     if name == "triton" and _module_missing("triton"):
         reasons.append(f"triton is not installed ({backend.install})")
     if _module_missing(backend.module):
-        if name == "cuda":
-            reasons.append(f"the compiled extension {backend.module} is not built ({backend.install})")
-        else:
-            reasons.append(f"the Triton kernels {backend.module} are not part of this kw_ops installation")
+        reasons.append(f"the Triton kernels {backend.module} are not part of this kw_ops installation")
     return reasons
 
 
@@ -169,12 +163,11 @@ def not_supported_reasons(backend: str, x: torch.Tensor | None = None, attn: tor
 # than a contextvars.ContextVar: torch.compile(fullgraph=True) cannot trace ContextVar.get, while it guards
 # this attribute per call (a compiled layer follows the block of the thread calling it).
 _THREAD = threading.local()
-_WARNED: set[tuple[str, ...]] = set()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend ('torch', 'triton', 'cuda', 'cpp' or 'auto') for kw_conv calls inside the block.
+    """Force a backend ('torch', 'triton', 'cpp' or 'auto') for kw_conv calls inside the block.
 
     Blocks nest (the innermost holds) and hold only in the thread that enters them.
     """
@@ -207,51 +200,14 @@ def requested_backend(backend: str | None = None) -> tuple[str, str]:
     return _AUTO, "automatic"
 
 
-def select_backend(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
-                   backend: str | None = None, geometry: dict | None = None) -> str:
-    """The backend that runs this call (see the module docstring for the order of precedence)."""
-    name, source = requested_backend(backend)
-    if name != _AUTO:
-        reasons = not_supported_reasons(name, x, attn, warehouse, bias, geometry)
-        if reasons:
-            raise BackendUnavailableError(f"kw_ops backend {name!r} ({source}) cannot run this call:\n  - "
-                                          + "\n  - ".join(reasons))
-        return name
-    if x.device.type != "cuda":  # cpp where built and faster for this shape, else torch: no fallback to report
-        return _cpu_choice(x, attn, warehouse, bias, geometry)
-    skipped = []
-    for candidate in AUTO_ORDER:
-        reasons = not_supported_reasons(candidate, x, attn, warehouse, bias, geometry)
-        if not reasons:
-            break
-        skipped.append(f"{candidate}: {'; '.join(reasons)}")
-    key = tuple(skipped)
-    if skipped and key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(f"kw_ops: running the KW op with the {candidate!r} backend; skipped " + " | ".join(skipped),
-                      RuntimeWarning, stacklevel=3)
-    return candidate
-
-
-def _cpu_choice(x, attn, warehouse, bias, geometry) -> str:
-    if x.device.type == "cpu" and not not_supported_reasons("cpp", x, attn, warehouse, bias, geometry):
-        from .cpp import prefers_cpp
-
-        if prefers_cpp(x, warehouse, geometry):
-            return "cpp"
-    return "torch"
-
-
 def backend_report() -> list[str]:
     """Lines for `python -m kw_ops info`: every backend, whether it can run here, and why not."""
-    order = " > ".join(AUTO_ORDER)
+    automatic = "automatic: the cheapest formulation per call (python -m kw_ops describe MODEL --dispatch)"
     try:
         name, source = requested_backend()
-        lines = [f"backend choice: {name} ({source}); automatic order: {order} "
-                 "(CPU tensors: cpp > torch)"]
+        lines = [f"backend choice: {name} ({source}); {automatic}"]
     except ValueError as error:  # a bad KW_OPS_BACKEND: report it, the op refuses to run until it is fixed
-        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; automatic order: {order} "
-                 "(CPU tensors: cpp > torch)"]
+        lines = [f"backend choice: INVALID, the KW op will refuse to run: {error}; {automatic}"]
     for backend in BACKENDS.values():
         reasons = not_supported_reasons(backend.name)
         state = "available" if not reasons else "unavailable: " + "; ".join(reasons)

@@ -1,7 +1,8 @@
 """The `cpp` backend: the compiled CPU kernel of the KW op (csrc/, the extension kw_ops._C).
 
-Same normalised arguments as kw_ops.ops.torch_impl (twin signatures). Two formulations, chosen per layer
-shape by `choose_path` (or forced with formulation='gemm' / 'grouped', the torch backend's names):
+Same normalised arguments as kw_ops.ops.torch_impl (twin signatures). Two formulations, chosen per call by
+kw_ops.ops.dispatch (by estimated cost) or forced with formulation='gemm' / 'grouped' (the torch backend's
+names):
 
     gemm     groups = 1: im2col once, output-channel blocks of mixed kernels consumed at once by GEMMs
     grouped  any groups: per sample and output block, mix, then ATen's convolution ('conv' in csrc/)
@@ -20,7 +21,7 @@ import torch
 
 from .torch_impl import conv_output_size
 
-__all__ = ["available", "unavailable_reasons", "choose_path", "prefers_cpp", "kw_conv_cpp",
+__all__ = ["available", "unavailable_reasons", "kw_conv_cpp",
            "kw_conv_backward_cpp", "kw_conv_implementation", "BLOCK_BYTES", "CONV_BLOCK_BYTES"]
 
 # Mixed kernels of one output block for all samples (gemm path), resident in L3: smaller blocks make the
@@ -31,11 +32,6 @@ CONV_BLOCK_BYTES = 4 << 20
 # Output positions from which the conv path convolves one sample per call (oneDNN is efficient at batch 1
 # there); below it, as many samples as CONV_BLOCK_BYTES holds go into one call with groups = samples.
 PER_SAMPLE_POSITIONS = 56 * 56
-# gemm where mixing is at least this fraction of the convolution, n / HW' >= GEMM_MIX_RATIO, and the im2col
-# of the batch stays below GEMM_COLS_BYTES (larger ones measured slower than the grouped convolution, e.g.
-# KW4x ResNet50 64->64 3x3 @56x56; benchmarks/results/cpp_layers.md).
-GEMM_MIX_RATIO = 0.1
-GEMM_COLS_BYTES = 16 << 20
 _PATHS = {"gemm": 1, "grouped": 2}
 _BUILD_NOTE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "_C_build.txt")
 
@@ -83,39 +79,14 @@ def unavailable_reasons() -> list[str]:
     return list(_UNAVAILABLE)
 
 
-def choose_path(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
-                kernel_size: Sequence[int], stride, padding, dilation, groups: int, element_size: int = 4) -> str:
-    """'gemm' for groups = 1 where mixing is a large share (n / HW' >= GEMM_MIX_RATIO) or the kernel is 1x1
-    (its im2col is a strided copy of x), and the batch's im2col is small; else 'grouped' (ATen convolutions)."""
+def _path(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
     if groups != 1:
         return "grouped"
-    positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
-    cols_bytes = x_shape[0] * x_shape[1] * math.prod(kernel_size) * positions * element_size
-    if cols_bytes > GEMM_COLS_BYTES:
-        return "grouped"
-    pointwise = math.prod(kernel_size) == 1
-    return "gemm" if pointwise or warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
-
-
-def prefers_cpp(x: torch.Tensor, warehouse: torch.Tensor, geometry: dict) -> bool:
-    """Whether the automatic choice on CPU takes this backend over the torch path for this layer shape: k x k
-    kernels (k > 1) where its gemm formulation runs (mixing-heavy late layers: faster than the torch path on
-    37 of 46 such layer/mode rows of benchmarks/results/cpp_layers.md). 1x1 convs (the cpp kernel won 49 of
-    144 rows) and conv-dominated or grouped layers (13 of 54) stay on the torch path."""
-    geo = geometry or {}
-    if not geo or math.prod(geo["kernel_size"]) == 1:
-        return False
-    return choose_path(x.shape, warehouse.shape, geo["out_channels"], geo["kernel_size"], geo["stride"],
-                       geo["padding"], geo["dilation"], geo["groups"], x.element_size()) == "gemm"
-
-
-def _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
-    if formulation == "gemm" and groups == 1:
-        return "gemm"
     if formulation in ("gemm", "grouped"):
-        return "grouped"
-    return choose_path(x.shape, warehouse.shape, out_channels, kernel_size, stride, padding, dilation, groups,
-                       x.element_size())
+        return formulation
+    from .dispatch import backend_formulation  # a direct call of the registered op: the dispatcher's pick
+
+    return backend_formulation("cpp", x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
 
 
 def _block_bytes(path: str) -> int:
@@ -136,7 +107,7 @@ def kw_conv_cpp(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bi
     x [B, C_in, *size], attn [B, m, n], warehouse [n, c_out, c_in, *cell_k], bias [C_out] or None
     -> y [B, C_out, *out_size] (a fresh contiguous tensor)
     """
-    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    path = _path(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
     y = torch.ops.kw_ops_C.kw_conv_forward(x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels,
                                            list(kernel_size), list(stride), list(padding), list(dilation), groups,
                                            _PATHS[path], _block_bytes(path), _conv_samples(x, kernel_size, stride,
@@ -155,7 +126,7 @@ def kw_conv_backward_cpp(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tensor
     dbias = grad.sum(dim=[d for d in range(grad.dim()) if d != 1]) if has_bias and need_bias else None
     if not (need_x or need_attn or need_warehouse):
         return None, None, None, dbias
-    path = _path(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
+    path = _path(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation)
     dx, dattn, dwarehouse = torch.ops.kw_ops_C.kw_conv_backward(
         grad.contiguous(), x.contiguous(), attn.contiguous(), warehouse.contiguous(), out_channels, list(kernel_size),
         list(stride), list(padding), list(dilation), groups, [int(need_x), int(need_attn), int(need_warehouse)],

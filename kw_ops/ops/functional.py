@@ -5,9 +5,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .backends import select_backend
 from .checks import check_kw_conv_args
-from .op import apply_kw_conv, autocast_args
+from .dispatch import Call, compiled_choice, decide, run_formulation
+from .export_impl import exporting
+from .verify import current_layer
 
 __all__ = ["kw_conv", "normalize_tuple"]
 
@@ -28,7 +29,7 @@ def normalize_tuple(value, dims: int, name: str) -> tuple[int, ...]:
 def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None = None, *,
             out_channels: int, kernel_size: Sequence[int] | int, stride: Sequence[int] | int = 1,
             padding: Sequence[int] | int = 0, dilation: Sequence[int] | int = 1, groups: int = 1,
-            formulation: str | None = None, backend: str | None = None) -> torch.Tensor:
+            formulation: str | None = None, backend: str | None = None, name: str | None = None) -> torch.Tensor:
     """KernelWarehouse convolution: per-sample kernels mixed from a shared warehouse, then convolved.
 
     x          [B, C_in, *size]              any memory format
@@ -38,10 +39,12 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
     returns    [B, C_out, *out_size]
 
     Mixture j = (s * GO + go) * GI + gi of sample b fills output block go, input block gi and
-    spatial cell s of that sample's kernel (docs/semantics.md §2). `formulation` forces 'grouped' or 'gemm'
-    (see kw_ops.ops.torch_impl); the default picks by shape. `backend` forces 'torch', 'triton', 'cpp' or
-    'cuda' for this call ('auto' or None: use_backend() / KW_OPS_BACKEND / automatic, see
-    kw_ops.ops.backends). Differentiable in x, attn, warehouse and bias (hand-written backward), to any
+    spatial cell s of that sample's kernel (docs/semantics.md §2). How it is computed is decided per call by
+    kw_ops.ops.dispatch (the released formulation, the registered op on a backend, the export formulation),
+    by estimated cost. `backend` forces 'torch', 'triton' or 'cpp' for this call ('auto' or None:
+    use_backend() / KW_OPS_BACKEND / automatic); `formulation` forces the op's 'grouped' or 'gemm' path
+    (see kw_ops.ops.torch_impl). `name` names the caller in messages (KW layers pass their module path).
+    Differentiable in x, attn, warehouse and bias (hand-written backward), to any
     order (double backward), under torch.func (grad, vjp, jacrev, jvp, jacfwd, hessian) and torch.vmap. The
     output is channels_last where x is (as nn.Conv2d).
 
@@ -72,9 +75,12 @@ def kw_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: 
         raise ValueError(f"kw_conv: formulation must be None, 'grouped' or 'gemm', got {formulation!r}")
     geometry = {"out_channels": out_channels, "kernel_size": kernel_size, "stride": stride, "padding": padding,
                 "dilation": dilation, "groups": groups}
-    name = select_backend(x, attn, warehouse, bias, backend, geometry)
-    args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
-            groups, name, formulation or ""]
-    if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does
-        args = autocast_args(x.device.type, args)
-    return apply_kw_conv(*args)
+    if torch.compiler.is_compiling():  # the op, its backend decided when it runs: one graph for every batch size
+        chosen = "export" if exporting() else compiled_choice(backend, formulation)
+        return run_formulation(chosen, x, attn, warehouse, bias, out_channels, kernel_size, stride, padding,
+                               dilation, groups)
+    call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
+    decision = decide(call, backend, formulation, (x, attn, warehouse, bias, geometry), name=name)
+    with current_layer(name):
+        return run_formulation(decision.formulation, x, attn, warehouse, bias, out_channels, kernel_size, stride,
+                               padding, dilation, groups)

@@ -1,59 +1,23 @@
-"""The kept-kernels formulation of a KW layer, for small training steps on CPU.
+"""The released formulation of a KW convolution in plain PyTorch ops (the dispatcher's `released` candidate).
 
     W = assemble_kernels(attn, warehouse)        one mixing GEMM for the batch: [B, O, I, *k]
     y = conv(x as [1, B*C, *size], W as [B*O, I, *k], groups = B * groups) + bias
 
-in plain PyTorch ops, so autograd keeps W for the backward: the released code's formulation. The op
-(kw_ops.ops.kw_conv) instead recomputes the per-sample kernels in its hand-written backward, so that it never
-holds B x the layer's weights; that costs a fourth pass over the warehouse (mix, mix again, dattn, dE against
-the released three). Where the batch's kernels are small and the layer has few output positions (mixing, not
-the convolution, dominates) keeping them is the faster choice. Measured (2-core CPU, batch 2, 32x32, training
-step, every eligible layer kept vs the op): ResNet18 KW 4x 1.22 vs 1.51 s, ResNet50 KW 4x 7.8 vs 9.2 s,
-MobileNetV2 KW 4x 0.27 vs 0.46 s; ResNet18 KW 1x at 224x224, batch 8 keeps one layer and is unchanged
-(2.20 vs 2.28 s).
-
-`keeps_kernels` decides per call; KW layers ask it under the automatic backend choice only (a backend forced by
-argument, `use_backend` or KW_OPS_BACKEND runs the op), on CPU, for steps that build a graph, outside
-torch.compile and torch.func (where the registered op and its formulas run).
+Autograd keeps W for the backward, as the released code does. The op (kw_ops.ops.kw_conv's registered op)
+instead recomputes the per-sample kernels in its hand-written backward, so that it never holds B x the layer's
+weights; that costs one more pass over the warehouse. kw_ops.ops.dispatch weighs the two (and the op's other
+formulations) per call; this module only computes.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 
-from .backends import requested_backend
-from .torch_impl import assemble_kernels, conv_output_size, output_memory_format
+from .torch_impl import assemble_kernels, output_memory_format
 
-__all__ = ["keeps_kernels", "kept_kernels_conv", "released_conv", "KEEP_BYTES", "KEEP_POSITIONS"]
+__all__ = ["kept_kernels_conv", "released_conv"]
 
-#: per-sample kernels of the whole batch (B x the layer's weights) kept at most, in bytes
-KEEP_BYTES = 32 << 20
-#: output positions per sample at most: above, the convolution dominates and the op's formulations win
-KEEP_POSITIONS = 64
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _transforms_active() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def keeps_kernels(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
-                  stride, padding, dilation, groups: int, backend: str | None) -> bool:
-    """Whether a KW layer runs this call in the kept-kernels formulation (see the module docstring).
-
-    x [B, C, *size] (padding as ints, already normalised), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k]
-    """
-    if x.device.type != "cpu" or x.shape[0] == 0 or requested_backend(backend)[0] != "auto":
-        return False
-    if not (torch.is_grad_enabled() and (x.requires_grad or attn.requires_grad or warehouse.requires_grad)):
-        return False  # inference: the op's forward has no recomputation to save
-    if torch.compiler.is_compiling() or _transforms_active():
-        return False
-    positions = math.prod(conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation))
-    kernel_bytes = x.shape[0] * out_channels * (x.shape[1] // groups) * math.prod(kernel_size) * x.element_size()
-    return positions <= KEEP_POSITIONS and kernel_bytes <= KEEP_BYTES
 
 
 def released_conv(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,

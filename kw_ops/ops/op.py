@@ -11,8 +11,9 @@ the backward op again), so any order of backward works; both have forward-mode f
 `_backward_jvp`). `KWConvFunction` / `KWConvBackwardFunction` carry these formulas as autograd.Functions with
 setup_context, which torch.func needs (the public `kw_conv` calls them); vmap uses the ops' batching rules
 (the vmapped dim folded into the batch, or one call per slice where the warehouse itself is vmapped).
-`backend` names the implementation chosen by kw_ops.ops.backends before the call; `formulation` is a
-torch-backend hint ('' = choose by shape). Autocast (CPU and CUDA) casts the floating inputs to the autocast
+`backend` names the implementation the dispatcher chose (kw_ops.ops.dispatch), or 'auto' (inside torch.compile
+with symbolic sizes: the dispatcher decides when the op runs); `formulation` is the backend's path ('' = the
+dispatcher's choice). Autocast (CPU and CUDA) casts the floating inputs to the autocast
 dtype and runs the op once in that dtype.
 """
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ def kw_conv_op(x: Tensor, attn: Tensor, warehouse: Tensor, bias: Optional[Tensor
                kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int], groups: int,
                backend: str, formulation: str) -> Tensor:
     check_kw_conv_args(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
+    if backend == "auto":  # symbolic sizes under torch.compile: decided here, on the concrete ones
+        from .dispatch import op_choice
+
+        backend, formulation = op_choice(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation,
+                                         groups, backward=False)
     forward, _ = implementation(backend)
     y = forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
                 formulation or None)
@@ -54,6 +60,11 @@ def kw_conv_backward_op(grad: Tensor, x: Tensor, attn: Tensor, warehouse: Tensor
                         kernel_size: List[int], stride: List[int], padding: List[int], dilation: List[int],
                         groups: int, output_mask: List[bool], backend: str,
                         formulation: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "auto":
+        from .dispatch import op_choice
+
+        backend, formulation = op_choice(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation,
+                                         groups, backward=True)
     _, backward = implementation(backend)
     grads = backward(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation,
                      groups, output_mask, formulation or None)

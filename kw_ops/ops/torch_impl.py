@@ -12,7 +12,7 @@ Backward (docs/design.md §1), with dW_b gathered back into cell order [m, cell]
 Only x, attn and E are needed: the per-sample kernels are recomputed in bounded pieces, never
 B × the layer's weights at once.
 
-Two formulations, chosen per layer shape (`choose_formulation`):
+Two formulations, chosen per call by kw_ops.ops.dispatch (by estimated cost) or forced by `formulation`:
 
 - "grouped": samples in chunks of at most `CHUNK_BYTES` of per-sample kernels; per chunk one
   mixing GEMM, the tiles permuted into [Bc*O, I, *k] and one convolution with groups = Bc * groups
@@ -35,17 +35,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kw_conv_torch", "kw_conv_backward_torch", "assemble_kernels", "gather_cells", "choose_formulation",
-           "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES", "conv_output_size", "output_memory_format"]
+__all__ = ["kw_conv_torch", "kw_conv_backward_torch", "assemble_kernels", "gather_cells", "FORMULATIONS", "CHUNK_BYTES", "BLOCK_BYTES", "conv_output_size", "output_memory_format"]
 
 FORMULATIONS = ("grouped", "gemm")
 # Per-sample kernels materialised at once by the grouped formulation (a chunk of samples).
 CHUNK_BYTES = 32 << 20
 # Mixed kernels of one output-channel block (all samples) in the gemm formulation: about L2-sized.
 BLOCK_BYTES = 2 << 20
-# The gemm formulation is chosen where mixing (2·n·P per sample) is at least this fraction of the
-# convolution (2·HW'·P per sample), i.e. n / HW' >= GEMM_MIX_RATIO (measured on the KW1x ResNet shapes).
-GEMM_MIX_RATIO = 0.2
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -292,23 +288,15 @@ def _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, 
 
 
 # -- entry points -----------------------------------------------------------------------------
-def choose_formulation(x_shape: Sequence[int], warehouse_shape: Sequence[int], out_channels: int,
-                       kernel_size: Sequence[int], stride, padding, dilation, groups: int) -> str:
-    """'gemm' where mixing is a large share of the work (n / HW' >= GEMM_MIX_RATIO) for groups = 1, except
-    1x1 kernels with several output blocks; else 'grouped' (measured on the KW1x ResNet18/50 layer shapes,
-    benchmarks/bench_torch_path.py)."""
-    spatial_cells = math.prod(kernel_size) // math.prod(warehouse_shape[3:])
-    if groups != 1 or (spatial_cells == 1 and warehouse_shape[1] != out_channels):
-        return "grouped"  # 1x1 cells with several output blocks: the grouped conv measured faster
-    positions = math.prod(conv_output_size(x_shape[2:], kernel_size, stride, padding, dilation))
-    return "gemm" if warehouse_shape[0] >= GEMM_MIX_RATIO * positions else "grouped"
-
-
-def _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
+def _formulation(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups, formulation):
     if groups != 1:
         return "grouped"
-    return formulation or choose_formulation(x.shape, warehouse.shape, out_channels, kernel_size, stride, padding,
-                                             dilation, groups)
+    if formulation:
+        return formulation
+    from .dispatch import backend_formulation  # a direct call of the registered op: the dispatcher's pick
+
+    return backend_formulation("torch", x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation,
+                               groups)
 
 
 def kw_conv_torch(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, bias: torch.Tensor | None,
@@ -322,7 +310,7 @@ def kw_conv_torch(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, 
     if x.shape[0] == 0:
         out = conv_output_size(x.shape[2:], kernel_size, stride, padding, dilation)
         return x.new_zeros(0, out_channels, *out)
-    formulation = _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
+    formulation = _formulation(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
                                formulation)
     if formulation == "gemm":
         y = _gemm_forward(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation)
@@ -350,7 +338,7 @@ def kw_conv_backward_torch(grad: torch.Tensor, x: torch.Tensor, attn: torch.Tens
         return (torch.zeros_like(x) if need_x else None, torch.zeros_like(attn) if need_attn else None,
                 torch.zeros_like(warehouse) if need_warehouse else None, dbias)
     grad = grad.contiguous()
-    formulation = _formulation(x, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
+    formulation = _formulation(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups,
                                formulation)
     if formulation == "gemm":
         dx, dattn, dwarehouse = _gemm_backward(grad, x, attn, warehouse, out_channels, kernel_size, stride, padding,

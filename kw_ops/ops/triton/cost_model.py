@@ -35,7 +35,9 @@ Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built m
               fit in shared memory. Weight gradient as two_phase.
 Comparison points of the baselines: static (cuDNN with the layer's static weight: the speed a KW layer is held
 against) and released (the released code's formulation: mixing mm for all samples into B·P kernels in DRAM, a
-permuted copy, a conv with groups = B; backward through autograd, per-sample dW in DRAM).
+permuted copy, a conv with groups = B; backward through autograd, per-sample dW in DRAM). torch_op: the
+registered op on its torch backend (released's kernels, mixed again in the backward), which the dispatcher
+runs where keeping the kernels would exceed its memory budget and Triton cannot run.
 
 Shapes: P = the layer's static weight count, HW' output positions, E the warehouse slice of the layer
 (n × cell), all bytes in the op's dtype except fp32 partial sums.
@@ -306,6 +308,17 @@ def _released(shape: ConvShape, direction: str, peaks: Peaks):
                  dram_bytes=2 * kernels + 2 * shape.warehouse_bytes + 2 * shape.attn_bytes)]
 
 
+def _torch_op(shape: ConvShape, direction: str, peaks: Peaks):
+    """The registered op on its torch backend: the released computation in chunks of samples, with the kernels
+    mixed again in the backward (the weight-gradient pass carries the re-mix: one per chunk serves dx and dW)."""
+    phases = _released(shape, direction, peaks)
+    if direction == "wgrad":
+        kernels = shape.batch * shape.kernel_bytes
+        phases = [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels),
+                  Work(dram_bytes=2 * kernels), *phases]
+    return phases
+
+
 def _fused(shape: ConvShape, direction: str, peaks: Peaks):
     if direction == "wgrad":   # per-sample dW written, read back for dattn and for dE
         kernels = shape.batch * shape.kernel_bytes
@@ -481,7 +494,8 @@ def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
 
 #: mode name -> phases(shape, direction, peaks) (None: the mode cannot run this shape)
 MODES: dict[str, Callable[[ConvShape, str, Peaks], list[Work] | None]] = {
-    "static": _static, "released": _released, "fused": _fused, "two_phase": _two_phase, "mix_once": _mix_once}
+    "static": _static, "released": _released, "torch_op": _torch_op, "fused": _fused, "two_phase": _two_phase,
+    "mix_once": _mix_once}
 #: the mode the Triton kernels build (launch.MODES)
 KERNEL_MODES = ("two_phase",)
 #: KW kernel modes modelled for comparison and NOT built (no kernel runs them)

@@ -153,9 +153,11 @@ def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def _input_precision(dtype: torch.dtype, override: str | None) -> str:
-    """tl.dot input precision: configurable for fp32 (default tf32), Triton's default otherwise."""
+    """tl.dot input precision: configurable for fp32 (default tf32); 'ieee' for 16-bit and fp64 operands, which
+    tensor cores take as they are (ROCm compiles 'tf32' only on gfx942, so asking it for 16-bit dots broke
+    every kernel on other AMD chips)."""
     if dtype != torch.float32:
-        return DEFAULT_FP32_PRECISION
+        return "ieee"
     value = override or os.environ.get(FP32_PRECISION_ENV) or DEFAULT_FP32_PRECISION
     if value not in _PRECISIONS:
         raise ValueError(f"kw_conv triton: fp32 input precision must be one of {_PRECISIONS}, got {value!r}")

@@ -1,0 +1,348 @@
+"""Cost of a KW convolution on CPU: each formulation as a sum of kernels, each kernel timed by calibration.
+
+A formulation (kw_ops.ops.dispatch) runs a few kernels per pass: the mixing GEMM, a copy of the per-sample
+kernels into the convolution's layout, a grouped convolution (groups = B · groups), the GEMMs of dattn and dE,
+the compiled kernel of the `cpp` backend. Each kernel is a `Kernel`: its kind, its exact dims and its work
+(FLOPs, or bytes for copies). Its time is work / rate, where the rate is
+
+    measured   the machine's rate for the kernel's *bucket* (every dim rounded to the nearest power of 2, the
+               batch, threads and dtype included), timed by `calibrate` on a kernel of that bucket and cached in
+               a JSON file per machine, torch version and thread count (`cache_path()`; redo it with
+               `python -m kw_ops calibrate`);
+    default    else a roofline rate of the kernel's kind (`DEFAULT_RATES`, measured on the 2-core x86 machine
+               this project is developed on), scaled down for thin GEMMs and small convolutions, where
+               libraries are known to run far below their peak.
+
+Measured rates depend on the sizes that matter on a CPU (a grouped convolution with 8 groups of 512 channels
+at 7x7 ran at 19 GFLOP/s where 2 groups ran at 48 on the development machine: the per-sample kernels left the
+cache), which is why the buckets keep every dim. The dispatcher only trusts a prediction that beats the
+released formulation by a margin (`dispatch.MARGIN`), wider where it rests on default rates.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Kernel", "RateTable", "DEFAULT_RATES", "CACHE_ENV", "cache_path", "load_rates", "save_rates", "rate_table",
+           "calibrate_kernels", "bucket", "machine_key", "gemm", "bmm", "copy", "conv", "cpp_kernel", "call"]
+
+CACHE_ENV = "KW_OPS_CALIBRATION"
+#: roofline rates of the development machine (2-core x86_64, torch 2.13 CPU, 2 threads, fp32): FLOP/s for
+#: GEMMs, convolutions and the compiled kernel, bytes/s (read + written) for copies, seconds per call for `call`
+DEFAULT_RATES = {"gemm": 100e9, "bmm": 100e9, "conv": 80e9, "cpp": 70e9, "copy": 10e9, "call": 30e-6}
+# Work below which a kernel's rate falls (dispatch overhead, tiny tiles): default rates assume the kernel
+# reaches half its peak at this many FLOPs.
+_HALF_RATE_FLOPS = 2e6
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel of a formulation: its kind, the exact arguments a calibration runs it with, its work (FLOPs;
+    bytes read and written for copies; 1 for a call's overhead) and the bucket whose measured rate it takes.
+    Build them with `gemm`, `bmm`, `copy`, `conv`, `cpp_kernel` and `call`."""
+
+    kind: str
+    dims: tuple
+    work: float
+    key: str
+    dtype: str = "float32"
+
+
+def _key(kind: str, dtype: str, exact: tuple, rounded: tuple) -> str:
+    return f"{kind}:{dtype}:" + "x".join(map(str, exact + tuple(bucket(v) for v in rounded)))
+
+
+def gemm(m: int, n: int, k: int, dtype: str) -> Kernel:
+    """C[m, n] = A[m, k] · B[k, n]."""
+    return Kernel("gemm", (m, n, k), 2.0 * m * n * k, _key("gemm", dtype, (), (m, n, k)), dtype)
+
+
+def bmm(batch: int, m: int, n: int, k: int, dtype: str) -> Kernel:
+    """`batch` GEMMs C[m, n] = A[m, k] · B[k, n]."""
+    return Kernel("bmm", (batch, m, n, k), 2.0 * batch * m * n * k, _key("bmm", dtype, (), (batch, m, n, k)), dtype)
+
+
+def copy(nbytes: int, dtype: str) -> Kernel:
+    """A strided copy (permute, im2col, col2im) reading and writing `nbytes`."""
+    return Kernel("copy", (nbytes,), 2.0 * nbytes, _key("copy", dtype, (), (nbytes,)), dtype)
+
+
+def conv(pass_: int, groups: int, cin: int, cout: int, kernel: tuple, size: tuple, stride: tuple, padding: tuple,
+         dilation: tuple, dtype: str) -> Kernel:
+    """A grouped convolution of one image with `groups` groups of cin -> cout channels: its forward (pass 0), its
+    input gradient (1) or weight gradient (2). Taps and strides are exact in the bucket, sizes rounded."""
+    taps, positions = math.prod(kernel), math.prod(_out_size(size, kernel, stride, padding, dilation))
+    work = 2.0 * groups * cin * cout * taps * positions
+    key = _key("conv", dtype, (pass_, *kernel, *stride), (groups, cin, cout, positions))
+    return Kernel("conv", (pass_, groups, cin, cout, tuple(kernel), tuple(size), tuple(stride), tuple(padding),
+                           tuple(dilation)), work, key, dtype)
+
+
+def cpp_kernel(direction: int, path: str, batch: int, channels: int, out_channels: int, groups: int, kernel: tuple,
+               size: tuple, stride: tuple, padding: tuple, dilation: tuple, cell: tuple, n: int, dtype: str) -> Kernel:
+    """The compiled kernel of the cpp backend, forward (direction 0) or backward (1, every gradient), on `path`
+    ('gemm' or 'grouped') for a whole call: its work is the mixing and convolution FLOPs of the pass."""
+    in_per_group = channels // groups
+    positions = math.prod(_out_size(size, kernel, stride, padding, dilation))
+    weights = out_channels * in_per_group * math.prod(kernel)
+    flops = 2.0 * batch * n * weights + 2.0 * batch * weights * positions
+    work = flops if direction == 0 else 2.5 * flops  # backward: mixing again, dx, dW, dattn, dE
+    key = _key("cpp", dtype, (direction, path, *kernel, *stride, int(groups == 1)),
+               (batch, channels, out_channels, positions, n, math.prod(cell)))
+    return Kernel("cpp", (direction, path, batch, channels, out_channels, groups, tuple(kernel), tuple(size),
+                          tuple(stride), tuple(padding), tuple(dilation), tuple(cell), n), work, key, dtype)
+
+
+def call(name: str) -> Kernel:
+    """The fixed cost of one call of a Python-level formulation (argument checks, autograd bookkeeping)."""
+    return Kernel("call", (name,), 1.0, f"call:{name}")
+
+
+def _out_size(size, kernel, stride, padding, dilation) -> list[int]:
+    return [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation)]
+
+
+def bucket(value: int) -> int:
+    """The power of 2 nearest to `value` in log scale (0 stays 0)."""
+    if value <= 0:
+        return 0
+    return 1 << round(math.log2(value))
+
+
+def _default_seconds(kernel: Kernel, rates: dict) -> float:
+    rate = rates[kernel.kind]
+    if kernel.kind == "call":
+        return rate
+    if kernel.kind == "copy":
+        return kernel.work / rate
+    seconds = kernel.work / rate + _HALF_RATE_FLOPS / rate
+    if kernel.kind in ("gemm", "bmm"):  # a thin side (< 16) leaves most of a GEMM's vector lanes idle
+        thin = min(kernel.dims[-3:])
+        seconds *= max(1.0, 16 / max(1, thin)) ** 0.5
+    return seconds
+
+
+@dataclasses.dataclass
+class RateTable:
+    """Measured rates by kernel bucket, the default rates, and where they come from."""
+
+    rates: dict = dataclasses.field(default_factory=dict)      # key -> work per second (seconds per call: call)
+    defaults: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_RATES))
+    source: str = "defaults"
+
+    def seconds(self, kernel: Kernel) -> float:
+        rate = self.rates.get(kernel.key)
+        if rate is None:
+            return _default_seconds(kernel, self.defaults)
+        return rate if kernel.kind == "call" else kernel.work / rate
+
+    def measured(self, kernel: Kernel) -> bool:
+        return kernel.key in self.rates
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "machine": machine_key(), "defaults": self.defaults, "rates": self.rates}
+
+
+def machine_key() -> str:
+    """What a calibration holds for: processor, core count, torch version and intra-op threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} | {os.cpu_count()} cores | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def cache_path() -> Path:
+    """The calibration file of this machine, torch version and thread count (KW_OPS_CALIBRATION overrides)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kw_ops"
+    name = "".join(c if c.isalnum() else "-" for c in machine_key()).strip("-")
+    return base / f"cpu-rates-{name}.json"
+
+
+def load_rates(path: Path | None = None) -> RateTable:
+    """The cached calibration of this machine (defaults where there is none or it is for another machine)."""
+    path = Path(path) if path is not None else cache_path()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return RateTable()
+    if data.get("machine") != machine_key() or not isinstance(data.get("rates"), dict):
+        return RateTable()
+    return RateTable(dict(data["rates"]), {**DEFAULT_RATES, **data.get("defaults", {})},
+                     f"calibrated ({path})")
+
+
+@functools.cache
+def _cached_table(path: str, threads: int) -> RateTable:
+    return load_rates(Path(path))
+
+
+def rate_table() -> RateTable:
+    """The rates the dispatcher uses now (read once per cache file and thread count)."""
+    return _cached_table(str(cache_path()), torch.get_num_threads())
+
+
+def save_rates(table: RateTable, path: Path | None = None) -> Path:
+    """Write the table atomically (processes calibrating at once never leave a torn file)."""
+    path = Path(path) if path is not None else cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(table.to_json(), f, indent=1, sort_keys=True)
+    os.replace(f.name, path)
+    _cached_table.cache_clear()
+    return path
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _best_seconds(fn: Callable[[], object], min_time: float) -> float:
+    """Least time of one call over at least two timed calls, more while they last under `min_time` seconds in
+    all (after one warm-up call)."""
+    fn()
+    best, spent, calls = math.inf, 0.0, 0
+    while calls < 2 or (spent < min_time and calls < 50):
+        started = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - started
+        best, spent, calls = min(best, seconds), spent + seconds, calls + 1
+    return best
+
+
+def _runner(kernel: Kernel) -> Callable[[], object] | None:
+    """A call that runs `kernel` on random tensors of its exact dims (None: nothing to time)."""
+    dtype = getattr(torch, kernel.dtype)
+    d = kernel.dims
+    if kernel.kind == "gemm":
+        a, b = torch.randn(d[0], d[2], dtype=dtype), torch.randn(d[2], d[1], dtype=dtype)
+        return lambda: torch.mm(a, b)
+    if kernel.kind == "bmm":
+        a, b = torch.randn(d[0], d[1], d[3], dtype=dtype), torch.randn(d[0], d[3], d[2], dtype=dtype)
+        return lambda: torch.bmm(a, b)
+    if kernel.kind == "copy":
+        source = torch.empty(max(1, d[0] * 8 // torch.finfo(dtype).bits), dtype=dtype).normal_()
+        target = torch.empty_like(source)
+        return lambda: target.copy_(source)
+    if kernel.kind == "conv":
+        return _conv_runner(d, dtype)
+    if kernel.kind == "cpp":
+        return _cpp_runner(d, dtype)
+    if kernel.kind == "call":
+        return _CALL_RUNNERS[d[0]]() if d[0] in _CALL_RUNNERS else None
+    return None
+
+
+def _conv_runner(d, dtype):
+    pass_, groups, cin, cout, kernel, size, stride, padding, dilation = d
+    conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+    x = torch.randn(1, groups * cin, *size, dtype=dtype)
+    w = torch.randn(groups * cout, cin, *kernel, dtype=dtype)
+    if pass_ == 0:
+        return lambda: conv_nd(x, w, None, stride, padding, dilation, groups)
+    grad = torch.randn(1, groups * cout, *_out_size(size, kernel, stride, padding, dilation), dtype=dtype)
+    mask = [pass_ == 1, pass_ == 2, False]
+    return lambda: torch.ops.aten.convolution_backward(grad, x, w, None, list(stride), list(padding), list(dilation),
+                                                       False, [0] * len(kernel), groups, mask)
+
+
+def _cpp_runner(d, dtype):
+    from . import cpp
+
+    if not cpp.available():
+        return None
+    direction, path, batch, channels, out_channels, groups, kernel, size, stride, padding, dilation, cell, n = d
+    m = out_channels * (channels // groups) * math.prod(kernel) // math.prod(cell)
+    x = torch.randn(batch, channels, *size, dtype=dtype)
+    attn = torch.randn(batch, m, n, dtype=dtype) / n
+    warehouse = torch.randn(n, *cell, dtype=dtype)
+    args = (out_channels, kernel, stride, padding, dilation, groups)
+    if direction == 0:
+        return lambda: cpp.kw_conv_cpp(x, attn, warehouse, None, *args, path)
+    grad = torch.randn_like(cpp.kw_conv_cpp(x, attn, warehouse, None, *args, path))
+    return lambda: cpp.kw_conv_backward_cpp(grad, x, attn, warehouse, False, *args, (True, True, True, False), path)
+
+
+def _tiny_call(formulation: str, backward: bool):
+    """A KW convolution so small that its time is the formulation's fixed overhead."""
+    def make():
+        from .dispatch import run_formulation
+
+        x = torch.randn(2, 4, 3, 3, requires_grad=backward)
+        attn = torch.randn(2, 9, 2, requires_grad=backward)
+        warehouse = torch.randn(2, 4, 4, 1, 1, requires_grad=backward)
+        args = (x, attn, warehouse, None, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+        if not backward:
+            return lambda: run_formulation(formulation, *args)
+        return lambda: run_formulation(formulation, *args).sum().backward()
+    return make
+
+
+#: the fixed overheads a calibration measures: the registered op's and the released formulation's plain ops
+_CALL_RUNNERS = {"op_forward": _tiny_call("op:torch:grouped", False), "op_step": _tiny_call("op:torch:grouped", True),
+                 "released_forward": _tiny_call("released", False), "released_step": _tiny_call("released", True)}
+
+
+def _run_queue_wait_s() -> float:
+    """Seconds this process's threads have waited on a run queue (Linux schedstat; 0 where it is missing)."""
+    total = 0
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
+#: share of a calibration's time its threads may wait for a CPU before it is called unreliable
+BUSY_WAIT = 0.10
+
+
+class BusyMachineWarning(UserWarning):
+    """The machine was busy while a calibration ran: its rates are too low and skewed (rerun it idle)."""
+
+
+def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None, min_time: float = 0.05,
+                      progress: Callable[[str], None] | None = None) -> RateTable:
+    """Time every kernel whose bucket the table lacks; returns the table with their rates added. Each kernel's
+    rate is from its fastest call of several (at least two, more while they last under `min_time` s in all),
+    which a short burst of other work does not move; a machine busy throughout (its threads waited on a run
+    queue for over BUSY_WAIT of the time: with every core in use, OpenMP threads wait for each other) is
+    warned about, since every rate then comes out low and small kernels lowest."""
+    import warnings
+
+    table = table or load_rates()
+    started, waited = time.perf_counter(), _run_queue_wait_s()
+    seen = set()
+    for kernel in kernels:
+        key = kernel.key
+        if key in table.rates or key in seen:
+            continue
+        seen.add(key)
+        runner = _runner(kernel)
+        if runner is None:
+            continue
+        seconds = _best_seconds(runner, min_time)
+        table.rates[key] = seconds if kernel.kind == "call" else kernel.work / max(seconds, 1e-9)
+        if progress:
+            progress(key)
+    table.source = "calibrated"
+    spent, waited = time.perf_counter() - started, _run_queue_wait_s() - waited
+    if seen and spent > 0 and waited / spent > BUSY_WAIT:
+        warnings.warn(f"kw_ops calibrate: other processes held the CPU for {100 * waited / spent:.0f}% of the "
+                      f"calibration; its rates are unreliable (run `python -m kw_ops calibrate --redo` on an idle "
+                      f"machine)", BusyMachineWarning, stacklevel=2)
+    return table
