@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # the real compiler's JIT functions, not the interpreter's
+os.environ.setdefault("KW_OPS_TRITON_AUTOTUNE", "1")  # every config a tuning run may pick: all must compile
 
 import torch  # noqa: E402
 

@@ -44,7 +44,7 @@ GEMM = ("kw_mix_kernel", "kw_matmul_kernel", "kw_bias_grad_kernel")
 
 @pytest.fixture(scope="module")
 def captured():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "KW_OPS_TRITON_AUTOTUNE": "1"}  # all configs
     result = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -68,10 +68,11 @@ def test_bf16_forward_runs_channels_last(captured):
     assert "OH" not in launch["divisible"] and const["HAS_BIAS"] == "True"
     assert sig["stride_h"] == "i32" and sig["pad_h"] == "constexpr"       # 2: a plain i32; 1: a constant
     assert "sxc=1" in launch["text"] and "sxw:16" in launch["text"]
-    # one launch per autotune config, each with its own warps / stages
+    # one launch per config that fits the shape (autotuning asked for), each with its own warps / stages: with 16
+    # output positions none fits, and the first of the smallest tiles is kept
     configs = {tuple(x["constexprs"][b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (x["options"]["num_warps"],
                x["options"]["num_stages"]) for x in fwd}
-    assert len(configs) == len(fwd) > 1
+    assert len(configs) == len(fwd) == 1 and next(iter(configs))[:3] == ("64", "16", "32")
     # the same launches for the channels_last input: the conversion happens before the kernel
     assert all("toy/toy B2 bfloat16 NHWC" in x["labels"] for x in fwd)
 
@@ -109,3 +110,45 @@ def test_calls_the_backend_does_not_take_are_listed(captured):
 def test_compiling_a_capture_fills_the_cache_the_launch_reads(captured):
     # gpu_check's compile stage compiles captured launches ahead: Triton's cache key must be the launch's own
     assert captured["launches"] and all(x["key_matches"] for x in captured["launches"])
+
+
+COUNT = r"""
+import torch
+from kw_ops.benchmarking import triton_capture as tc
+print(*tc.first_step_compiles("resnet18_kw1x", 32))
+"""
+
+
+@pytest.mark.parametrize("autotune", ["", "1"])
+def test_a_first_step_compiles_one_config_per_shape_class_unless_autotuning(autotune):
+    """Without KW_OPS_TRITON_AUTOTUNE every launch keeps one config (a bounded, stated number of compiles: one per
+    launch specialisation); with it, every config that fits the shape is compiled."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "KW_OPS_TRITON_AUTOTUNE": autotune}
+    result = subprocess.run([sys.executable, "-c", COUNT], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiles, launches = map(int, result.stdout.split())
+    if autotune:
+        assert compiles > 2 * 32
+    else:
+        assert compiles == launches == 32   # resnet18_kw1x at batch 32, bf16, forward and backward
+
+
+def test_the_pick_is_the_first_config_that_fits():
+    from kw_ops.ops.triton import tuning
+
+    class Config:
+        def __init__(self, bm, bn, bk):
+            self.kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+
+    configs = [Config(128, 64, 32), Config(64, 64, 32), Config(64, 16, 16)]
+    prune = tuning._prune_for(("PB", "OC", "C"))
+    import torch
+
+    named = {"PB": 64, "OC": 512, "C": 512, "x": torch.empty(1, dtype=torch.bfloat16)}
+    assert prune(configs, named, INPUT_PRECISION="ieee") == [configs[1]]        # 64 positions: BLOCK_M 128 dropped
+    os.environ[tuning.AUTOTUNE_ENV] = "1"
+    try:
+        assert prune(configs, named, INPUT_PRECISION="ieee") == configs[1:]
+    finally:
+        del os.environ[tuning.AUTOTUNE_ENV]

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["Launch", "LayerCall", "capture", "layer_calls", "compile_launch", "compile_key", "Resources", "occupancy",
-           "SM90"]
+           "SM90", "first_step_compiles"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,9 @@ def _specialise(kernel, args, kwargs, backend) -> list[Launch]:
     from triton.runtime.jit import create_function_from_signature
 
     jit, configs, heuristics = _jit_of(kernel)
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None and configs != [None]:  # the configs a real launch would compile (tuning.py)
+        configs = prune(configs, dict(zip(jit.arg_names, args)), **kwargs)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     launches = []
     for config in configs:
@@ -334,3 +337,13 @@ def occupancy(resources: Resources, num_warps: int, limits: _Limits = SM90) -> t
               "shared": limits.shared // (resources.shared_bytes + limits.shared_reserved)}
     limit = min(bounds, key=bounds.get)
     return bounds[limit], limit
+
+
+def first_step_compiles(model: str, batch: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(kernels a first training step compiles, launch specialisations) for every KW layer of `model` at `batch`
+    (forward and backward, NCHW inputs): the distinct Triton cache keys of the launches, one config each unless
+    KW_OPS_TRITON_AUTOTUNE is set. Needs TRITON_INTERPRET unset before Triton is imported."""
+    from .layer_shapes import kw_layer_shapes
+
+    found, _ = capture(layer_calls([(model, spec) for spec in kw_layer_shapes(model)], [batch], [dtype]))
+    return len({launch.launch_key for launch in found}), len(found)

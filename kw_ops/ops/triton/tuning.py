@@ -1,4 +1,12 @@
-"""Autotuning of the Triton KW kernels: configs, per-shape pruning, bucketed keys, cached results.
+"""Configs of the Triton KW kernels: a fixed pick per shape class by default, autotuning when asked.
+
+By default (no KW_OPS_TRITON_AUTOTUNE) each launch runs ONE config: the first of the kernel's `tiles` that
+survives the per-shape pruning below. The tile lists are ordered by preference (the largest spill-free tile
+first, then smaller ones for small channel counts and position counts), so the pick depends only on the shape
+class (bucketed sizes, dtype, fp32 precision): the first step compiles one kernel per class and benchmarks
+none. Unpinned autotuning of a ResNet50 KW1x training step at batch 128 would see ~97 keys, ~586 config
+benchmarks and ~243 compiles before the first step ends; KW_OPS_TRITON_AUTOTUNE=1 asks for that (the
+benchmarked winner is then cached on disk where Triton allows).
 
 Every tiled kernel is decorated with `autotune(tiles, key, sizes)`:
 - `tiles`: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) candidates; under the interpreter a single 16x16x16
@@ -16,12 +24,15 @@ Every tiled kernel is decorated with `autotune(tiles, key, sizes)`:
 from __future__ import annotations
 
 import inspect
+import os
 
 import triton
 
 from .capability import interpreting
 
-__all__ = ["autotune", "bucket", "INTERPRETER_BLOCK"]
+__all__ = ["autotune", "bucket", "autotuning", "INTERPRETER_BLOCK", "AUTOTUNE_ENV"]
+
+AUTOTUNE_ENV = "KW_OPS_TRITON_AUTOTUNE"
 
 INTERPRETER_BLOCK = 16
 # 4-byte operands other than tf32 (ieee, tf32x3): the most operand elements of one pipeline stage
@@ -37,8 +48,14 @@ def bucket(value: int) -> int:
     return 0 if value <= 0 else 1 << (int(value) - 1).bit_length()
 
 
+def autotuning() -> bool:
+    """Whether launches benchmark every surviving config (KW_OPS_TRITON_AUTOTUNE=1) instead of taking the first."""
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
 def _prune_for(sizes):
-    """An early_config_prune for a kernel whose BLOCK_M/N/K cover the named arguments `sizes` (None: unbounded)."""
+    """An early_config_prune for a kernel whose BLOCK_M/N/K cover the named arguments `sizes` (None: unbounded):
+    the configs that fit the shape, or (without autotuning) the first of them: the pick for the shape class."""
     def prune(configs, named_args, **kwargs):
         element_size = next((arg.element_size() for arg in named_args.values() if hasattr(arg, "element_size")), 2)
         small_fp32_tiles = element_size >= 4 and kwargs.get("INPUT_PRECISION", "ieee") != "tf32"
@@ -52,7 +69,8 @@ def _prune_for(sizes):
             if small_fp32_tiles and ((bm + bn) * bk > FP32_STAGE_ELEMENTS or bm * bn > FP32_ACC_ELEMENTS):
                 continue
             kept.append(config)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept if autotuning() else kept[:1]
     return prune
 
 
