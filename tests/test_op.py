@@ -352,6 +352,22 @@ def _bad_calls():
         ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
         ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
         ("op-bogus-backend", r"backend must be one of torch, triton, cuda, cpp, got 'bogus'", lambda: op(backend="bogus")),
+        # groups and cells: in_channels not divisible by groups; cells [3, 3] tile 12 channels but not a group's 4
+        ("op-groups-in-channels", r"groups=2 must divide in_channels=9 and out_channels=8",
+         lambda: op(x=torch.randn(2, 9, 5, 5), attn=torch.randn(2, 18, 4), warehouse=torch.randn(4, 4, 4, 1, 1),
+                    groups=2)),
+        ("op-zero-groups", r"groups must be >= 1, got 0", lambda: op(groups=0)),
+        ("op-untileable-out", r"a weight \[12, 8, \[3, 3\]\] cannot be tiled by cells \[8, 8, \(1, 1\)\]",
+         lambda: op(out_channels=12)),
+        ("op-cells-tile-channels-not-groups", r"a weight \[6, 4, \[3, 3\]\] cannot be tiled by cells \[3, 3, \(1, 1\)\]",
+         lambda: op(x=torch.randn(2, 12, 5, 5), attn=torch.randn(2, 18, 4), warehouse=torch.randn(4, 3, 3, 1, 1),
+                    out_channels=6, groups=3)),
+        ("op-bias-2d", r"bias must be \[8\], got \(2, 4\)", lambda: op(bias=torch.zeros(2, 4))),
+        ("op-4d-kernel", r"kernel_size must have 1-3 entries \(one per spatial dim\), got \[3, 3, 3, 3\]",
+         lambda: op(x=torch.randn(2, 8, 3, 3, 3, 3), kernel_size=(3,) * 4, stride=(1,) * 4, padding=(1,) * 4,
+                    dilation=(1,) * 4)),
+        ("op-warehouse-rank", r"warehouse must be \[n, c_out, c_in, \*2 cell dims\] \(5-D\) for a 2-D convolution, "
+                              r"got shape \(4, 8, 8, 1, 1, 1\)", lambda: op(warehouse=warehouse[..., None])),
     ]
 
 
