@@ -285,6 +285,22 @@ def test_bad_input_gets_a_clear_error(bad, message):
         layer(bad)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"groups": 0}, r"groups must be a positive int, got 0"),
+    ({"in_channels": True}, r"in_channels must be a positive int, got True"),
+    ({"out_channels": 6, "groups": 4}, r"in_channels=8 and out_channels=6 must both be divisible by groups=4"),
+    ({"stride": (2, 1), "padding": "same"}, r"padding='same' needs stride 1, got stride=\(2, 1\)"),
+    ({"padding": -1}, r"padding must be >= 0, got \(-1, -1\)"),
+    ({"dilation": (1, 0)}, r"kernel_size, stride and dilation must be >= 1, got \(3, 3\), \(1, 1\), \(1, 0\)"),
+])
+def test_each_bad_geometry_argument_is_refused_by_name(kwargs, message):
+    """One wrong argument at a time (8 -> 8, 3x3 otherwise): groups dividing only one side, a stride that is 1
+    in one dim only, a dilation of 0 in one dim."""
+    arguments = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        KWConv2d(**arguments)
+
+
 def test_bad_construction_gets_a_clear_error():
     with pytest.raises(ValueError, match="divisible by groups=4"):
         KWConv2d(6, 8, 3, groups=4)
