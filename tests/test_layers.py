@@ -127,9 +127,11 @@ def test_nonlocal_basis_rebuilds_rows_around_the_layer_slice():
     torch.testing.assert_close(att(x), caf(rows)[..., :n])
 
 
-@pytest.mark.parametrize("preset", ["kw1x", "kw2x", "kw4x", "kw1d2x"])
-def test_temperature_one_is_the_static_conv_of_the_assigned_cells(preset):
-    wh = Warehouse("w", KWConfig.preset(preset))
+@pytest.mark.parametrize("config", [KWConfig.preset(p) for p in ("kw1x", "kw2x", "kw4x", "kw1d2x")]
+                         + [KWConfig(budget=0.75), KWConfig(budget=0.4)],  # n = 20 / 10: the second layer's cells
+                         ids=["kw1x", "kw2x", "kw4x", "kw1d2x", "b0.75", "b0.4"])  # start at 9, 11 / 1 of 18 given
+def test_temperature_one_is_the_static_conv_of_the_assigned_cells(config):
+    wh = Warehouse("w", config)
     with wh.planning_deferred():
         layers = [KWConv2d(8, 8, 3, padding=1, bias=False, warehouse=wh, dtype=DT),
                   KWConv2d(8, 16, 3, stride=2, bias=False, warehouse=wh, dtype=DT)]
@@ -145,6 +147,7 @@ def test_temperature_one_is_the_static_conv_of_the_assigned_cells(preset):
             go, gi = divmod(rest, gi_count)
             if cell != ZERO_CELL:
                 weight[go * c_out:(go + 1) * c_out, gi * c_in:(gi + 1) * c_in, s // 3, s % 3] = cells[cell, :, :, 0, 0]
+        assert weight.abs().sum() > 0  # the layer's own slice was initialised (a later layer's too)
         x = torch.randn(2, 8, 6, 6, dtype=DT)
         expected = F.conv2d(x, weight, None, layer.stride, layer._conv_padding)
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
