@@ -470,6 +470,89 @@ def test_late_join_warns_then_is_refused_once_the_warehouse_ran():
 
 
 
+def test_nested_planning_deferred_plans_once_when_the_outermost_block_ends():
+    warehouse = Warehouse("n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plan, so no re-plan warning
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=warehouse)
+            with warehouse.planning_deferred():
+                KWConv2d(8, 16, 1, warehouse=warehouse)
+            assert warehouse.cells.numel() == 0  # the inner block's end does not plan
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_a_layer_joining_after_the_block_re_plans_at_once_with_a_warning():
+    warehouse = Warehouse("a")
+    with warehouse.planning_deferred():
+        KWConv2d(8, 8, 3, warehouse=warehouse)
+    with pytest.warns(UserWarning, match=r"layer KWConv2d#1 \(weight \[16, 8, 1, 1\]\) joined after its plan"):
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_an_error_inside_the_block_still_ends_the_deferral():
+    warehouse = Warehouse("e")
+    with pytest.raises(RuntimeError, match="built half"):
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=warehouse)
+            raise RuntimeError("built half")
+    assert tuple(warehouse.cells.shape) == (9, 8, 8, 1, 1)
+    with pytest.warns(UserWarning, match="joined after its plan"):  # planned at once: no deferral left open
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_a_plan_that_fails_when_the_block_ends_drops_the_layers_that_joined_inside():
+    """As after a failed join: the warehouse keeps its members, plan and cells, and takes later layers."""
+    warehouse = Warehouse("f")
+    first = KWConv2d(8, 8, 3, warehouse=warehouse)
+    cells = warehouse.cells
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 'f': layers of different dimensionality cannot share"):
+        with warehouse.planning_deferred():
+            kw_ops.KWConv1d(8, 8, 3, warehouse=warehouse)
+    assert warehouse.members == (first,) and warehouse.cells is cells and warehouse.plan.n == 9
+    with pytest.warns(UserWarning, match="joined after its plan"):
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+    fresh = Warehouse("g")
+    with pytest.raises(kw_ops.PlanningError, match="dimensionality"):
+        with fresh.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=fresh), kw_ops.KWConv1d(8, 8, 3, warehouse=fresh)
+    assert fresh.members == ()
+    KWConv2d(8, 8, 1, warehouse=fresh)
+    assert tuple(fresh.cells.shape) == (1, 8, 8, 1, 1)
+
+
+def test_planning_deferred_never_re_plans_a_warehouse_that_ran():
+    warehouse = Warehouse("r")
+    first = KWConv2d(8, 8, 3, warehouse=warehouse).eval()
+    x = torch.randn(2, 8, 5, 5)
+    y = first(x)
+    cells = warehouse.cells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with warehouse.planning_deferred():  # no layer joined: nothing to plan
+            pass
+    assert warehouse.cells is cells
+    torch.testing.assert_close(first(x), y)
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 'r' has run a forward: layer KWConv2d#1 .* cannot join"):
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 1, warehouse=warehouse)
+    assert warehouse.members == (first,) and warehouse.cells is cells
+    # a layer that joined before the warehouse ran inside the block: refused when the block ends
+    fresh = Warehouse("s")
+    first = KWConv2d(8, 8, 3, warehouse=fresh).eval()
+    cells = fresh.cells
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 's' has run a forward: the layers that joined inside "
+                                                   r"planning_deferred\(\) cannot join it"):
+        with fresh.planning_deferred():
+            KWConv2d(8, 8, 1, warehouse=fresh)
+            y = first(x)
+    assert fresh.members == (first,) and fresh.cells is cells
+    torch.testing.assert_close(first(x), y)
+
+
 def test_a_compiled_training_step_settles_the_warehouse_through_its_gradients():
     warehouse = Warehouse("c")
     layer = KWConv2d(8, 8, 3, warehouse=warehouse)
