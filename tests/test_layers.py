@@ -76,7 +76,7 @@ def test_op_formulations_match_loop(formulation, spatial_partition):
     attn = torch.randn(3, m, 5, dtype=DT)
     bias = torch.randn(8, dtype=DT)
     y = kw_ops.ops.kw_conv(x, attn, warehouse, bias, out_channels=8, kernel_size=3, stride=(2, 1), padding=1,
-                           dilation=(1, 2), formulation=formulation)
+                           dilation=(1, 2), formulation=formulation, backend="torch")
     expected = kw_conv_loop(x, attn, warehouse, bias, 8, (3, 3), (2, 1), (1, 1), (1, 2), 1)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
