@@ -9,7 +9,7 @@ import pytest
 
 from kw_ops.benchmarking import model_bench
 from kw_ops.benchmarking.model_bench import CSV_FIELDS, Method, Settings
-from kw_ops.benchmarking.spread import SPREAD_LIMIT, busy_warning, spread, summarise
+from kw_ops.benchmarking.spread import SPREAD_LIMIT, WAIT_LIMIT, busy_warning, spread, summarise
 
 # a competing process: full-speed bursts of 0.1 s with 0.1 s pauses, the load that fools sequential timing
 BURSTS = "import time\nwhile True:\n    end = time.time() + 0.1\n    while time.time() < end: pass\n    time.sleep(0.1)"
@@ -42,6 +42,16 @@ def test_summarise_flags_rows_to_distrust(seconds, static, waits, flags):
     assert out["ratio"] == pytest.approx(sorted(seconds)[1] / sorted(static)[1])  # the ratio of the medians
     assert summarise(seconds, static, waits, static_median=0.5)["ratio"] == pytest.approx(sorted(seconds)[1] / 0.5)
     assert (out["spread"] > SPREAD_LIMIT) == any(f.startswith("spread") for f in flags)
+
+
+def test_a_row_exactly_at_the_limits_is_not_flagged():
+    """Flags are for spread, ratio spread and wait *over* their limits: blocks 9 and 11 s (quartiles 9.5 and 10.5,
+    spread 1 / 10), paired with static blocks of 1 s (the same ratio spread) and waiting 2 of 20 s."""
+    out = summarise([9.0, 11.0], [1.0, 1.0], [1.0, 1.0])
+    assert (out["spread"], out["ratio_spread"], out["wait"]) == (SPREAD_LIMIT, SPREAD_LIMIT, WAIT_LIMIT)
+    assert out["flags"] == []
+    over = summarise([9.0, 11.5], [1.0, 1.0], [1.0, 1.5])
+    assert over["flags"] == ["spread 12%", "rounds disagree by 12%", "waited 12% for a CPU"]
 
 
 def test_warning_names_the_flagged_rows_only():
