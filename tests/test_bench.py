@@ -225,6 +225,33 @@ def test_vs_static_is_the_ratio_of_medians_robust_to_one_static_outlier(monkeypa
     assert static["infer_spread_pct"] == 0 and static["infer_images_per_s_min"] == pytest.approx(4 / 1.0)
 
 
+def test_row_fields_from_blocks_that_differ(monkeypatch):
+    """static: infer blocks 0.1 then 0.2 s a step, train 1.0 s; kw: infer 0.2 then 0.4 s (twice static's in each
+    round: ratio spread 0, spread 33 %), train 1.0 then 3.0 s waiting 0.5 s a step for a CPU. Steps of 0.3 s
+    timed in blocks of ceil(1.0 / 0.3) = 4 steps (1.2 s) are not cheap (cheap_block 0.5 s) though a step is."""
+    blocks = {("static", "infer"): iter([(0.1, 0.0), (0.2, 0.0)]), ("static", "train"): iter([(1.0, 0.0)] * 2),
+              ("kw", "infer"): iter([(0.2, 0.0), (0.4, 0.0)]), ("kw", "train"): iter([(1.0, 0.5), (3.0, 0.5)])}
+
+    def block(self, kind, iters):
+        self.calls.append((self.label, kind, iters))
+        seconds, wait = next(blocks[self.label, kind])
+        return {"started": next(self.clock), "seconds": seconds, "wait": wait}
+
+    monkeypatch.setattr(FakeWorker, "block", block)
+    settings = Settings("cpu", 4, 2, 32, 2, 1.0, None, False, max_repeat=4, cheap_block=0.5)
+    rows, calls = _fake_run(monkeypatch, settings, {"static": {"infer": 0.3, "train": 2.0},
+                                                    "kw": {"infer": 0.3, "train": 2.0}}, {})
+    assert calls == [("static", "infer", 4), ("static", "train", 1), ("kw", "infer", 4), ("kw", "train", 1)] * 2
+    kw = rows[1]
+    assert (kw["infer_images_per_s"], kw["infer_images_per_s_min"], kw["infer_images_per_s_max"]) == pytest.approx(
+        (4 / 0.3, 4 / 0.4, 4 / 0.2))
+    assert kw["infer_vs_static"] == pytest.approx(0.15 / 0.3)
+    assert kw["infer_spread_pct"] == pytest.approx(100 / 3) and kw["infer_ratio_spread_pct"] == pytest.approx(0)
+    assert (kw["train_step_ms"], kw["train_step_ms_min"], kw["train_step_ms_max"]) == pytest.approx((2000, 1000, 3000))
+    assert kw["cpu_wait_pct"] == pytest.approx(100 * 1.0 / 4.0)  # the kind that waited most: train, 1 s of 4
+    assert rows[0]["cpu_wait_pct"] == 0
+
+
 def test_each_block_is_paired_with_the_static_block_nearest_in_time():
     blocks = [{"started": 10.0}, {"started": 31.0}]
     static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
