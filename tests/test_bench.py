@@ -1,13 +1,16 @@
 """The model benchmark: interleaved rounds, the spread and busy-row logic on synthetic timings, a run on tiny
 networks while another process loads the CPU, and the command line's outputs (table, CSV columns, PNG)."""
+import contextlib
 import csv
 import itertools
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
 
-from kw_ops.benchmarking import model_bench
+from kw_ops.benchmarking import measure, model_bench, worker
 from kw_ops.benchmarking.model_bench import CSV_FIELDS, Method, Settings
 from kw_ops.benchmarking.spread import SPREAD_LIMIT, WAIT_LIMIT, busy_warning, spread, summarise
 
@@ -257,3 +260,79 @@ def test_each_block_is_paired_with_the_static_block_nearest_in_time():
     static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
               {"started": 30.0, "seconds": 4.0}]
     assert model_bench._nearest_seconds(blocks, static) == [2.0, 4.0]  # not the first two (1.0, 2.0)
+
+
+# -- the timing and memory primitives (kw_ops.benchmarking.measure), and the worker's formulation switch --------
+def test_block_seconds_is_per_call_wall_and_wait(monkeypatch):
+    """A fake clock that a step moves by 0.5 s, with 0.2 s of run-queue wait: a block of 4 calls gives 0.5 s
+    and 0.2 s per call."""
+    clock = {"now": 100.0, "wait": 7.0, "calls": 0}
+
+    def step():
+        clock["now"] += 0.5
+        clock["wait"] += 0.2
+        clock["calls"] += 1
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(measure, "run_queue_wait_s", lambda: clock["wait"])
+    seconds, wait = measure.block_seconds(step, 4, "cpu")
+    assert clock["calls"] == 4 and (seconds, wait) == pytest.approx((0.5, 0.2))
+
+
+def test_steps_rotate_the_inputs_in_their_mode():
+    """Inference: eval mode, no autograd, batches 0, 1, 2, 0, ...; training: train mode, a step that changes the
+    weights and frees the gradients."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            seen.append((x[0, 0, 0, 0].item(), self.training, torch.is_grad_enabled()))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    model = Probe().train()
+    xs, ys = measure.make_inputs(2, 4, "cpu", False, 4)
+    infer = measure.inference_step(model, xs, "cpu")
+    for _ in range(4):
+        infer()
+    first = [x[0, 0, 0, 0].item() for x in xs]
+    assert seen == [(first[i], False, False) for i in (0, 1, 2, 0)]
+    seen.clear()
+    weight = model.fc.weight.detach().clone()
+    train = measure.train_step(model, xs, ys, "cpu")
+    for _ in range(2):
+        train()
+    assert seen == [(first[i], True, True) for i in (0, 1)]
+    assert not torch.equal(model.fc.weight, weight) and model.fc.weight.grad is None
+    assert len(xs) == len(ys) == measure.ROTATE and len({x.data_ptr() for x in xs}) == measure.ROTATE
+
+
+def test_memory_of_a_step_sees_a_64_mib_tensor():
+    """A step that allocates and fills 64 MiB (16 Mi floats): the allocator's peak is that, in MiB, and the
+    resident set grows by about that, not by the 384 MiB peak of an earlier, freed tensor."""
+    torch.ones(96 << 20).sum()  # 384 MiB resident, then freed: a high-water mark from before the step
+
+    def step():
+        torch.ones(16 << 20).sum()
+
+    memory = measure.step_memory_mb(step, "cpu")
+    assert 64 <= memory["alloc"] < 64.01
+    assert memory["rss"] is None or 56 <= memory["rss"] < 128
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_worker_formulation_switches_the_baselines_back_to_fast(fails):
+    from kw_ops.baselines import DYConv2d
+
+    model = nn.Sequential(DYConv2d(4, 4, 3, padding=1, num_kernels=2))
+    with pytest.raises(RuntimeError, match="step failed") if fails else contextlib.nullcontext():
+        with worker.formulation(model, released=True):
+            assert model[0].formulation == "released"
+            if fails:
+                raise RuntimeError("step failed")
+    assert model[0].formulation == "fast"
+    with worker.formulation(model, released=False):
+        assert model[0].formulation == "fast"
