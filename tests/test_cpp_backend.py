@@ -232,3 +232,21 @@ def test_one_gradient_at_a_time_matches_the_torch_path(wanted):
         grads[backend], = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
                                               target)
     _assert_close(grads["cpp"], grads["torch"], f"d{wanted}")
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, True), (False, False, False, True),
+                                  (True, True, True, False)], ids=lambda m: "".join("xaEb"[i] for i in range(4) if m[i]))
+def test_backward_gives_exactly_the_gradients_asked_for(mask):
+    """The backend's backward returns None for every gradient the mask does not ask for (dbias included), and
+    the asked ones equal those of a call that asks for all."""
+    case = Case(2, 8, 8, (5, 5), (3, 3), 4, 4, 3, padding=1)
+    x, attn, warehouse, _ = (t.detach() for t in case.tensors())
+    grad = torch.randn(2, 8, 5, 5, dtype=x.dtype)
+    geometry = (8, [3, 3], [1, 1], [1, 1], [1, 1], 1)
+    backward = backends.implementation("cpp")[1]
+    every = backward(grad, x, attn, warehouse, True, *geometry, (True,) * 4)
+    got = backward(grad, x, attn, warehouse, True, *geometry, mask)
+    for name, asked, value, full in zip(("dx", "dattn", "dwarehouse", "dbias"), mask, got, every):
+        assert (value is not None) == asked, name
+        if asked:
+            _assert_close(value, full, name)
