@@ -235,7 +235,8 @@ def test_one_gradient_at_a_time_matches_the_torch_path(wanted):
 
 
 @pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, True), (False, False, False, True),
-                                  (True, True, True, False)], ids=lambda m: "".join("xaEb"[i] for i in range(4) if m[i]))
+                                  (True, True, True, False)],
+                         ids=lambda m: "".join(name for name, asked in zip("xaEb", m) if asked))
 def test_backward_gives_exactly_the_gradients_asked_for(mask):
     """The backend's backward returns None for every gradient the mask does not ask for (dbias included), and
     the asked ones equal those of a call that asks for all."""
