@@ -22,6 +22,7 @@ BLOCK_CASES = [
     Case(2, 4, 10, (3, 4, 3), (3, 1, 3), 5, 2, 3, padding=(1, 0, 1), stride=2),  # 3-D
     Case(2, 12, 12, (6, 6), (3, 3), 12, 1, 5, padding=1, groups=12),          # depthwise, cell spans groups
     Case(2, 12, 18, (5, 6), (3, 3), 6, 2, 4, padding=1, stride=2, groups=3),  # groups with GO > groups
+    Case(2, 8, 12, (5, 5), (3, 3), 4, 2, 3, padding=1, groups=2),             # cells of 4 rows straddle groups of 6
     Case(0, 8, 10, (4, 4), (3, 3), 5, 4, 3, padding=1),                       # batch 0
 ]
 # Buffer sizes (bytes) that leave one row / one tile per block: every block boundary is exercised.
@@ -55,6 +56,21 @@ def test_matches_loop_oracle_and_torch_path(case, path, block_bytes):
     for name, g, w, r in zip(("dx", "dattn", "dwarehouse", "dbias"), got, want, ref):
         _assert_close(g, w if w is not None else torch.zeros_like(g), f"{name} vs oracle")
         _assert_close(g, r, f"{name} vs torch path")
+
+
+def test_gemm_row_blocks_with_a_ragged_last_one(monkeypatch):
+    """Cells of 20 rows mixed 3 rows at a time (a buffer of 3 rows of 2 samples x 18 tiles x 8 inputs, float64):
+    blocks of 3, 3, ..., 3, 2 in each of the GO = 2 output blocks, forward and backward."""
+    case = BLOCK_CASES[0]
+    monkeypatch.setattr(cpp, "BLOCK_BYTES", 3 * 2 * 18 * 8 * 8)
+    x, attn, warehouse, bias = case.tensors()
+    y = kw_conv(x, attn, warehouse, bias, formulation="gemm", backend="cpp", **case.geometry())
+    expected = _oracle(case, x, attn, warehouse, bias)
+    _assert_close(y, expected, "y")
+    grad = torch.randn_like(expected)
+    for name, got, want in zip(("dx", "dattn", "dwarehouse"), _grads(y, [x, attn, warehouse], grad),
+                               _grads(expected, [x, attn, warehouse], grad)):
+        _assert_close(got, want, name)
 
 
 @pytest.mark.parametrize("path", ["gemm", "grouped"])
