@@ -6,7 +6,7 @@ from oracle import kw_conv_loop
 
 import kw_ops
 from kw_ops.deploy import FrozenBatchNorm1d, export_onnx, prepare_for_detection
-from kw_ops.ops.export_impl import export_conv, export_mode
+from kw_ops.ops.export_impl import export_conv, export_mode, exporting
 
 DT = torch.float64
 
@@ -114,6 +114,27 @@ def test_torch_export_and_tracing_keep_the_batch_dynamic():
             expected = model(x)
             torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exporting_is_seen_while_tracing_exporting_and_in_nested_export_modes():
+    """KW layers take the export formulation under torch.jit.trace and torch.export without export_mode() too;
+    an inner export_mode() block leaves the outer one in force."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(exporting())
+            return x * 2
+
+    assert not exporting()
+    torch.jit.trace(Probe(), torch.randn(2, 3), check_trace=False)  # the check reruns it eagerly
+    torch.export.export(Probe(), (torch.randn(2, 3),))
+    assert seen == [True, True] and not exporting()
+    with export_mode():
+        with export_mode():
+            assert exporting()
+        assert exporting()
+    assert not exporting()
 
 
 def test_prepare_for_detection_freezes_norm_and_drops_beta():
