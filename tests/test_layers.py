@@ -356,6 +356,32 @@ def test_cells_follow_module_order_not_construction_order():
     assert conv1.layer_plan.start == 0 and down.layer_plan.start == conv1.m
 
 
+def test_assign_cells_hands_out_cells_to_members_outside_the_model_last():
+    """A warehouse whose member is not registered in the model: the model's layers in module order first,
+    then the outside member."""
+    wh = Warehouse("s")
+    with wh.planning_deferred():
+        outside = KWConv2d(8, 8, 1, warehouse=wh)
+        second, first = KWConv2d(8, 8, 3, warehouse=wh), KWConv2d(8, 16, 3, warehouse=wh)
+    model = nn.Sequential(first, second)
+    with pytest.warns(UserWarning, match="its layers were put in module order"):
+        kw_ops.assign_cells(model)
+    assert wh.members == (first, second, outside)
+    assert [layer.layer_plan.start for layer in (first, second, outside)] == [0, 18, 27]
+
+
+def test_convert_keeps_a_padding_mode():
+    """A reflect-padded conv becomes a reflect-padded KW layer: the KW conv of the reflect-padded input."""
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")).double()
+    layer = kw_ops.convert(net)[0].eval()
+    assert layer.padding_mode == "reflect"
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+    attn = layer.attention(x)
+    expected = kw_conv_loop(F.pad(x, (1, 1, 1, 1), mode="reflect"), attn, layer.warehouse.cells, layer.bias, 6,
+                            (3, 3), (1, 1), (0, 0), (1, 1), 1)
+    torch.testing.assert_close(layer(x), expected)
+
+
 def test_convert_overrides_and_errors():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1))
     model = kw_ops.convert(net, KWConfig(), sharing=lambda n, m: {"0": None, "1": "a", "2": "b"}[n],
