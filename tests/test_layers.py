@@ -127,6 +127,14 @@ def test_nonlocal_basis_rebuilds_rows_around_the_layer_slice():
     torch.testing.assert_close(att(x), caf(rows)[..., :n])
 
 
+def test_nonlocal_basis_own_logits_round_down():
+    """The layer's own logits are int(b * m): 8 -> 8 with a 7-tap 1-D kernel (m = 7) at b = 1/2 has 3, not 4; the
+    basis has the minimum 16; fc2 gives (3 + 16 + 1) logits per mixture."""
+    layer = KWConv1d(8, 8, 7, warehouse=KWConfig(budget=0.5, nonlocal_basis_ratio=1 / 16))
+    assert (layer.m, layer.attention.num_local, layer.attention.num_basis) == (7, 3, 16)
+    assert layer.attention.fc2.out_features == (3 + 16 + 1) * 7
+
+
 @pytest.mark.parametrize("config", [KWConfig.preset(p) for p in ("kw1x", "kw2x", "kw4x", "kw1d2x")]
                          + [KWConfig(budget=0.75), KWConfig(budget=0.4)],  # n = 20 / 10: the second layer's cells
                          ids=["kw1x", "kw2x", "kw4x", "kw1d2x", "b0.75", "b0.4"])  # start at 9, 11 / 1 of 18 given
@@ -151,6 +159,23 @@ def test_temperature_one_is_the_static_conv_of_the_assigned_cells(config):
         x = torch.randn(2, 8, 6, 6, dtype=DT)
         expected = F.conv2d(x, weight, None, layer.stride, layer._conv_padding)
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_layer_with_bias_under_cpu_autocast_runs_in_bf16(training):
+    """Under torch.autocast('cpu', bfloat16) a KW layer with a bias computes in bf16 (x, attention, cells and
+    bias cast), near its float32 result; parameters keep float32 gradients."""
+    layer = KWConv2d(8, 8, 3, padding=1, warehouse=KWConfig()).train(training)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 8, 6, 6)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=5e-2 * expected.abs().max().item(), rtol=5e-2)
+    y.float().sum().backward()
+    assert layer.bias.grad.dtype == layer.warehouse.cells.grad.dtype == torch.float32
 
 
 def test_kwlinear_is_a_kernel_1_conv_over_tokens():
