@@ -31,9 +31,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
     """Export `model` (in eval mode) to ONNX with a dynamic batch dimension; returns the path.
 
     example: one input batch [B, C, *size], any B >= 1 (batch 1 included); the exported graph accepts
-    batches 1 to MAX_EXPORT_BATCH. The model's training flag is restored afterwards.
+    batches 1 to MAX_EXPORT_BATCH. Every module's training flag is restored afterwards (also when the export
+    raises), so a training model with frozen submodules in eval mode keeps them so.
     """
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     try:
         model.eval()
@@ -42,7 +43,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, opset: int =
                                         input_names=["input"], output_names=["output"],
                                         dynamic_shapes=({0: batch},), external_data=False)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if program is not None:
         program.save(path)
     return path

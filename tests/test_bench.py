@@ -1,15 +1,18 @@
 """The model benchmark: interleaved rounds, the spread and busy-row logic on synthetic timings, a run on tiny
 networks while another process loads the CPU, and the command line's outputs (table, CSV columns, PNG)."""
+import contextlib
 import csv
 import itertools
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
 
-from kw_ops.benchmarking import model_bench
+from kw_ops.benchmarking import measure, model_bench, worker
 from kw_ops.benchmarking.model_bench import CSV_FIELDS, Method, Settings
-from kw_ops.benchmarking.spread import SPREAD_LIMIT, busy_warning, spread, summarise
+from kw_ops.benchmarking.spread import SPREAD_LIMIT, WAIT_LIMIT, busy_warning, spread, summarise
 
 # a competing process: full-speed bursts of 0.1 s with 0.1 s pauses, the load that fools sequential timing
 BURSTS = "import time\nwhile True:\n    end = time.time() + 0.1\n    while time.time() < end: pass\n    time.sleep(0.1)"
@@ -42,6 +45,16 @@ def test_summarise_flags_rows_to_distrust(seconds, static, waits, flags):
     assert out["ratio"] == pytest.approx(sorted(seconds)[1] / sorted(static)[1])  # the ratio of the medians
     assert summarise(seconds, static, waits, static_median=0.5)["ratio"] == pytest.approx(sorted(seconds)[1] / 0.5)
     assert (out["spread"] > SPREAD_LIMIT) == any(f.startswith("spread") for f in flags)
+
+
+def test_a_row_exactly_at_the_limits_is_not_flagged():
+    """Flags are for spread, ratio spread and wait *over* their limits: blocks 9 and 11 s (quartiles 9.5 and 10.5,
+    spread 1 / 10), paired with static blocks of 1 s (the same ratio spread) and waiting 2 of 20 s."""
+    out = summarise([9.0, 11.0], [1.0, 1.0], [1.0, 1.0])
+    assert (out["spread"], out["ratio_spread"], out["wait"]) == (SPREAD_LIMIT, SPREAD_LIMIT, WAIT_LIMIT)
+    assert out["flags"] == []
+    over = summarise([9.0, 11.5], [1.0, 1.0], [1.0, 1.5])
+    assert over["flags"] == ["spread 12%", "rounds disagree by 12%", "waited 12% for a CPU"]
 
 
 def test_warning_names_the_flagged_rows_only():
@@ -218,6 +231,33 @@ def test_vs_static_is_the_ratio_of_medians_robust_to_one_static_outlier(monkeypa
     assert static["infer_spread_pct"] == 0 and static["infer_images_per_s_min"] == pytest.approx(4 / 1.0)
 
 
+def test_row_fields_from_blocks_that_differ(monkeypatch):
+    """static: infer blocks 0.1 then 0.2 s a step, train 1.0 s; kw: infer 0.2 then 0.4 s (twice static's in each
+    round: ratio spread 0, spread 33 %), train 1.0 then 3.0 s waiting 0.5 s a step for a CPU. Steps of 0.3 s
+    timed in blocks of ceil(1.0 / 0.3) = 4 steps (1.2 s) are not cheap (cheap_block 0.5 s) though a step is."""
+    blocks = {("static", "infer"): iter([(0.1, 0.0), (0.2, 0.0)]), ("static", "train"): iter([(1.0, 0.0)] * 2),
+              ("kw", "infer"): iter([(0.2, 0.0), (0.4, 0.0)]), ("kw", "train"): iter([(1.0, 0.5), (3.0, 0.5)])}
+
+    def block(self, kind, iters):
+        self.calls.append((self.label, kind, iters))
+        seconds, wait = next(blocks[self.label, kind])
+        return {"started": next(self.clock), "seconds": seconds, "wait": wait}
+
+    monkeypatch.setattr(FakeWorker, "block", block)
+    settings = Settings("cpu", 4, 2, 32, 2, 1.0, None, False, max_repeat=4, cheap_block=0.5)
+    rows, calls = _fake_run(monkeypatch, settings, {"static": {"infer": 0.3, "train": 2.0},
+                                                    "kw": {"infer": 0.3, "train": 2.0}}, {})
+    assert calls == [("static", "infer", 4), ("static", "train", 1), ("kw", "infer", 4), ("kw", "train", 1)] * 2
+    kw = rows[1]
+    assert (kw["infer_images_per_s"], kw["infer_images_per_s_min"], kw["infer_images_per_s_max"]) == pytest.approx(
+        (4 / 0.3, 4 / 0.4, 4 / 0.2))
+    assert kw["infer_vs_static"] == pytest.approx(0.15 / 0.3)
+    assert kw["infer_spread_pct"] == pytest.approx(100 / 3) and kw["infer_ratio_spread_pct"] == pytest.approx(0)
+    assert (kw["train_step_ms"], kw["train_step_ms_min"], kw["train_step_ms_max"]) == pytest.approx((2000, 1000, 3000))
+    assert kw["cpu_wait_pct"] == pytest.approx(100 * 1.0 / 4.0)  # the kind that waited most: train, 1 s of 4
+    assert rows[0]["cpu_wait_pct"] == 0
+
+
 def test_each_block_is_paired_with_the_static_block_nearest_in_time():
     blocks = [{"started": 10.0}, {"started": 31.0}]
     static = [{"started": 0.0, "seconds": 1.0}, {"started": 9.0, "seconds": 2.0}, {"started": 20.0, "seconds": 3.0},
@@ -310,3 +350,79 @@ def test_batch_is_the_inference_batch_and_train_batch_the_training_batch(monkeyp
     code, _, settings, _ = _bench_main(monkeypatch, capsys, tmp_path, "--device", "cpu", "--models", "resnet18",
                                        "--full", "--train-batch", "4")
     assert code == 0 and (settings.batch, settings.train_batch) == (full.batch, 4)
+
+
+# -- the timing and memory primitives (kw_ops.benchmarking.measure), and the worker's formulation switch --------
+def test_block_seconds_is_per_call_wall_and_wait(monkeypatch):
+    """A fake clock that a step moves by 0.5 s, with 0.2 s of run-queue wait: a block of 4 calls gives 0.5 s
+    and 0.2 s per call."""
+    clock = {"now": 100.0, "wait": 7.0, "calls": 0}
+
+    def step():
+        clock["now"] += 0.5
+        clock["wait"] += 0.2
+        clock["calls"] += 1
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(measure, "run_queue_wait_s", lambda: clock["wait"])
+    seconds, wait = measure.block_seconds(step, 4, "cpu")
+    assert clock["calls"] == 4 and (seconds, wait) == pytest.approx((0.5, 0.2))
+
+
+def test_steps_rotate_the_inputs_in_their_mode():
+    """Inference: eval mode, no autograd, batches 0, 1, 2, 0, ...; training: train mode, a step that changes the
+    weights and frees the gradients."""
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            seen.append((x[0, 0, 0, 0].item(), self.training, torch.is_grad_enabled()))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    model = Probe().train()
+    xs, ys = measure.make_inputs(2, 4, "cpu", False, 4)
+    infer = measure.inference_step(model, xs, "cpu")
+    for _ in range(4):
+        infer()
+    first = [x[0, 0, 0, 0].item() for x in xs]
+    assert seen == [(first[i], False, False) for i in (0, 1, 2, 0)]
+    seen.clear()
+    weight = model.fc.weight.detach().clone()
+    train = measure.train_step(model, xs, ys, "cpu")
+    for _ in range(2):
+        train()
+    assert seen == [(first[i], True, True) for i in (0, 1)]
+    assert not torch.equal(model.fc.weight, weight) and model.fc.weight.grad is None
+    assert len(xs) == len(ys) == measure.ROTATE and len({x.data_ptr() for x in xs}) == measure.ROTATE
+
+
+def test_memory_of_a_step_sees_a_64_mib_tensor():
+    """A step that allocates and fills 64 MiB (16 Mi floats): the allocator's peak is that, in MiB, and the
+    resident set grows by about that, not by the 384 MiB peak of an earlier, freed tensor."""
+    torch.ones(96 << 20).sum()  # 384 MiB resident, then freed: a high-water mark from before the step
+
+    def step():
+        torch.ones(16 << 20).sum()
+
+    memory = measure.step_memory_mb(step, "cpu")
+    assert 64 <= memory["alloc"] < 64.01
+    assert memory["rss"] is None or 56 <= memory["rss"] < 128
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_worker_formulation_switches_the_baselines_back_to_fast(fails):
+    from kw_ops.baselines import DYConv2d
+
+    model = nn.Sequential(DYConv2d(4, 4, 3, padding=1, num_kernels=2))
+    with pytest.raises(RuntimeError, match="step failed") if fails else contextlib.nullcontext():
+        with worker.formulation(model, released=True):
+            assert model[0].formulation == "released"
+            if fails:
+                raise RuntimeError("step failed")
+    assert model[0].formulation == "fast"
+    with worker.formulation(model, released=False):
+        assert model[0].formulation == "fast"

@@ -21,6 +21,54 @@ def test_three_quarters_gives_the_first_n_mixtures_one_cell_each():
     plan.check_complete()
 
 
+Z = ZERO_CELL
+# 16->16 1x1 (m = 1), 16->32 1x1 (GO = 2: m = 2), 16->16 3x3 (m = 9) at cells 16x16: Σm = 12.
+THREE = [WeightShape(16, 16, (1, 1), "a"), WeightShape(32, 16, (1, 1), "b"), WeightShape(16, 16, (3, 3), "c")]
+
+
+@pytest.mark.parametrize("budget, n, betas, starts", [
+    (0.75, 9, ((0,), (1, 2), (3, 4, 5, 6, 7, 8, Z, Z, Z)), (0, 1, 3)),  # the third layer takes the last 6 cells
+    (0.6, 7, ((0,), (1, 2), (3, 4, 5, 6, Z, Z, Z, Z, Z)), (0, 1, 3)),
+    (0.3, 3, ((0,), (1, 2), (Z,) * 9), (0, 1, 3)),  # none left for the third
+    (0.15, 1, ((0,), (Z, Z), (Z,) * 9), (0, 1, 1)),  # none left for the second
+])
+def test_budget_below_one_not_one_over_k_hands_later_layers_the_cells_left(budget, n, betas, starts):
+    """b < 1 not 1/k: the first n mixtures of the warehouse, in layer order, get cells 0..n-1; a later layer's
+    slice starts where the earlier ones ended and takes what is left (maybe none)."""
+    plan = plan_warehouse("s", THREE, KWConfig(budget=budget))
+    assert plan.n == n
+    assert tuple(p.beta for p in plan.layers) == betas
+    assert tuple(p.start for p in plan.layers) == starts
+    assert [p.consumed for p in plan.layers] == [sum(c != Z for c in beta) for beta in betas]
+    plan.check_complete()
+
+
+@pytest.mark.parametrize("budget, shapes, betas", [
+    # 1/2: 16->16 2x2 (m = 4), 16->32 2x2 (m = 8), 32->32 1x1 (GO = GI = 2, m = 4); n = 8
+    (0.5, [WeightShape(16, 16, (2, 2), "a"), WeightShape(32, 16, (2, 2), "b"), WeightShape(32, 32, (1, 1), "c")],
+     ((0, Z, Z, 1), (2, Z, Z, 3, 4, Z, Z, 5), (6, Z, Z, 7))),
+    # 1/4: 16->16 4x4 (m = 16), 32->32 2x2 (m = 16); n = 8: j = 0, 5, 10, 15 of each layer
+    (0.25, [WeightShape(16, 16, (4, 4), "a"), WeightShape(32, 32, (2, 2), "b")],
+     tuple(tuple(start + j // 5 if j % 5 == 0 else Z for j in range(16)) for start in (0, 4))),
+    # 1/2 after a layer whose m (2) is not a multiple of k² = 4: j counts within each layer, n = int(6 / 2) = 3
+    (0.5, [WeightShape(32, 16, (1, 1), "a"), WeightShape(16, 16, (2, 2), "b")], ((0, Z), (1, Z, Z, 2))),
+])
+def test_one_over_k_pattern_restarts_in_every_layer_of_a_warehouse(budget, shapes, betas):
+    """b = 1/k: mixture j of each layer (j from 0 in every layer) gets the next cell iff j % k == (j // k) % k."""
+    plan = plan_warehouse("s", shapes, KWConfig(budget=budget))
+    assert tuple(p.beta for p in plan.layers) == betas
+    plan.check_complete()
+
+
+def test_one_to_many_later_layers_share_their_own_cells():
+    """init 'one_to_many' at b = 1/2: k = 2 consecutive mixtures share a cell; the second layer starts after the
+    first one's cells. 16->16 2x2 (m = 4) then 16->32 1x1 (m = 2): n = 3."""
+    shapes = [WeightShape(16, 16, (2, 2), "a"), WeightShape(32, 16, (1, 1), "b")]
+    plan = plan_warehouse("s", shapes, KWConfig(budget=0.5, init="one_to_many"))
+    assert plan.n == 3 and [p.beta for p in plan.layers] == [(0, 0, 1, 1), (2, 2)]
+    plan.check_complete()
+
+
 def test_one_over_k_keeps_the_authors_pattern():
     plan = plan_warehouse("s", [WeightShape(16, 16, (4, 4), "a")], KWConfig(budget=0.5))
     assert plan.layers[0].beta[:4] == (0, ZERO_CELL, ZERO_CELL, 1)  # j % 2 == (j // 2) % 2

@@ -85,6 +85,42 @@ def test_onnx_export_from_a_batch_1_example_has_a_dynamic_batch_and_keeps_train_
             torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-4, atol=1e-4)
 
 
+def _record_modes_then(outcome):
+    """A stand-in for torch.onnx.export: records every module's training flag during the export, then
+    raises `outcome` (an exception) or returns it."""
+    seen = []
+
+    def export(model, *args, **kwargs):
+        seen.append({name: module.training for name, module in model.named_modules()})
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return export, seen
+
+
+@pytest.mark.parametrize("modes", ["train", "eval", "mixed"])
+@pytest.mark.parametrize("fails", [False, True], ids=["exported", "export-raises"])
+def test_onnx_export_restores_each_module_mode(tmp_path, monkeypatch, modes, fails):
+    """The export runs in eval mode; afterwards (also when the exporter raises) every module has its own flag
+    back: a training model with a frozen BatchNorm keeps that BatchNorm in eval mode."""
+    model = _small_kw_net().train(modes != "eval")
+    if modes == "mixed":
+        model[1].eval()
+        model[3].attention.eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    export, seen = _record_modes_then(RuntimeError("exporter failed") if fails else None)
+    monkeypatch.setattr(torch.onnx, "export", export)
+    if fails:
+        with pytest.raises(RuntimeError, match="exporter failed"):
+            export_onnx(model, torch.randn(1, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    else:
+        export_onnx(model, torch.randn(1, 3, 12, 12), str(tmp_path / "kw.onnx"))
+    assert len(seen) == 1 and not any(seen[0].values())  # exported in eval mode
+    assert {name: module.training for name, module in model.named_modules()} == before
+    assert (modes == "mixed") == (len(set(before.values())) == 2)
+
+
 def test_onnx_export_refuses_an_empty_example(tmp_path):
     with pytest.raises(ValueError, match=r"\[B >= 1, C, \*size\], got shape \(0, 3, 12, 12\)"):
         export_onnx(_small_kw_net(), torch.randn(0, 3, 12, 12), str(tmp_path / "kw.onnx"))
@@ -103,6 +139,27 @@ def test_torch_export_and_tracing_keep_the_batch_dynamic():
             expected = model(x)
             torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exporting_is_seen_while_tracing_exporting_and_in_nested_export_modes():
+    """KW layers take the export formulation under torch.jit.trace and torch.export without export_mode() too;
+    an inner export_mode() block leaves the outer one in force."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(exporting())
+            return x * 2
+
+    assert not exporting()
+    torch.jit.trace(Probe(), torch.randn(2, 3), check_trace=False)  # the check reruns it eagerly
+    torch.export.export(Probe(), (torch.randn(2, 3),))
+    assert seen == [True, True] and not exporting()
+    with export_mode():
+        with export_mode():
+            assert exporting()
+        assert exporting()
+    assert not exporting()
 
 
 def test_prepare_for_detection_freezes_norm_and_drops_beta():

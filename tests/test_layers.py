@@ -78,7 +78,7 @@ def test_op_formulations_match_loop(formulation, spatial_partition):
     attn = torch.randn(3, m, 5, dtype=DT)
     bias = torch.randn(8, dtype=DT)
     y = kw_ops.ops.kw_conv(x, attn, warehouse, bias, out_channels=8, kernel_size=3, stride=(2, 1), padding=1,
-                           dilation=(1, 2), formulation=formulation)
+                           dilation=(1, 2), formulation=formulation, backend="torch")
     expected = kw_conv_loop(x, attn, warehouse, bias, 8, (3, 3), (2, 1), (1, 1), (1, 2), 1)
     torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
 
@@ -129,9 +129,19 @@ def test_nonlocal_basis_rebuilds_rows_around_the_layer_slice():
     torch.testing.assert_close(att(x), caf(rows)[..., :n])
 
 
-@pytest.mark.parametrize("preset", ["kw1x", "kw2x", "kw4x", "kw1d2x"])
-def test_temperature_one_is_the_static_conv_of_the_assigned_cells(preset):
-    wh = Warehouse("w", KWConfig.preset(preset))
+def test_nonlocal_basis_own_logits_round_down():
+    """The layer's own logits are int(b * m): 8 -> 8 with a 7-tap 1-D kernel (m = 7) at b = 1/2 has 3, not 4; the
+    basis has the minimum 16; fc2 gives (3 + 16 + 1) logits per mixture."""
+    layer = KWConv1d(8, 8, 7, warehouse=KWConfig(budget=0.5, nonlocal_basis_ratio=1 / 16))
+    assert (layer.m, layer.attention.num_local, layer.attention.num_basis) == (7, 3, 16)
+    assert layer.attention.fc2.out_features == (3 + 16 + 1) * 7
+
+
+@pytest.mark.parametrize("config", [KWConfig.preset(p) for p in ("kw1x", "kw2x", "kw4x", "kw1d2x")]
+                         + [KWConfig(budget=0.75), KWConfig(budget=0.4)],  # n = 20 / 10: the second layer's cells
+                         ids=["kw1x", "kw2x", "kw4x", "kw1d2x", "b0.75", "b0.4"])  # start at 9, 11 / 1 of 18 given
+def test_temperature_one_is_the_static_conv_of_the_assigned_cells(config):
+    wh = Warehouse("w", config)
     with wh.planning_deferred():
         layers = [KWConv2d(8, 8, 3, padding=1, bias=False, warehouse=wh, dtype=DT),
                   KWConv2d(8, 16, 3, stride=2, bias=False, warehouse=wh, dtype=DT)]
@@ -147,9 +157,27 @@ def test_temperature_one_is_the_static_conv_of_the_assigned_cells(preset):
             go, gi = divmod(rest, gi_count)
             if cell != ZERO_CELL:
                 weight[go * c_out:(go + 1) * c_out, gi * c_in:(gi + 1) * c_in, s // 3, s % 3] = cells[cell, :, :, 0, 0]
+        assert weight.abs().sum() > 0  # the layer's own slice was initialised (a later layer's too)
         x = torch.randn(2, 8, 6, 6, dtype=DT)
         expected = F.conv2d(x, weight, None, layer.stride, layer._conv_padding)
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_layer_with_bias_under_cpu_autocast_runs_in_bf16(training):
+    """Under torch.autocast('cpu', bfloat16) a KW layer with a bias computes in bf16 (x, attention, cells and
+    bias cast), near its float32 result; parameters keep float32 gradients."""
+    layer = KWConv2d(8, 8, 3, padding=1, warehouse=KWConfig()).train(training)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 8, 6, 6)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, atol=5e-2 * expected.abs().max().item(), rtol=5e-2)
+    y.float().sum().backward()
+    assert layer.bias.grad.dtype == layer.warehouse.cells.grad.dtype == torch.float32
 
 
 def test_kwlinear_is_a_kernel_1_conv_over_tokens():
@@ -287,6 +315,22 @@ def test_bad_input_gets_a_clear_error(bad, message):
         layer(bad)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"groups": 0}, r"groups must be a positive int, got 0"),
+    ({"in_channels": True}, r"in_channels must be a positive int, got True"),
+    ({"out_channels": 6, "groups": 4}, r"in_channels=8 and out_channels=6 must both be divisible by groups=4"),
+    ({"stride": (2, 1), "padding": "same"}, r"padding='same' needs stride 1, got stride=\(2, 1\)"),
+    ({"padding": -1}, r"padding must be >= 0, got \(-1, -1\)"),
+    ({"dilation": (1, 0)}, r"kernel_size, stride and dilation must be >= 1, got \(3, 3\), \(1, 1\), \(1, 0\)"),
+])
+def test_each_bad_geometry_argument_is_refused_by_name(kwargs, message):
+    """One wrong argument at a time (8 -> 8, 3x3 otherwise): groups dividing only one side, a stride that is 1
+    in one dim only, a dilation of 0 in one dim."""
+    arguments = {"in_channels": 8, "out_channels": 8, "kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        KWConv2d(**arguments)
+
+
 def test_bad_construction_gets_a_clear_error():
     with pytest.raises(ValueError, match="divisible by groups=4"):
         KWConv2d(6, 8, 3, groups=4)
@@ -337,6 +381,32 @@ def test_cells_follow_module_order_not_construction_order():
     with pytest.warns(UserWarning, match="its layers were put in module order after its plan was made"):
         kw_ops.assign_cells(block)
     assert conv1.layer_plan.start == 0 and down.layer_plan.start == conv1.m
+
+
+def test_assign_cells_hands_out_cells_to_members_outside_the_model_last():
+    """A warehouse whose member is not registered in the model: the model's layers in module order first,
+    then the outside member."""
+    wh = Warehouse("s")
+    with wh.planning_deferred():
+        outside = KWConv2d(8, 8, 1, warehouse=wh)
+        second, first = KWConv2d(8, 8, 3, warehouse=wh), KWConv2d(8, 16, 3, warehouse=wh)
+    model = nn.Sequential(first, second)
+    with pytest.warns(UserWarning, match="its layers were put in module order"):
+        kw_ops.assign_cells(model)
+    assert wh.members == (first, second, outside)
+    assert [layer.layer_plan.start for layer in (first, second, outside)] == [0, 18, 27]
+
+
+def test_convert_keeps_a_padding_mode():
+    """A reflect-padded conv becomes a reflect-padded KW layer: the KW conv of the reflect-padded input."""
+    net = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")).double()
+    layer = kw_ops.convert(net)[0].eval()
+    assert layer.padding_mode == "reflect"
+    x = torch.randn(2, 4, 5, 5, dtype=DT)
+    attn = layer.attention(x)
+    expected = kw_conv_loop(F.pad(x, (1, 1, 1, 1), mode="reflect"), attn, layer.warehouse.cells, layer.bias, 6,
+                            (3, 3), (1, 1), (0, 0), (1, 1), 1)
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_convert_overrides_and_errors():
@@ -451,6 +521,89 @@ def test_late_join_warns_then_is_refused_once_the_warehouse_ran():
             KWConv2d(8, 8, 3, warehouse=deferred), KWConv2d(8, 16, 1, warehouse=deferred)
     assert tuple(deferred.cells.shape) == (11, 8, 8, 1, 1)
 
+
+
+def test_nested_planning_deferred_plans_once_when_the_outermost_block_ends():
+    warehouse = Warehouse("n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plan, so no re-plan warning
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=warehouse)
+            with warehouse.planning_deferred():
+                KWConv2d(8, 16, 1, warehouse=warehouse)
+            assert warehouse.cells.numel() == 0  # the inner block's end does not plan
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_a_layer_joining_after_the_block_re_plans_at_once_with_a_warning():
+    warehouse = Warehouse("a")
+    with warehouse.planning_deferred():
+        KWConv2d(8, 8, 3, warehouse=warehouse)
+    with pytest.warns(UserWarning, match=r"layer KWConv2d#1 \(weight \[16, 8, 1, 1\]\) joined after its plan"):
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_an_error_inside_the_block_still_ends_the_deferral():
+    warehouse = Warehouse("e")
+    with pytest.raises(RuntimeError, match="built half"):
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=warehouse)
+            raise RuntimeError("built half")
+    assert tuple(warehouse.cells.shape) == (9, 8, 8, 1, 1)
+    with pytest.warns(UserWarning, match="joined after its plan"):  # planned at once: no deferral left open
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+
+
+def test_a_plan_that_fails_when_the_block_ends_drops_the_layers_that_joined_inside():
+    """As after a failed join: the warehouse keeps its members, plan and cells, and takes later layers."""
+    warehouse = Warehouse("f")
+    first = KWConv2d(8, 8, 3, warehouse=warehouse)
+    cells = warehouse.cells
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 'f': layers of different dimensionality cannot share"):
+        with warehouse.planning_deferred():
+            kw_ops.KWConv1d(8, 8, 3, warehouse=warehouse)
+    assert warehouse.members == (first,) and warehouse.cells is cells and warehouse.plan.n == 9
+    with pytest.warns(UserWarning, match="joined after its plan"):
+        KWConv2d(8, 16, 1, warehouse=warehouse)
+    assert tuple(warehouse.cells.shape) == (11, 8, 8, 1, 1)
+    fresh = Warehouse("g")
+    with pytest.raises(kw_ops.PlanningError, match="dimensionality"):
+        with fresh.planning_deferred():
+            KWConv2d(8, 8, 3, warehouse=fresh), kw_ops.KWConv1d(8, 8, 3, warehouse=fresh)
+    assert fresh.members == ()
+    KWConv2d(8, 8, 1, warehouse=fresh)
+    assert tuple(fresh.cells.shape) == (1, 8, 8, 1, 1)
+
+
+def test_planning_deferred_never_re_plans_a_warehouse_that_ran():
+    warehouse = Warehouse("r")
+    first = KWConv2d(8, 8, 3, warehouse=warehouse).eval()
+    x = torch.randn(2, 8, 5, 5)
+    y = first(x)
+    cells = warehouse.cells
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with warehouse.planning_deferred():  # no layer joined: nothing to plan
+            pass
+    assert warehouse.cells is cells
+    torch.testing.assert_close(first(x), y)
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 'r' has run a forward: layer KWConv2d#1 .* cannot join"):
+        with warehouse.planning_deferred():
+            KWConv2d(8, 8, 1, warehouse=warehouse)
+    assert warehouse.members == (first,) and warehouse.cells is cells
+    # a layer that joined before the warehouse ran inside the block: refused when the block ends
+    fresh = Warehouse("s")
+    first = KWConv2d(8, 8, 3, warehouse=fresh).eval()
+    cells = fresh.cells
+    with pytest.raises(kw_ops.PlanningError, match=r"warehouse 's' has run a forward: the layers that joined inside "
+                                                   r"planning_deferred\(\) cannot join it"):
+        with fresh.planning_deferred():
+            KWConv2d(8, 8, 1, warehouse=fresh)
+            y = first(x)
+    assert fresh.members == (first,) and fresh.cells is cells
+    torch.testing.assert_close(first(x), y)
 
 
 def test_a_compiled_training_step_settles_the_warehouse_through_its_gradients():

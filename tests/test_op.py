@@ -121,8 +121,11 @@ def _oracle(case, x, attn, warehouse, bias):
 @pytest.mark.parametrize("formulation", [None, *torch_impl.FORMULATIONS], ids=lambda f: f or "auto")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward_and_gradients_match_loop_oracle(case, formulation):
+    """The automatic choice, and each formulation of the torch backend (forced: on CPU the automatic choice takes
+    the cpp backend for some cases, which test_cpp_backend checks on its own formulations)."""
     x, attn, warehouse, bias = case.tensors()
-    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
+    backend = "torch" if formulation else None
+    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, backend=backend, **case.geometry())
     expected = _oracle(case, x, attn, warehouse, bias)
     _assert_close(y, expected, "y")
     assert y.is_contiguous(memory_format=output_memory_format(x)), "y does not keep x's memory format"
@@ -188,7 +191,7 @@ OPCHECK_CASES = [CASES[0], CASES[1], CASES[2], CASES[4], CASES[6], CASES[7], CAS
                                   Case(2, 4, 4, (4, 4), (3, 3), 4, 1, 3, padding=1, groups=4)], ids=lambda c: c.id)
 def test_gradcheck(case, formulation):
     x, attn, warehouse, bias = case.tensors()
-    fn = lambda *ts: kw_conv(*ts, formulation=formulation, **case.geometry())
+    fn = lambda *ts: kw_conv(*ts, formulation=formulation, backend="torch", **case.geometry())  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, attn, warehouse, bias), fast_mode=True)
 
 
@@ -276,7 +279,7 @@ def test_compiled_backward_matches_eager_for_each_formulation(formulation):
 
     def run(x, attn, warehouse):
         return kw_conv(x, attn, warehouse, None, out_channels=8, kernel_size=3, padding=1, stride=2,
-                       formulation=formulation).square().sum()
+                       formulation=formulation, backend="torch").square().sum()
 
     compiled = torch.compile(run, fullgraph=True)
     got = torch.autograd.grad(compiled(x, attn, warehouse), (x, attn, warehouse))
@@ -307,7 +310,8 @@ def test_several_chunks_and_blocks_match_loop_oracle(monkeypatch, formulation, c
         assert torch_impl._sample_chunk(case.batch, kernel_numel, x.element_size()) == 2
     else:
         assert torch_impl._gemm_layout(x, warehouse, case.c_out, case.kernel)[-1] == 2
-    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, **case.geometry())
+    # the torch backend's pieces: forced, since on CPU the automatic choice may take the cpp backend
+    y = kw_conv(x, attn, warehouse, bias, formulation=formulation, backend="torch", **case.geometry())
     expected = _oracle(case, x, attn, warehouse, bias)
     _assert_close(y, expected, "y")
     grad = torch.randn_like(expected)
@@ -352,6 +356,23 @@ def _bad_calls():
         ("op-bias-shape", r"bias must be \[8\], got \(3,\)", lambda: op(bias=torch.zeros(3))),
         ("op-meta-bias", r"bias must be on x's device cpu, got meta", lambda: op(bias=torch.zeros(8, device="meta"))),
         ("op-bogus-backend", r"backend must be one of torch, triton, cpp, got 'bogus'", lambda: op(backend="bogus")),
+        # groups and cells: in_channels not divisible by groups; cells [3, 3] tile 12 channels but not a group's 4
+        ("op-groups-in-channels", r"groups=2 must divide in_channels=9 and out_channels=8",
+         lambda: op(x=torch.randn(2, 9, 5, 5), attn=torch.randn(2, 18, 4), warehouse=torch.randn(4, 4, 4, 1, 1),
+                    groups=2)),
+        ("op-zero-groups", r"groups must be >= 1, got 0", lambda: op(groups=0)),
+        ("op-untileable-out", r"a weight \[12, 8, \[3, 3\]\] cannot be tiled by cells \[8, 8, \(1, 1\)\]",
+         lambda: op(out_channels=12)),
+        ("op-cells-tile-channels-not-groups",
+         r"a weight \[6, 4, \[3, 3\]\] cannot be tiled by cells \[3, 3, \(1, 1\)\]",
+         lambda: op(x=torch.randn(2, 12, 5, 5), attn=torch.randn(2, 18, 4), warehouse=torch.randn(4, 3, 3, 1, 1),
+                    out_channels=6, groups=3)),
+        ("op-bias-2d", r"bias must be \[8\], got \(2, 4\)", lambda: op(bias=torch.zeros(2, 4))),
+        ("op-4d-kernel", r"kernel_size must have 1-3 entries \(one per spatial dim\), got \[3, 3, 3, 3\]",
+         lambda: op(x=torch.randn(2, 8, 3, 3, 3, 3), kernel_size=(3,) * 4, stride=(1,) * 4, padding=(1,) * 4,
+                    dilation=(1,) * 4)),
+        ("op-warehouse-rank", r"warehouse must be \[n, c_out, c_in, \*2 cell dims\] \(5-D\) for a 2-D convolution, "
+                              r"got shape \(4, 8, 8, 1, 1, 1\)", lambda: op(warehouse=warehouse[..., None])),
     ]
 
 

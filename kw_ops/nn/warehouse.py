@@ -112,14 +112,25 @@ class Warehouse(nn.Module):
 
     @contextlib.contextmanager
     def planning_deferred(self):
-        """Join many layers, plan once on exit."""
+        """Join many layers, plan once on leaving the outermost block, and only if a layer joined inside it.
+
+        A plan that fails there (layers that cannot share cells, or a warehouse that ran a forward or loaded
+        weights meanwhile) raises PlanningError and drops the layers that joined inside: the warehouse keeps
+        its members, plan and cells, as after a failed join.
+        """
+        before = list(self._members)
         self._deferred += 1
         try:
             yield self
         finally:
             self._deferred -= 1
-            if not self._deferred and self._members:
-                self._replan_replacing("layers joined inside planning_deferred()")
+            if not self._deferred and self._members != before:
+                try:
+                    self._refuse_if_settled("the layers that joined inside planning_deferred() cannot join it")
+                    self._replan_replacing("layers joined inside planning_deferred()")
+                except PlanningError:
+                    self._members = before
+                    raise
 
     def reorder(self, order: list[nn.Module]) -> None:
         """Hand out cells in the given order of members (e.g. module registration order) and re-plan."""
