@@ -10,7 +10,8 @@ Stages; each has its own deadline, checked inside its loops (what does not fit i
 a. smoke   bf16 correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch path
            in fp64 on the same bf16 inputs: SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted
            to channels_last and channels_last ones; dx by stride phase; several chunks), every autotuned kernel
-           pinned to its first config (no autotuning), outputs poisoned with NaN, stop at the --maxfail-th failure.
+           on the config a real launch takes (tuning.py's pick per shape class, no autotuning), outputs poisoned with
+           NaN, stop at the --maxfail-th failure.
 b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
            matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
 c. layers  forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
@@ -163,20 +164,16 @@ def time_ms(fn, deadline: Deadline, warmup: int = WARMUP, repeats: int = REPEATS
 
 @contextlib.contextmanager
 def pinned_configs():
-    """Every autotuned kernel the launchers use keeps only its first config (no autotuning)."""
-    from triton.runtime.autotuner import Autotuner
+    """Every launch takes the config a real launch takes by default: the pick per shape class of
+    kw_ops/ops/triton/tuning.py (KW_OPS_TRITON_AUTOTUNE cleared inside the block), so nothing is benchmarked."""
+    from kw_ops.ops.triton.tuning import AUTOTUNE_ENV
 
-    from kw_ops.ops.triton import launch
-
-    tuned = [v for v in vars(launch).values() if isinstance(v, Autotuner)]
-    saved = [t.configs for t in tuned]
-    for t in tuned:
-        t.configs = t.configs[:1]
+    saved = os.environ.pop(AUTOTUNE_ENV, None)
     try:
         yield
     finally:
-        for t, configs in zip(tuned, saved):
-            t.configs = configs
+        if saved is not None:
+            os.environ[AUTOTUNE_ENV] = saved
 
 
 @contextlib.contextmanager

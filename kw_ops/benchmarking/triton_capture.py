@@ -142,7 +142,7 @@ def _specialise(kernel, args, kwargs, backend) -> list[Launch]:
 
     jit, configs, heuristics = _jit_of(kernel)
     prune = getattr(kernel, "early_config_prune", None)
-    if prune is not None and configs != [None]:  # the configs a real launch would compile (tuning.py)
+    if prune is not None and configs[0] is not None:  # the configs a real launch would compile (tuning.py)
         configs = prune(configs, dict(zip(jit.arg_names, args)), **kwargs)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     launches = []
