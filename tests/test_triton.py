@@ -297,11 +297,12 @@ def test_batch_zero_launches_nothing():
     assert torch.equal(dwarehouse, torch.zeros_like(warehouse)) and torch.equal(dbias, torch.zeros_like(bias))
 
 
-def test_autotune_pruning_and_buckets():
+def test_autotune_pruning_and_buckets(monkeypatch):
     """Configs are pruned to the positions and channel counts (BLOCK 16 for small cells) and, for ieee fp32, to
-    spill-free tiles."""
+    spill-free tiles (what KW_OPS_TRITON_AUTOTUNE=1 benchmarks; by default the first of them runs)."""
     from kw_ops.ops.triton import tuning
 
+    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")
     assert [tuning.bucket(v) for v in (0, 1, 5, 64, 65)] == [0, 1, 8, 64, 128]
     configs = [launch.triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}) for bm, bn, bk in
                [(128, 128, 32), (64, 64, 32), (64, 16, 16), (128, 64, 64)]]
@@ -314,6 +315,9 @@ def test_autotune_pruning_and_buckets():
     assert blocks(prune(configs, {"x_ptr": half, **large})) == blocks(configs)
     assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="ieee")) == [(64, 64, 32), (64, 16, 16)]
     assert blocks(prune(configs, {"x_ptr": single, **large}, INPUT_PRECISION="tf32")) == blocks(configs)
+    monkeypatch.delenv(tuning.AUTOTUNE_ENV)
+    assert blocks(prune(configs, {"x_ptr": half, **large, "PB": 64})) == [(64, 64, 32)]
+    assert blocks(prune(configs, {"x_ptr": half, **large})) == [(128, 128, 32)]
 
 
 def test_mode_choice_and_override(monkeypatch):
