@@ -272,3 +272,27 @@ def test_backward_gives_exactly_the_gradients_asked_for(mask):
         assert (value is not None) == asked, name
         if asked:
             _assert_close(value, full, name)
+
+
+def test_the_conv_path_backward_ends_with_two_threads():
+    """oneDNN's weight-gradient convolution synchronises its threads with a barrier; called from inside the
+    kernel's own parallel region it waited forever (MobileNetV2 KW 4x's first layer, 3 -> 32 3x3 stride 2 at
+    224x224, batch 2, two threads). A child process with a deadline, so a hang fails instead of stalling CI."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import torch
+        from kw_ops.ops import cpp
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        x, attn, cells = torch.randn(2, 3, 224, 224), torch.randn(2, 9, 36), torch.randn(36, 32, 3, 1, 1)
+        args = (32, (3, 3), (2, 2), (1, 1), (1, 1), 1)
+        y = cpp.kw_conv_cpp(x, attn, cells, None, *args, "grouped")
+        grads = cpp.kw_conv_backward_cpp(torch.ones_like(y), x, attn, cells, False, *args, (True, True, True, False),
+                                         "grouped")
+        print(all(torch.isfinite(g).all() for g in grads[:3]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]

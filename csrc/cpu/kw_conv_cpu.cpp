@@ -41,6 +41,15 @@ void parallel_items(int64_t count, const F& f) {
   });
 }
 
+// The conv path's blocks run in order on the calling thread, and ATen's convolutions use the intra-op threads
+// themselves: oneDNN's weight-gradient kernels synchronise their threads with a barrier, and run inside our own
+// parallel region (one thread each) they waited forever for threads that never came (seen with 2 threads on a
+// 3 -> 32 3x3 stride-2 layer at 224x224).
+template <typename F>
+void serial_items(int64_t count, const F& f) {
+  f(0, count);
+}
+
 Geometry make_geometry(const at::Tensor& x, const at::Tensor& attn, const at::Tensor& warehouse,
                        int64_t out_channels, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -402,7 +411,7 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& attn, const at::T
   const std::vector<int64_t> zeros(g.size.size(), 0);
   const int64_t kernel_rows = g.in_per_group * g.kernel_numel;
   at::Tensor y = at::empty({g.batch, g.out_channels, g.positions}, x.options());
-  parallel_items(blocks.chunks * blocks.count, [&](int64_t begin, int64_t end) {
+  serial_items(blocks.chunks * blocks.count, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
     at::Tensor attn_buf = at::empty({max_tiles * g.n}, x.options());  // thread-local buffers
     at::Tensor tile_buf = at::empty({max_tiles * g.cell}, x.options());
@@ -441,8 +450,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(const at::Tensor& g
   at::Tensor dx = need_x ? at::zeros(x.sizes(), acc) : at::Tensor();
   at::Tensor dattn = need_attn ? at::empty(attn.sizes(), attn.options()) : at::Tensor();
   ProductSums dcells({g.n, g.cell}, acc);
-  // Sample chunks in parallel (each owns dx and dattn of its samples); dE in per-thread partial sums.
-  parallel_items(blocks.chunks, [&](int64_t begin, int64_t end) {
+  // Sample chunks in order (see serial_items); dE in partial sums.
+  serial_items(blocks.chunks, [&](int64_t begin, int64_t end) {
     const int64_t max_tiles = g.spatial * (blocks.rows / g.c_out) * g.gi;
     at::Tensor attn_buf = at::empty({blocks.samples * max_tiles * g.n}, x.options());
     at::Tensor tile_buf = at::empty({blocks.samples * max_tiles * g.cell}, x.options());
