@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Kernel", "RateTable", "DEFAULT_RATES", "CACHE_ENV", "cache_path", "load_rates", "save_rates", "rate_table",
-           "calibrate_kernels", "bucket", "machine_key", "gemm", "bmm", "copy", "conv", "cpp_kernel", "call"]
+           "calibrate_kernels", "bucket", "machine_key", "gemm", "bmm", "copy", "conv", "cpp_kernel", "call",
+           "formulation_kernel"]
 
 CACHE_ENV = "KW_OPS_CALIBRATION"
 #: roofline rates of the development machine (2-core x86_64, torch 2.13 CPU, 2 threads, fp32): FLOP/s for
@@ -102,6 +103,16 @@ def cpp_kernel(direction: int, path: str, batch: int, channels: int, out_channel
                (batch, channels, out_channels, positions, n, math.prod(cell)))
     return Kernel("cpp", (direction, path, batch, channels, out_channels, groups, tuple(kernel), tuple(size),
                           tuple(stride), tuple(padding), tuple(dilation), tuple(cell), n), work, key, dtype)
+
+
+def formulation_kernel(formulation: str, call) -> Kernel:
+    """A whole formulation of a dispatch.Call (its forward, and backward when one follows) as one kernel: its
+    work is the batch, its bucket the call with the batch rounded to a power of 2 (the rest exact), so a
+    calibration that timed it predicts the call as time per sample x batch."""
+    fields = dataclasses.astuple(call)
+    exact = tuple(v for i, v in enumerate(fields) if i != 2)  # every field but the batch (index 2)
+    key = f"formulation:{formulation}:{bucket(call.batch)}:" + ":".join(map(str, exact))
+    return Kernel("formulation", (formulation, fields), float(call.batch), key, call.dtype)
 
 
 def call(name: str) -> Kernel:
@@ -243,7 +254,29 @@ def _runner(kernel: Kernel) -> Callable[[], object] | None:
         return _cpp_runner(d, dtype)
     if kernel.kind == "call":
         return _CALL_RUNNERS[d[0]]() if d[0] in _CALL_RUNNERS else None
+    if kernel.kind == "formulation":
+        return _formulation_runner(*d)
     return None
+
+
+def _formulation_runner(formulation: str, fields: tuple):
+    """One call of the formulation on random tensors of the call's shape (forward, and backward if it has one)."""
+    from .dispatch import Call, run_formulation
+
+    call = Call(*fields)
+    dtype = getattr(torch, call.dtype)
+    grad = call.backward
+    x = torch.randn(call.batch, call.channels, *call.size, dtype=dtype, requires_grad=grad and call.input_grad)
+    attn = (torch.randn(call.batch, call.m, call.n, dtype=dtype) / call.n).requires_grad_(grad)
+    warehouse = torch.randn(call.n, *call.cell, dtype=dtype).requires_grad_(grad)
+    args = (call.out_channels, call.kernel_size, call.stride, call.padding, call.dilation, call.groups)
+    if grad:
+        return lambda: run_formulation(formulation, x, attn, warehouse, None, *args).sum().backward()
+
+    def forward():
+        with torch.no_grad():
+            run_formulation(formulation, x, attn, warehouse, None, *args)
+    return forward
 
 
 def _conv_runner(d, dtype):

@@ -279,6 +279,9 @@ def estimate(formulation: str, call: Call, table: cpu_costs.RateTable | None = N
         seconds, why = _gpu_seconds(formulation, call)
         return Estimate(formulation, seconds, calibrated=bool(os.environ.get("KW_OPS_PEAKS")), why_not=why)
     table = table or cpu_costs.rate_table()
+    whole = cpu_costs.formulation_kernel(formulation, call)
+    if table.measured(whole):  # calibrated: the formulation itself timed on this shape (batch bucket)
+        return Estimate(formulation, table.seconds(whole), True)
     kernels = cpu_kernels(formulation, call)
     return Estimate(formulation, sum(table.seconds(k) for k in kernels), all(table.measured(k) for k in kernels))
 
@@ -504,34 +507,18 @@ def recording():
 
 
 # -- calibration --------------------------------------------------------------------------------
-#: a candidate whose default estimate exceeds the best one's this many times is not worth timing
-PLAUSIBLE = 2.0
-
-
 def calibrate_calls(calls, min_time: float = 0.05, progress=None, redo: bool = False) -> cpu_costs.RateTable:
-    """Time, on this CPU, the kernels of every plausible candidate of these calls (within PLAUSIBLE x the
-    cheapest by default rates) whose bucket is not yet measured (all of them with `redo`); save the rates to
-    the machine's cache and use them from now on."""
+    """Time, on this CPU, every candidate formulation of these calls as a whole (forward, and backward where the
+    call has one) whose bucket the cache lacks (all of them with `redo`); save the rates to the machine's cache
+    and use them from now on."""
     table = cpu_costs.RateTable() if redo else cpu_costs.load_rates()
-    defaults = cpu_costs.RateTable()
     kernels = []
     for call in calls:
         if call.device != "cpu" or call.transform:
             continue
         allowed, _ = _candidates(call, "auto", None, None)
-        allowed = [f for f in allowed if not f.startswith("op:cpp:") or _cpp_runs(call)]
-        costs = {f: estimate(f, call, defaults).seconds for f in allowed}
-        best = min(costs.values())
-        for formulation, seconds in costs.items():
-            if seconds <= PLAUSIBLE * best or formulation == "released":
-                kernels += cpu_kernels(formulation, call)
+        kernels += [cpu_costs.formulation_kernel(f, call) for f in allowed]
     table = cpu_costs.calibrate_kernels(kernels, table, min_time=min_time, progress=progress)
     cpu_costs.save_rates(table)
     clear_decisions()
     return table
-
-
-def _cpp_runs(call: Call) -> bool:
-    from . import cpp
-
-    return cpp.available() and call.dtype in ("float32", "float64", "bfloat16")
