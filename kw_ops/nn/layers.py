@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..config import KWConfig
 from ..ops import kw_conv
+from ..ops.dispatch import run_for_layer
 from .attention import KWAttention
 from .geometry import ConvGeometry
 from .planning import LayerPlan, WarehousePlan, WeightShape
@@ -104,9 +105,16 @@ class KWLayer(ConvGeometry):
             x, attn, cells = x.to(dtype), attn.to(dtype), self.warehouse.cells_as(dtype)
             bias = bias.to(dtype) if bias is not None else None
         x = self._pad(x)
-        y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                    stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
-                    backend=self.backend, name=getattr(self, "_name", None))
+        name = getattr(self, "_name", None)
+        if torch.compiler.is_compiling():  # the public entry, which compiles to the op (kw_ops.ops.dispatch)
+            y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
+                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
+                        backend=self.backend, name=name)
+        else:
+            cache = self.__dict__.setdefault("_dispatch_cache", {})
+            geometry = (self.out_channels, self.kernel_size, self.stride, self._conv_padding, self.dilation,
+                        self.groups)
+            y = run_for_layer(cache, x, attn, cells, bias, geometry, self.backend, name)
         if self.attention.omni:
             y = y * filter_.view(*filter_.shape, *(1,) * self.dims).to(y.dtype)
         return y.squeeze(0) if unbatched else y

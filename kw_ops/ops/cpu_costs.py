@@ -41,7 +41,11 @@ __all__ = ["Kernel", "RateTable", "DEFAULT_RATES", "CACHE_ENV", "cache_path", "l
 CACHE_ENV = "KW_OPS_CALIBRATION"
 #: roofline rates of the development machine (2-core x86_64, torch 2.13 CPU, 2 threads, fp32): FLOP/s for
 #: GEMMs, convolutions and the compiled kernel, bytes/s (read + written) for copies, seconds per call for `call`
-DEFAULT_RATES = {"gemm": 100e9, "bmm": 100e9, "conv": 80e9, "cpp": 70e9, "copy": 10e9, "call": 30e-6}
+#: `call:NAME`: the fixed cost of one call of a formulation (the registered op goes through torch.library's
+#: dispatch and an autograd.Function: measured 60-70 us more than the released formulation's plain ops per forward)
+DEFAULT_RATES = {"gemm": 100e9, "bmm": 100e9, "conv": 80e9, "cpp": 70e9, "copy": 10e9, "call": 30e-6,
+                 "call:op_forward": 70e-6, "call:op_step": 200e-6, "call:released_forward": 10e-6,
+                 "call:released_step": 40e-6}
 # Work below which a kernel's rate falls (dispatch overhead, tiny tiles): default rates assume the kernel
 # reaches half its peak at this many FLOPs.
 _HALF_RATE_FLOPS = 2e6
@@ -134,7 +138,7 @@ def bucket(value: int) -> int:
 def _default_seconds(kernel: Kernel, rates: dict) -> float:
     rate = rates[kernel.kind]
     if kernel.kind == "call":
-        return rate
+        return rates.get(kernel.key, rate)
     if kernel.kind == "copy":
         return kernel.work / rate
     seconds = kernel.work / rate + _HALF_RATE_FLOPS / rate
