@@ -89,10 +89,12 @@ class KWLayer(ConvGeometry):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
-        self.warehouse.check_complete()
-        if not torch.compiler.is_compiling():  # a flag flipped inside a compiled graph would force a recompile
-            self.warehouse.mark_used()
-        cells, bias = self.warehouse.cells, self.bias
+        warehouse = self.warehouse
+        warehouse.check_complete()
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # a flag flipped inside a compiled graph would force a recompile
+            warehouse.mark_used()
+        cells, bias = warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)
         if self.attention.omni:  # KW*: input channels scaled before the conv, output channels after it
@@ -102,11 +104,11 @@ class KWLayer(ConvGeometry):
             attn = self.attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, attn, cells = x.to(dtype), attn.to(dtype), self.warehouse.cells_as(dtype)
+            x, attn, cells = x.to(dtype), attn.to(dtype), warehouse.cells_as(dtype)
             bias = bias.to(dtype) if bias is not None else None
         x = self._pad(x)
         name = getattr(self, "_name", None)
-        if torch.compiler.is_compiling():  # the public entry, which compiles to the op (kw_ops.ops.dispatch)
+        if compiling:  # the public entry, which compiles to the op (kw_ops.ops.dispatch)
             y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
                         stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
                         backend=self.backend, name=name)
