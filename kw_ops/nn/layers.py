@@ -55,6 +55,7 @@ class KWLayer(ConvGeometry):
                                      self.warehouse.config, **factory, out_channels=self.out_channels,
                                      spatial=layer_plan.grid[0]).train(self.training)
         self.m, self.grid = layer_plan.m, layer_plan.grid
+        self.__dict__.pop("_call_state", None)  # forward's cached references: the attention is new
 
     @property
     def layer_plan(self) -> LayerPlan:
@@ -87,37 +88,49 @@ class KWLayer(ConvGeometry):
         return text + f", warehouse={self.warehouse.name!r}, m={self.m}"
 
     # -- forward ----------------------------------------------------------------------------
+    def _state(self) -> tuple:
+        """(warehouse, attention, geometry) of this layer's calls, looked up once per plan (the module attribute
+        lookups cost a few microseconds each, per call of every layer; _bind drops it when the attention is
+        rebuilt). geometry: (out_channels, kernel_size, stride, padding, dilation, groups) as the op takes it."""
+        state = self.__dict__.get("_call_state")
+        if state is None:
+            geometry = (self.out_channels, self.kernel_size, self.stride, self._conv_padding, self.dilation,
+                        self.groups)
+            state = self.__dict__["_call_state"] = (self.warehouse, self.attention, geometry)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
-        warehouse = self.warehouse
-        warehouse.check_complete()
+        warehouse, attention, geometry = self._state()
+        if warehouse.__dict__.get("_complete_plan") is not warehouse._plan:
+            warehouse.check_complete()
+            warehouse.__dict__["_complete_plan"] = warehouse._plan
         compiling = torch.compiler.is_compiling()
-        if not compiling:  # a flag flipped inside a compiled graph would force a recompile
+        if not compiling and warehouse._settled is None:  # (a flag flipped in a compiled graph would recompile)
             warehouse.mark_used()
         cells, bias = warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)
         autocast = torch.is_autocast_enabled(x.device.type)
-        if self.attention.omni:  # KW*: input channels scaled before the conv, output channels after it
-            attn, channel, filter_ = self.attention.forward_omni(x)
+        omni = attention.omni
+        if omni:  # KW*: input channels scaled before the conv, output channels after it
+            attn, channel, filter_ = attention.forward_omni(x)
             x = x * channel.view(*channel.shape, *(1,) * self.dims)
         else:
-            attn = self.attention(x)
+            attn = attention(x)
         if autocast:
             dtype = torch.get_autocast_dtype(x.device.type)
             x, attn, cells = x.to(dtype), attn.to(dtype), warehouse.cells_as(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        x = self._pad(x)
-        name = getattr(self, "_name", None)
+        if self._pre_pad is not None:
+            x = self._pad(x)
+        name = self.__dict__.get("_name")
         if compiling:  # the public entry, which compiles to the op (kw_ops.ops.dispatch)
-            y = kw_conv(x, attn, cells, bias, out_channels=self.out_channels, kernel_size=self.kernel_size,
-                        stride=self.stride, padding=self._conv_padding, dilation=self.dilation, groups=self.groups,
-                        backend=self.backend, name=name)
+            y = kw_conv(x, attn, cells, bias, out_channels=geometry[0], kernel_size=geometry[1], stride=geometry[2],
+                        padding=geometry[3], dilation=geometry[4], groups=geometry[5], backend=self.backend, name=name)
         else:
-            cache = self.__dict__.setdefault("_dispatch_cache", {})
-            geometry = (self.out_channels, self.kernel_size, self.stride, self._conv_padding, self.dilation,
-                        self.groups)
-            y = run_for_layer(cache, x, attn, cells, bias, geometry, self.backend, name)
-        if self.attention.omni:
+            y = run_for_layer(self.__dict__.setdefault("_dispatch_cache", {}), x, attn, cells, bias, geometry,
+                              self.backend, name)
+        if omni:
             y = y * filter_.view(*filter_.shape, *(1,) * self.dims).to(y.dtype)
         return y.squeeze(0) if unbatched else y
 

@@ -340,7 +340,9 @@ def _candidates(call: Call, requested: str, formulation: str | None, tensors,
     backends = [requested] if requested != "auto" else automatic  # Triton on CPU tensors (its interpreter): forced
     allowed, excluded = [], {}
     if requested == "auto" and formulation is None:
-        if call.transform == "func":
+        if call.batch == 0:
+            excluded["released"] = "an empty batch (a convolution with groups = B cannot have B = 0)"
+        elif call.transform == "func":
             excluded["released"] = "torch.func transforms run the op (its formulas and batching rules)"
         elif call.backward and call.kept_bytes > keep_bytes():
             excluded["released"] = (f"would keep {call.kept_bytes / 2**20:.0f} MiB of per-sample kernels, above "
@@ -475,10 +477,13 @@ def run_formulation(formulation: str, x, attn, warehouse, bias, out_channels: in
                     dilation, groups: int):
     """Run the call in `formulation` (arguments checked and normalised; the contract of kw_ops.ops.kw_conv)."""
     geometry = (out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    if formulation == "released":
-        return kept_kernels_conv(x, attn, warehouse, bias, *geometry)
-    if formulation == "export":
-        return export_conv(x, attn, warehouse, bias, *geometry)
+    if formulation in ("released", "export"):
+        if torch.is_autocast_enabled(x.device.type):  # every operand in the autocast dtype, as the op runs
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, attn, warehouse = x.to(dtype), attn.to(dtype), warehouse.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        run = kept_kernels_conv if formulation == "released" else export_conv
+        return run(x, attn, warehouse, bias, *geometry)
     _, backend, variant = formulation.split(":")
     variant = variant if variant in ("grouped", "gemm") else ""  # 'auto': the op decides when it runs
     args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
