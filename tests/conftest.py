@@ -3,6 +3,9 @@ skipped without CUDA; one OpenMP thread."""
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the dispatcher's decisions from default rates, not from this machine's calibration cache (tests that calibrate
+# point KW_OPS_CALIBRATION at a file of their own)
+os.environ.setdefault("KW_OPS_CALIBRATION", os.path.join(os.path.dirname(__file__), ".no-calibration.json"))
 
 import torch  # noqa: E402  (importing torch does not import triton)
 
