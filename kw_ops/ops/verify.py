@@ -150,39 +150,39 @@ def _reference_inputs(tensors, dtype: torch.dtype):
     return [t.to(wide) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
 
 
+def _checked(direction: str, run, reference, tensors: tuple, args: tuple, formulation):
+    """run(*tensors, *args, formulation) (Triton), checked against reference(*tensors, *args, None) (the torch
+    path) when its key is new or `always` is asked for; the reference's result where they disagree or disagreed
+    before. x is tensors[0] in the forward (x, attn, warehouse, bias), tensors[1] in the backward (grad, x, ...)."""
+    mode = verify_mode()
+    x = tensors[0] if direction == "forward" else tensors[1]
+    geometry = args[:6] if direction == "forward" else args[1:7]
+    key = _key(x, *geometry)
+    if key in _FAILED:
+        return reference(*tensors, *args, None)
+    result = run(*tensors, *args, formulation)
+    if mode == "0" or (mode == "1" and (key, direction) in _VERIFIED):
+        return result
+    expected = reference(*_reference_inputs(tensors, x.dtype), *args, None)
+    results, expecteds = (result, expected) if direction == "backward" else ((result,), (expected,))
+    if _compare(key, direction, results, expecteds, x.dtype):
+        return result
+    cast = tuple(e.to(r.dtype) if e is not None and r is not None else e for e, r in zip(expecteds, results))
+    return cast if direction == "backward" else cast[0]
+
+
 def verified_implementation(forward, backward, reference_forward, reference_backward):
     """(forward, backward) of Triton that verify each new key against the torch path (module docstring)."""
 
     def checked_forward(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups,
                         formulation=None):
-        mode = verify_mode()
-        key = _key(x, out_channels, kernel_size, stride, padding, dilation, groups)
-        geometry = (out_channels, kernel_size, stride, padding, dilation, groups)
-        if key in _FAILED:
-            return reference_forward(x, attn, warehouse, bias, *geometry, None)
-        y = forward(x, attn, warehouse, bias, *geometry, formulation)
-        if mode == "0" or (mode == "1" and (key, "forward") in _VERIFIED):
-            return y
-        inputs = _reference_inputs((x, attn, warehouse, bias), x.dtype)
-        reference = reference_forward(*inputs, *geometry, None)
-        if _compare(key, "forward", (y,), (reference,), x.dtype):
-            return y
-        return reference.to(y.dtype)
+        return _checked("forward", forward, reference_forward, (x, attn, warehouse, bias),
+                        (out_channels, kernel_size, stride, padding, dilation, groups), formulation)
 
     def checked_backward(grad, x, attn, warehouse, has_bias, out_channels, kernel_size, stride, padding, dilation,
                          groups, output_mask, formulation=None):
-        mode = verify_mode()
-        key = _key(x, out_channels, kernel_size, stride, padding, dilation, groups)
-        args = (has_bias, out_channels, kernel_size, stride, padding, dilation, groups, output_mask)
-        if key in _FAILED:
-            return reference_backward(grad, x, attn, warehouse, *args, None)
-        grads = backward(grad, x, attn, warehouse, *args, formulation)
-        if mode == "0" or (mode == "1" and (key, "backward") in _VERIFIED):
-            return grads
-        inputs = _reference_inputs((grad, x, attn, warehouse), x.dtype)
-        references = reference_backward(*inputs, *args, None)
-        if _compare(key, "backward", grads, references, x.dtype):
-            return grads
-        return tuple(r.to(g.dtype) if r is not None and g is not None else r for r, g in zip(references, grads))
+        return _checked("backward", backward, reference_backward, (grad, x, attn, warehouse),
+                        (has_bias, out_channels, kernel_size, stride, padding, dilation, groups, output_mask),
+                        formulation)
 
     return checked_forward, checked_backward
