@@ -84,7 +84,8 @@ def main(argv=None) -> int:
         return 0
     unknown = [m for m in args.models if m not in models.list_models()]
     if unknown:
-        print(f"kw_ops calibrate: unknown model(s) {', '.join(unknown)}; see python -m kw_ops describe --list",
+        kw = [m for m in models.list_models() if "_kw" in m]
+        print(f"kw_ops calibrate: --models: unknown model(s) {', '.join(unknown)}; KW models: {', '.join(kw)}",
               file=sys.stderr)
         return 2
     started = time.perf_counter()

@@ -36,7 +36,7 @@ def dispatch_table(model: torch.nn.Module, batch: int, size: int, train: bool, d
 
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     calls = collect_calls(model, batch, size, train)
-    rows, chosen_total, released_total, names = [], 0.0, 0.0, []
+    rows, chosen_total, released_total, names, unpaired = [], 0.0, 0.0, [], 0
     for name, call in calls:
         call = dataclasses.replace(call, device=device, dtype=dtype)
         decision = dispatch.decide(call)
@@ -46,10 +46,11 @@ def dispatch_table(model: torch.nn.Module, batch: int, size: int, train: bool, d
                 names.append(formulation)
         chosen = estimates.get(decision.formulation)
         released = estimates.get("released")
-        if chosen is not None and chosen.seconds is not None:
+        if chosen is not None and chosen.seconds is not None and released is not None and released.seconds:
             chosen_total += chosen.seconds
-        if released is not None and released.seconds is not None:
             released_total += released.seconds
+        else:
+            unpaired += 1
         rows.append((name or "?", call, decision, estimates))
     names.sort(key=dispatch.FORMULATIONS.index)
     source = cpu_costs.rate_table().source if device == "cpu" else _gpu_source()
@@ -67,9 +68,12 @@ def dispatch_table(model: torch.nn.Module, batch: int, size: int, train: bool, d
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    if not rows:
+        return lines[0] + "\nno KW layer: nothing for the dispatcher to decide"
     if released_total:
+        skipped = f", over the {len(rows) - unpaired} layers where released is a candidate" if unpaired else ""
         lines.append(f"sum of the estimates (ms): chosen {chosen_total * 1e3:.4g}, released {released_total * 1e3:.4g} "
-                     f"({released_total / chosen_total:.2f}x predicted speed-up of the KW layers)")
+                     f"({released_total / chosen_total:.2f}x predicted speed-up of the KW layers{skipped})")
     excluded = {f: e.why_not for _, _, _, estimates in rows for f, e in estimates.items() if e.seconds is None}
     for formulation, why in excluded.items():
         lines.append(f"not a candidate: {formulation}: {why}")

@@ -354,3 +354,42 @@ def test_the_automatic_choice_leaves_out_triton_for_a_key_that_failed(monkeypatc
     dispatch.clear_decisions()
     monkeypatch.setattr(verify, "failed", lambda c: False)
     assert "op:triton:two_phase" in {e.formulation for e in dispatch.decide(call).estimates if e.seconds is not None}
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_describe_dispatch_prints_every_kw_layer_its_pick_and_the_estimates(capsys, tmp_path, monkeypatch):
+    from kw_ops.__main__ import main
+
+    monkeypatch.setenv(cpu_costs.CACHE_ENV, str(tmp_path / "none.json"))
+    cpu_costs._cached_table.cache_clear()
+    dispatch.clear_decisions()
+    assert main(["describe", "tiny_kw1x", "--dispatch", "--size", "16", "--train"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model = kw_ops.models.create("tiny_kw1x")
+    names = [n for n, m in model.named_modules() if isinstance(m, kw_ops.nn.layers.KWLayer)]
+    assert "batch 2, 16x16, training step" in out[0] and "defaults" in out[0]
+    rows = [line for line in out if line.split(" ")[0] in names]
+    assert [r.split()[0] for r in rows] == names
+    assert all(any(f in r for f in dispatch.FORMULATIONS) for r in rows)
+    assert any(line.startswith("sum of the estimates (ms)") for line in out)
+    cpu_costs._cached_table.cache_clear()
+    for bad in (["--batch", "0"], ["--size", "0"], ["--device", "tpu"], ["--train", "--batch", "1"]):
+        assert main(["describe", "tiny_kw1x", "--dispatch", *bad]) == 2
+        assert capsys.readouterr().err.startswith("kw_ops describe: ")
+
+
+def test_calibrate_command_times_a_models_calls_into_the_cache(capsys, tmp_path, monkeypatch):
+    from kw_ops.__main__ import main
+
+    cache = tmp_path / "rates.json"
+    monkeypatch.setenv(cpu_costs.CACHE_ENV, str(cache))
+    cpu_costs._cached_table.cache_clear()
+    assert main(["calibrate", "--models", "tiny_kw1x", "--size", "16", "--batch", "2"]) == 0
+    assert "kernel buckets" in capsys.readouterr().out
+    rates = json.loads(cache.read_text())["rates"]
+    assert rates and all(key.startswith("formulation:") for key in rates)
+    assert any(key.startswith("formulation:released:") for key in rates)
+    assert main(["calibrate", "--models", "nope_kw1x"]) == 2
+    assert "--models: unknown model(s) nope_kw1x" in capsys.readouterr().err
+    cpu_costs._cached_table.cache_clear()
+    dispatch.clear_decisions()

@@ -326,8 +326,8 @@ def _call_reasons(backend: str, call: Call) -> list[str]:
 
 
 def _op_formulations(backend: str, call: Call) -> list[str]:
-    if backend == "torch":
-        return ["op:torch:grouped"] + (["op:torch:gemm"] if call.groups == 1 else [])
+    if backend == "torch":  # its gemm path: CPU (im2col GEMMs; on GPU the grouped convolution is cuDNN's)
+        return ["op:torch:grouped"] + (["op:torch:gemm"] if call.groups == 1 and call.device == "cpu" else [])
     if backend == "cpp":
         return (["op:cpp:gemm"] if call.groups == 1 else []) + ["op:cpp:grouped"]
     return [f"op:{backend}:two_phase"] if backend == "triton" else [f"op:{backend}"]
