@@ -7,8 +7,9 @@
 Stages; each has its own deadline, checked inside its loops (what does not fit is a 'skipped' row saying so):
 0. compile every kernel specialisation the stages below launch (captured on meta tensors by
            kw_ops.benchmarking.triton_capture, pinned configs) in parallel processes into Triton's cache.
-a. smoke   bf16 correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch path
-           in fp64 on the same bf16 inputs: SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted
+a. smoke   correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch path
+           in fp64 on the same inputs, relative Frobenius and largest absolute error (SMOKE_TOLERANCES): bf16 on
+           every one of SMOKE_SHAPES, fp16 and fp32 (TF32 and ieee) on one shape per kernel path; SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted
            to channels_last and channels_last ones; dx by stride phase; several chunks), every autotuned kernel
            on the config a real launch takes (tuning.py's pick per shape class, no autotuning), outputs poisoned with
            NaN, stop at the --maxfail-th failure.
@@ -54,7 +55,15 @@ LAYER_MODEL = "resnet50_kw1x"
 LAYER_BATCH = 128
 PROVIDERS = ("static", "torch", "released", "triton")
 WARMUP, REPEATS = 2, 5         # untimed and timed calls per layer case (median of the timed ones)
-SMOKE_REL_TOL = 1e-2           # bf16 operands: relative error between 1e-3 and 1e-2 (METHOD.md)
+# Smoke precisions: (dtype, fp32 dot precision) -> (tolerance of the relative Frobenius error, of the largest
+# absolute error over the reference's largest magnitude), both against the torch path in fp64 on the same values.
+# bf16 keeps 8 mantissa bits (relative errors 1e-3 to 1e-2, METHOD.md); fp16 and TF32 keep 11; ieee fp32 24.
+SMOKE_TOLERANCES = {("bf16", None): (1e-2, 5e-2), ("fp16", None): (2e-3, 1e-2), ("fp32", "tf32"): (2e-3, 1e-2),
+                    ("fp32", "ieee"): (1e-5, 1e-4)}
+SMOKE_REL_TOL = SMOKE_TOLERANCES[("bf16", None)][0]
+#: the shapes also run in fp16 and fp32 (TF32 and ieee): the first of each kernel path (groups = 1 NCHW and NHWC,
+#: stride-phase dx, depthwise, grouped, several chunks)
+SMOKE_OTHER_DTYPE_CASES = 6
 NETWORK_METHODS = (("resnet50", "static", False), ("resnet50_kw1x", "released", True),
                    ("resnet50_kw1x", "kw_ops", False))
 # Table 12 times batch 100; 128 and NCHW here so that the Triton launches reuse stage c's compiles
@@ -236,15 +245,30 @@ def planned_launches(specs, modes) -> dict[str, set]:
     network stage is assumed to reuse the layer stage's: same batch, layout and configs)."""
     from kw_ops.benchmarking import triton_capture
 
+    from kw_ops.ops.triton.launch import FP32_PRECISION_ENV
+
     smoke_calls = [triton_capture.LayerCall(c.spec(), c.batch, torch.bfloat16, c.channels_last, c.name)
                    for c in SMOKE_SHAPES]
     layer_calls = triton_capture.layer_calls([(LAYER_MODEL, s) for s in specs], [LAYER_BATCH], [torch.bfloat16])
-    found = {}
-    for stage, calls, stage_modes in (("smoke", smoke_calls, modes), ("layers", layer_calls, (None,))):
-        found[stage] = set()
+    found = {"smoke": set(), "layers": set()}
+    passes = [("smoke", smoke_calls, modes, None), ("layers", layer_calls, (None,), None)]
+    for dtype, precision in SMOKE_TOLERANCES:   # the smoke's other dtypes and fp32 precisions
+        if dtype != "bf16":
+            calls = [triton_capture.LayerCall(c.spec(), c.batch, _DTYPES[dtype], c.channels_last, c.name)
+                     for c in _other_dtype_cases()]
+            passes.append(("smoke", calls, modes, precision))
+    for stage, calls, stage_modes, precision in passes:
         for mode in stage_modes:
-            with _forced_mode(mode), pinned_configs():
-                launches, _ = triton_capture.capture(calls)
+            saved = os.environ.pop(FP32_PRECISION_ENV, None)
+            if precision:
+                os.environ[FP32_PRECISION_ENV] = precision
+            try:
+                with _forced_mode(mode), pinned_configs():
+                    launches, _ = triton_capture.capture(calls)
+            finally:
+                os.environ.pop(FP32_PRECISION_ENV, None)
+                if saved is not None:
+                    os.environ[FP32_PRECISION_ENV] = saved
             found[stage] |= set(launches)
     return found
 
@@ -318,9 +342,12 @@ SMOKE_SHAPES = (
 )
 
 
-def _smoke_inputs(case: SmokeCase):
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _smoke_inputs(case: SmokeCase, dtype: torch.dtype = torch.bfloat16):
     spec = case.spec()
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)  # fresh data
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, device="cuda") * scale).to(dtype)  # fresh data
     x = rand(case.batch, case.channels, *case.size)
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -331,41 +358,69 @@ def _smoke_inputs(case: SmokeCase):
     return spec, x, attn, warehouse, bias, dy
 
 
-def _rel_err(got, ref) -> float:
+def _errors(got, ref) -> tuple[float, float]:
+    """(relative Frobenius error, largest absolute error over the reference's largest magnitude); inf for a
+    missing or non-finite result."""
     if got is None or ref is None:
-        return 0.0 if got is ref else math.inf
+        return (0.0, 0.0) if got is ref else (math.inf, math.inf)
     got, ref = got.double(), ref.double()
     if not torch.isfinite(got).all():
-        return math.inf
-    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        return math.inf, math.inf
+    frobenius = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    largest = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
+    return frobenius, largest
 
 
-def smoke_item(case: SmokeCase, mode: str) -> Item:
+def smoke_item(case: SmokeCase, mode: str, dtype: str = "bf16", precision: str | None = None) -> Item:
+    rel_tol, abs_tol = SMOKE_TOLERANCES[(dtype, precision)]
+
     def run(deadline):
         from kw_ops.ops.torch_impl import kw_conv_backward_torch, kw_conv_torch
         from kw_ops.ops.triton import launch
 
-        spec, x, attn, warehouse, bias, dy = _smoke_inputs(case)
+        spec, x, attn, warehouse, bias, dy = _smoke_inputs(case, _DTYPES[dtype])
         geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
-        f64 = lambda t: None if t is None else t.double()   # the same bf16 values, exact arithmetic
+        f64 = lambda t: None if t is None else t.double()   # the same values, exact arithmetic
         ref_y = kw_conv_torch(f64(x), f64(attn), f64(warehouse), f64(bias), *geometry)
         ref_grads = kw_conv_backward_torch(f64(dy), f64(x), f64(attn), f64(warehouse), case.bias, *geometry,
                                            (True, True, True, case.bias))
-        with poisoned_outputs():
-            y = launch.kw_conv_triton_forward(x, attn, warehouse, bias, *geometry, mode=mode)
-            grads = launch.kw_conv_triton_backward(dy, x, attn, warehouse, case.bias, *geometry, mode=mode)
+        with poisoned_outputs():   # the config a real launch takes: pinned_configs() around the stage
+            y = launch.kw_conv_triton_forward(x, attn, warehouse, bias, *geometry, mode=mode, input_precision=precision)
+            grads = launch.kw_conv_triton_backward(dy, x, attn, warehouse, case.bias, *geometry, mode=mode,
+                                                   input_precision=precision)
         rows = []
+        label = dtype + (f"-{precision}" if precision else "")
         for name, got, ref in zip(("y", "dx", "dattn", "dwarehouse", "dbias"), (y, *grads), (ref_y, *ref_grads)):
-            err = _rel_err(got, ref)
-            rows.append({"provider": "triton", "mode": f"{mode}:{name}", "rel_err": f"{err:.2e}",
-                         "status": "ok" if err <= SMOKE_REL_TOL else "fail"})
+            frobenius, largest = _errors(got, ref)
+            rows.append({"provider": "triton", "mode": f"{mode}:{label}:{name}", "rel_err": f"{frobenius:.2e}",
+                         "value": f"{largest:.2e}", "unit": "max abs err / max abs ref",
+                         "status": "ok" if frobenius <= rel_tol and largest <= abs_tol else "fail"})
         return rows
 
-    return Item(f"{case.name} {mode}", run, estimate_s=ASSUMED_CASE_OVERHEAD_S)
+    label = dtype + (f"-{precision}" if precision else "")
+    return Item(f"{case.name} {mode} {label}", run, estimate_s=ASSUMED_CASE_OVERHEAD_S)
 
 
 def smoke_items(modes) -> list[Item]:
-    return [smoke_item(case, mode) for case in SMOKE_SHAPES for mode in modes]
+    """Every smoke shape in bf16; the first SMOKE_OTHER_DTYPE_CASES of them also in fp16 and fp32 (TF32, the
+    default, and ieee)."""
+    items = [smoke_item(case, mode) for case in SMOKE_SHAPES for mode in modes]
+    for dtype, precision in SMOKE_TOLERANCES:
+        if dtype != "bf16":
+            items += [smoke_item(case, mode, dtype, precision) for case in _other_dtype_cases() for mode in modes]
+    return items
+
+
+def _other_dtype_cases() -> list[SmokeCase]:
+    """One smoke shape per kernel path: groups = 1 (NCHW, NHWC), stride-2 dx, depthwise, grouped, several chunks."""
+    picks = [next(c for c in SMOKE_SHAPES if c.groups == 1 and not c.channels_last),
+             next(c for c in SMOKE_SHAPES if c.groups == 1 and c.channels_last),
+             next(c for c in SMOKE_SHAPES if c.stride[0] == 2 and c.kernel[0] == 3 and c.groups == 1),
+             next(c for c in SMOKE_SHAPES if c.groups == c.channels),
+             next(c for c in SMOKE_SHAPES if 1 < c.groups < c.channels),
+             SMOKE_SHAPES[-1]]
+    assert len(picks) == SMOKE_OTHER_DTYPE_CASES
+    return picks
 
 
 # -- stage b: peaks ----------------------------------------------------------------------------------------

@@ -94,7 +94,12 @@ def test_smoke_cases_cover_every_kernel_path(gpu_check):
     names = [c.name for c in cases]
     assert len(set(names)) == len(names)
     items = gpu_check.smoke_items(launch.MODES)
-    assert len(items) == len(launch.MODES) * len(cases) and 15 <= len(items) <= 30
+    other = gpu_check._other_dtype_cases()
+    assert len(items) == len(launch.MODES) * (len(cases) + 3 * len(other)) and 15 <= len(cases) <= 30
+    assert {i.case.split()[-1] for i in items} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
+    # fp16 and fp32 on a shape of each kernel path: NCHW, NHWC, stride-phase dx, depthwise, grouped, several chunks
+    assert len(set(other)) == len(other) == 6 and any(c.groups == c.channels for c in other)
+    assert any(1 < c.groups < c.channels for c in other) and any(c.channels_last for c in other)
     assert all(c.spec()["m"] * c.spec()["cell"][0] * c.spec()["cell"][1] * math.prod(c.spec()["cell"][2:])
                == c.out * c.channels // c.groups * math.prod(c.kernel) for c in cases)     # cells tile the weight
     # the grouped kernels: depthwise (one input channel per group) and wider groups, NHWC among them
