@@ -16,7 +16,8 @@ a. smoke   correctness of every kernel (each mode of launch.MODES, forward and b
 b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
            matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
 c. layers  forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
-           path, released formulation, Triton (pinned configs); median of CUDA-event timings over rotated inputs,
+           path, released formulation, Triton (pinned configs; its output or gradients compared with released's on
+           the same inputs first, and not timed where they disagree); median of CUDA-event timings over rotated inputs,
            the roofline floor with the peaks of b, and the cost model's prediction with them.
 d. network Table 12 / 16 rows: ResNet50 static and KW1x (released formulation, kw_ops) images/s, training step,
            peak memory.
@@ -494,6 +495,32 @@ def _predicted_ms(spec, provider: str, mode: str, peaks, triton_modes) -> float 
     return sum(cost_model.predict(shape, provider, d, peaks).ms for d in directions)
 
 
+def disagreement_with_released(spec, mode: str, batch: int = LAYER_BATCH, dtype=torch.bfloat16,
+                                device: str = "cuda") -> str:
+    """'' where the Triton provider's result on one batch-128 bf16 input set (the output, or every gradient for
+    the backward) is within twice the bf16 smoke tolerance of the released formulation's on the same inputs (both
+    round in bf16), else what disagrees: a time of a wrong result never counts."""
+    from kw_ops.benchmarking import op_bench
+
+    tensors, bias, dy = op_bench._operands(spec, "triton", batch, dtype, device, mode != "forward")
+    triton_fn, released_fn = op_bench._forward(spec, "triton"), op_bench._forward(spec, "released")
+    if mode == "forward":
+        with torch.no_grad():
+            pairs = [("y", triton_fn(*tensors, bias), released_fn(*tensors, bias))]
+    else:
+        wrt = tensors + ([bias] if bias is not None else [])
+        got = torch.autograd.grad(triton_fn(*tensors, bias), wrt, dy)
+        want = torch.autograd.grad(released_fn(*tensors, bias), wrt, dy)
+        pairs = list(zip(("dx", "dattn", "dwarehouse", "dbias"), got, want))
+    rel_tol, abs_tol = SMOKE_TOLERANCES[("bf16", None)]
+    problems = []
+    for name, got, want in pairs:
+        frobenius, largest = _errors(got, want)
+        if frobenius > 2 * rel_tol or largest > 2 * abs_tol:
+            problems.append(f"{name}: rel {frobenius:.1e}, max {largest:.1e}")
+    return "; ".join(problems)
+
+
 def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
     """One item per layer shape, provider and mode; peaks_of() gives the peaks at run time (stage b's)."""
     from kw_ops.benchmarking import op_bench
@@ -507,6 +534,11 @@ def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
                     reasons = op_bench.skip_reasons(spec, provider, LAYER_BATCH, torch.bfloat16, "cuda")
                     if reasons:
                         return [{"provider": provider, "mode": mode, "status": "skipped", "note": "; ".join(reasons)}]
+                    if provider == "triton":
+                        problem = disagreement_with_released(spec, mode)
+                        if problem:
+                            return [{"provider": provider, "mode": mode, "status": "fail",
+                                     "note": f"disagrees with released, not timed: {problem}"}]
                     case = op_bench.make_case(spec, provider, mode, LAYER_BATCH, torch.bfloat16, "cuda")
                     ms = time_ms(case, deadline)
                     peaks = peaks_of()

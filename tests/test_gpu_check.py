@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -167,3 +168,30 @@ def test_compile_stage_fills_the_cache(tmp_path):
     first, second = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
     assert [s for s, _ in first] == [s for s, _ in second] == ["ok", "ok"]
     assert max(t for _, t in second) < min(t for _, t in first)   # the second run loads what the workers compiled
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_a_triton_layer_result_is_compared_with_released_before_it_is_timed(gpu_check, mode, monkeypatch):
+    """Under the interpreter (CPU tensors, float32): the kernels agree with released; a planted wrong result (a
+    skipped first output row, or a gradient off by 10 %) is named instead."""
+    pytest.importorskip("triton")
+    from kw_ops.ops import verify
+    from kw_ops.ops.triton import interpreting, launch
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
+    monkeypatch.setenv(verify.VERIFY_ENV, "0")   # the comparison under test, not the op's own verification
+    spec = {"channels": 8, "out": 16, "size": (6, 6), "kernel": (3, 3), "stride": (1, 1), "padding": (1, 1),
+            "dilation": (1, 1), "groups": 1, "n": 5, "m": 18, "cell": (8, 8, 1, 1), "bias": True, "layer": "t"}
+    check = lambda: gpu_check.disagreement_with_released(spec, mode, batch=3, dtype=torch.float32, device="cpu")
+    assert check() == ""
+    if mode == "forward":
+        real = launch.kw_conv_triton_forward
+        monkeypatch.setattr(launch, "kw_conv_triton_forward",
+                            lambda *a, **k: real(*a, **k).index_fill_(2, torch.tensor([0]), 0.0))
+        assert check().startswith("y: rel")
+    else:
+        real = launch.kw_conv_triton_backward
+        monkeypatch.setattr(launch, "kw_conv_triton_backward",
+                            lambda *a, **k: tuple(g * 1.1 if i == 2 else g for i, g in enumerate(real(*a, **k))))
+        assert check().startswith("dwarehouse: rel")
