@@ -4,23 +4,31 @@
     PYTHONPATH=. python benchmarks/gpu_check.py           # on the GPU; writes under $OUT, else benchmarks/results/
     KW_OPS_GIT_SHA=<sha> ...                              # the sha to record where the tree was copied without .git
 
-Stages; each has its own deadline, checked inside its loops (what does not fit is a 'skipped' row saying so):
-0. compile every kernel specialisation the stages below launch (captured on meta tensors by
-           kw_ops.benchmarking.triton_capture, pinned configs) in parallel processes into Triton's cache.
-a. smoke   correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch path
-           in fp64 on the same inputs, relative Frobenius and largest absolute error (SMOKE_TOLERANCES): bf16 on
-           every one of SMOKE_SHAPES, fp16 and fp32 (TF32 and ieee) on one shape per kernel path; SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted
-           to channels_last and channels_last ones; dx by stride phase; several chunks), every autotuned kernel
-           on the config a real launch takes (tuning.py's pick per shape class, no autotuning), outputs poisoned with
-           NaN, stop at the --maxfail-th failure.
-b. peaks   DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
-           matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS=peaks.json).
-c. layers  forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
-           path, released formulation, Triton (pinned configs; its output or gradients compared with released's on
-           the same inputs first, and not timed where they disagree); median of CUDA-event timings over rotated inputs,
-           the roofline floor with the peaks of b, and the cost model's prediction with them.
-d. network Table 12 / 16 rows: ResNet50 static and KW1x (released formulation, kw_ops) images/s, training step,
-           peak memory.
+Stages, in this order; each has its own deadline, checked inside its loops (what does not fit is a 'skipped'
+row saying so). The baselines run in this process; every stage that launches a Triton kernel runs in a child
+process (ISOLATED), so a fault (an illegal address poisons the CUDA context) or a hung kernel (CASE_TIMEOUT_S)
+costs the case in flight, as an error row naming it, and the stage goes on in a new child from the next case.
+`--stages isolation_check` exercises that without a GPU.
+compile         every kernel specialisation the stages below launch (captured on meta tensors by
+                kw_ops.benchmarking.triton_capture, the config a real launch takes) in parallel processes into
+                Triton's cache, before this process touches CUDA; --plan also counts the C launchers gcc builds
+                at each kernel signature's first launch.
+peaks           DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
+                matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS).
+layers          forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
+                path, released formulation; median of CUDA-event timings over rotated inputs, the roofline floor
+                with the peaks measured above, and the cost model's prediction with them.
+network         Table 12 / 16 rows: ResNet50 static and KW1x in the released formulation: images/s, training
+                step, peak memory.
+smoke (child)   correctness of every kernel (each mode of launch.MODES, forward and backward) against the torch
+                path in fp64 on the same inputs, relative Frobenius and largest absolute error (SMOKE_TOLERANCES):
+                bf16 on every one of SMOKE_SHAPES (groups = 1, depthwise and grouped; NCHW inputs converted to
+                channels_last and channels_last ones; dx by stride phase; several chunks), fp16 and fp32 (TF32 and
+                ieee) on one shape per kernel path; outputs poisoned with NaN; stops at the --maxfail-th failure.
+layers_triton   the layers stage's Triton rows (child); each layer's output or gradients are compared with the
+(child)         released formulation's on the same inputs first, and not timed where they disagree.
+network_kw_ops  the network stage's kw_ops row (child).
+(child)
 Output: gpu_check.csv (one row appended and flushed per result), gpu_check.md (rewritten after each stage),
 peaks.json; every row and the header carry device, versions and git sha.
 """
@@ -48,9 +56,17 @@ from kw_ops.benchmarking.model_bench import _environment  # noqa: E402
 from kw_ops.ops.triton import cost_model  # noqa: E402  (no triton import: main() sets TRITON_INTERPRET first)
 
 WINDOW_S = 360                 # the GPU window the default run must fit
-STAGES = ("compile", "smoke", "peaks", "layers", "network")
+# Order: the compile workers fork before the parent touches CUDA; the baselines (peaks, static, torch path,
+# released) run in the parent; every stage that launches Triton kernels runs in a child process (ISOLATED), so a
+# fault (an illegal address poisons a CUDA context) costs the case in flight, named, and the stage goes on in a
+# new child from the next case.
+STAGES = ("compile", "peaks", "layers", "network", "smoke", "layers_triton", "network_kw_ops")
+ISOLATED = ("smoke", "layers_triton", "network_kw_ops", "isolation_check")
 # Each stage's own budget (seconds); a stage also stops at the run's deadline (--budget-s).
-STAGE_BUDGET_S = {"compile": 45, "smoke": 60, "peaks": 15, "layers": 160, "network": 60}
+STAGE_BUDGET_S = {"compile": 70, "peaks": 15, "layers": 80, "network": 40, "smoke": 60, "layers_triton": 80,
+                  "network_kw_ops": 30, "isolation_check": 60}
+CASE_TIMEOUT_S = 90            # a case of an isolated stage that takes longer is a hung kernel: its child is killed
+ISOLATION_CHECK_TIMEOUT_S = 5  # the same for the isolation check's cases (its hang sleeps an hour)
 COMPILE_WORKERS = 16           # processes compiling into Triton's cache (the GPU machine has 16 CPU cores)
 LAYER_MODEL = "resnet50_kw1x"
 LAYER_BATCH = 128
@@ -75,6 +91,8 @@ ASSUMED_COMPILE_S = 3.0        # one Triton compile on one core (1.3-3.4 s measu
 ASSUMED_SLOWDOWN = 4.0         # measured / predicted time of the unmeasured paths (Triton, torch path, networks)
 ASSUMED_CASE_OVERHEAD_S = 0.25  # inputs (three sets), graphs, launches and synchronisation of one case
 ASSUMED_STARTUP_S = 20.0       # imports, CUDA context, layer shapes
+ASSUMED_CHILD_START_S = 10.0   # a child of an isolated stage: spawn, imports, CUDA context, its stage's items
+ASSUMED_LAUNCHER_S = 0.4       # gcc building one C launcher (per kernel signature) at its first launch
 GIT_SHA_ENV = "KW_OPS_GIT_SHA"
 CSV_FIELDS = ("device", "torch", "triton", "cuda", "git_sha", "stage", "case", "provider", "mode", "status",
               "value", "unit", "predicted_ms", "floor_ms", "rel_err", "note")
@@ -127,6 +145,7 @@ class Item:
     run: object
     estimate_s: float = 0.0
     compiles: int = 0
+    launchers: int = 0
 
 
 def run_stage(stage: str, items: list[Item], deadline: Deadline, log: CsvLog, maxfail: int | None = None) -> str:
@@ -212,9 +231,10 @@ def _compile_one(index: int):
         return index, f"{type(exc).__name__}: {str(exc)[:200]}", 0.0
 
 
-def compile_item(launches_of, estimate: float, count: int) -> Item:
+def compile_item(launches_of, estimate: float, count: int, launcher_count: int = 0) -> Item:
     """Compile every specialisation later stages launch, in COMPILE_WORKERS processes, into Triton's on-disk cache
-    (the same compile call as a launch: the stages then load instead of compiling)."""
+    (the same compile call as a launch: the stages then load instead of compiling). The C launchers gcc builds at
+    each kernel signature's first launch are counted in the estimate (launcher_count x ASSUMED_LAUNCHER_S)."""
     def run(deadline):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -238,7 +258,8 @@ def compile_item(launches_of, estimate: float, count: int) -> Item:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    return Item("precompile", run, estimate_s=estimate, compiles=count)
+    return Item("precompile", run, estimate_s=estimate + launcher_count * ASSUMED_LAUNCHER_S, compiles=count,
+                launchers=launcher_count)
 
 
 def planned_launches(specs, modes) -> dict[str, set]:
@@ -521,13 +542,13 @@ def disagreement_with_released(spec, mode: str, batch: int = LAYER_BATCH, dtype=
     return "; ".join(problems)
 
 
-def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
+def layer_items(specs, peaks_of, triton_modes, providers=PROVIDERS) -> list[Item]:
     """One item per layer shape, provider and mode; peaks_of() gives the peaks at run time (stage b's)."""
     from kw_ops.benchmarking import op_bench
 
     items = []
     for spec in specs:
-        for provider in PROVIDERS:
+        for provider in providers:
             for mode in ("forward", "backward"):
                 def run(deadline, spec=spec, provider=provider, mode=mode):
                     kw = provider != "static"
@@ -562,12 +583,12 @@ def layer_items(specs, peaks_of, triton_modes) -> list[Item]:
 
 
 # -- stage d: network --------------------------------------------------------------------------------------
-def network_items(network_estimate_s: float) -> list[Item]:
+def network_items(network_estimate_s: float, methods=NETWORK_METHODS) -> list[Item]:
     from kw_ops import models
     from kw_ops.benchmarking import measure, worker
 
     items = []
-    for name, label, released in NETWORK_METHODS:
+    for name, label, released in methods:
         def run(deadline, name=name, label=label, released=released):
             model = models.create(name, num_classes=worker.NUM_CLASSES).cuda()
             xs, ys = measure.make_inputs(NETWORK_BATCH, 224, "cuda", False, worker.NUM_CLASSES)
@@ -624,22 +645,138 @@ def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
     """Items per stage, in STAGES order."""
     from kw_ops.ops.triton import launch
 
-    specs = kw_layer_shapes(LAYER_MODEL)
+    specs = kw_layer_shapes(LAYER_MODEL) if set(stages) & {"compile", "layers", "layers_triton", "network",
+                                                           "network_kw_ops"} else []
+    baselines = tuple(p for p in PROVIDERS if p != "triton")
     plan = {}
-    if "compile" in stages:
-        launches = planned_launches(specs, launch.MODES)
-        every = sorted(launches["smoke"] | launches["layers"], key=str)
-        plan["compile"] = [compile_item(lambda: every, len(every) * ASSUMED_COMPILE_S / COMPILE_WORKERS,
-                                        len(every))]
-    if "smoke" in stages:
-        plan["smoke"] = smoke_items(launch.MODES)
-    if "peaks" in stages:
-        plan["peaks"] = peak_items(measured)
-    if "layers" in stages:
-        plan["layers"] = layer_items(specs, peaks_of, launch.MODES)
-    if "network" in stages:
-        plan["network"] = network_items(network_estimate_s(specs, launch.MODES))
+    for stage in stages:
+        if stage == "compile":
+            launches = planned_launches(specs, launch.MODES)
+            every = sorted(launches["smoke"] | launches["layers"], key=str)
+            plan[stage] = [compile_item(lambda: every, len(every) * ASSUMED_COMPILE_S / COMPILE_WORKERS,
+                                        len(every), launchers(every))]
+        elif stage == "smoke":
+            plan[stage] = smoke_items(launch.MODES)
+        elif stage == "peaks":
+            plan[stage] = peak_items(measured)
+        elif stage in ("layers", "layers_triton"):
+            plan[stage] = layer_items(specs, peaks_of, launch.MODES, ("triton",) if stage == "layers_triton"
+                                      else baselines)
+        elif stage in ("network", "network_kw_ops"):
+            methods = [m for m in NETWORK_METHODS if (m[1] == "kw_ops") == (stage == "network_kw_ops")]
+            plan[stage] = network_items(network_estimate_s(specs, launch.MODES), methods)
+        elif stage == "isolation_check":
+            plan[stage] = isolation_check_items()
     return plan
+
+
+def launchers(launches) -> int:
+    """C launchers gcc builds at the first launch of each kernel signature (cached on disk afterwards)."""
+    return len({(launch.kernel, tuple(t for _, t in launch.signature if t != "constexpr")) for launch in launches})
+
+
+# -- isolation: the stages that launch Triton kernels, in child processes -------------------------------------
+def isolation_check_items() -> list[Item]:
+    """Four cases that exercise the isolation without a GPU: fine, a crash (the process exits as a fault would
+    leave it), fine again, a hang (killed at the case timeout), fine. `--stages isolation_check`."""
+    def fine(deadline):
+        return [{"provider": "none", "mode": "check", "status": "ok"}]
+
+    def crash(deadline):
+        os._exit(3)
+
+    def hang(deadline):
+        time.sleep(3600)
+
+    return [Item(f"case {i} {fn.__name__}", fn) for i, fn in enumerate((fine, crash, fine, hang, fine))]
+
+
+def _child(conn, stage: str, start: int, budget_s: float, measured: dict) -> None:
+    """A child process runs `stage`'s items from index `start`: ('start', i), ('rows', i, rows) per item, 'end'."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    peaks_of = lambda: measured_peaks(measured) if measured else cost_model.H100_SXM_DATASHEET  # noqa: E731
+    items = build_plan([stage], measured, peaks_of)[stage]
+    deadline = Deadline(budget_s)
+    with pinned_configs():
+        for index in range(start, len(items)):
+            if deadline.expired():
+                break
+            conn.send(("start", index))
+            try:
+                rows = list(items[index].run(deadline))
+            except Exception as exc:  # recorded as an error row, never as a number
+                rows = [{"status": "error", "note": f"{type(exc).__name__}: {str(exc)[:300]}"}]
+            conn.send(("rows", index, rows))
+    conn.send(("end",))
+
+
+def run_isolated_stage(stage: str, items: list[Item], deadline: Deadline, log: CsvLog, measured: dict,
+                       maxfail: int | None = None, case_timeout_s: float = CASE_TIMEOUT_S) -> str:
+    """Run `stage` in a spawned child process (which rebuilds the same items); a child that dies or hangs costs
+    the case it was running (an error row naming it and the exit code, or the timeout) and the stage goes on in a
+    new child from the next case. -> a summary line."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    done = failed = children = 0
+    start, begun = 0, deadline.clock()
+    while start < len(items) and not deadline.expired():
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(send, stage, start, deadline.left(), measured), daemon=True)
+        process.start()
+        send.close()
+        children += 1
+        current = None
+        while True:
+            wait = max(0.1, min(deadline.left(), case_timeout_s)) if current is not None else max(0.1, deadline.left())
+            message = ("timeout",)
+            if receive.poll(wait):
+                try:
+                    message = receive.recv()
+                except EOFError:
+                    message = ("died",)
+            if message[0] == "start":
+                current = message[1]
+                continue
+            if message[0] == "rows":
+                index, rows = message[1], message[2]
+                for row in rows:
+                    log.write({"stage": stage, "case": items[index].case, **row})
+                failed += any(row.get("status") in ("fail", "error") for row in rows)
+                done, start, current = done + 1, index + 1, None
+                if maxfail is not None and failed >= maxfail:
+                    log.write({"stage": stage, "case": items[index].case, "status": "stopped",
+                               "note": f"{failed} failures"})
+                    process.kill()
+                    return _isolated_summary(stage, done, len(items), failed, children, deadline.clock() - begun)
+                continue
+            if message[0] == "end":
+                process.join(10)
+                start = len(items) if current is None and start >= len(items) else start
+                break
+            process.kill()  # died, or a case hung past its timeout (or the stage's deadline)
+            process.join(10)
+            if current is None:   # before any case started: the child itself failed
+                log.write({"stage": stage, "case": "child start", "status": "error",
+                           "note": f"the child process ended before its first case (exit code {process.exitcode})"})
+                return _isolated_summary(stage, done, len(items), failed + 1, children, deadline.clock() - begun)
+            why = (f"the child process died (exit code {process.exitcode})" if message[0] == "died" else
+                   f"no result within {wait:.0f} s: a hung kernel or the stage's deadline; its child was killed")
+            log.write({"stage": stage, "case": items[current].case, "status": "error",
+                       "note": f"{why}; the stage goes on in a new child (rerun this case under compute-sanitizer "
+                               f"to find the fault)"})
+            failed, done, start = failed + 1, done + 1, current + 1
+            break
+        if message[0] == "end" and start < len(items):  # the child stopped at the deadline
+            break
+    if start < len(items):
+        log.write({"stage": stage, "case": items[start].case, "status": "skipped",
+                   "note": f"stage deadline: {len(items) - start} of {len(items)} items not run"})
+    return _isolated_summary(stage, done, len(items), failed, children, deadline.clock() - begun)
+
+
+def _isolated_summary(stage, done, total, failed, children, seconds) -> str:
+    return f"{stage}: {done}/{total} items, {failed} failed, {seconds:.0f} s, in {children} child process(es)"
 
 
 def estimate_s(items: list[Item]) -> float:
@@ -650,15 +787,19 @@ def print_plan(plan: dict, budget_s: float) -> tuple[float, list[str]]:
     """Print every stage's items and estimate; -> (total estimate, stages whose estimate exceeds their budget)."""
     total = ASSUMED_STARTUP_S
     print(f"gpu_check plan (estimate from the cost model with {cost_model.H100_SXM_DATASHEET.source}; assumed: "
-          f"{ASSUMED_COMPILE_S} s per compile on {COMPILE_WORKERS} cores, {ASSUMED_SLOWDOWN}x the prediction for "
-          f"Triton / torch path / networks, {ASSUMED_CASE_OVERHEAD_S} s per case, {ASSUMED_STARTUP_S} s start-up)")
+          f"{ASSUMED_COMPILE_S} s per compile on {COMPILE_WORKERS} cores, {ASSUMED_LAUNCHER_S} s per C launcher, "
+          f"{ASSUMED_SLOWDOWN}x the prediction for Triton / torch path / networks, {ASSUMED_CASE_OVERHEAD_S} s per "
+          f"case, {ASSUMED_STARTUP_S} s start-up, {ASSUMED_CHILD_START_S} s per child process)")
     over = []
     for stage, items in plan.items():
-        seconds = estimate_s(items)
+        seconds = estimate_s(items) + (ASSUMED_CHILD_START_S if stage in ISOLATED else 0.0)
         total += seconds
         if seconds > STAGE_BUDGET_S[stage]:
             over.append(stage)
-        print(f"{stage}: {len(items)} items, {sum(i.compiles for i in items)} compiles, estimate {seconds:.0f} s "
+        child = f", in a child process ({ASSUMED_CHILD_START_S:.0f} s to start)" if stage in ISOLATED else ""
+        built = sum(i.launchers for i in items)
+        print(f"{stage}: {len(items)} items, {sum(i.compiles for i in items)} compiles"
+              + (f", {built} C launchers" if built else "") + f"{child}, estimate {seconds:.0f} s "
               f"(budget {STAGE_BUDGET_S[stage]} s)")
         for item in items:
             print(f"  {item.case}: {item.estimate_s:.2f} s" + (f", {item.compiles} compiles" if item.compiles else ""))
@@ -677,14 +818,29 @@ def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
     lines = ["# gpu_check", "", *[f"- {h}" for h in header_lines(env)], "",
              "## Stages", "", *[f"- {s}" for s in summaries], "",
              f"Peaks used for floors and predictions: {peaks.source}", ""]
-    smoke = [r for r in rows if r["stage"] == "smoke" and r.get("status") != "ok"]
-    lines += ["## Smoke failures", ""] + ([f"- {r['case']} {r.get('mode', '')}: {r.get('status')} "
-                                            f"{r.get('rel_err', '')} {r.get('note', '')}" for r in smoke] or ["none"])
+    verified = [r for r in rows if r["stage"] == "smoke"]
+    smoke = [r for r in verified if r.get("status") != "ok"]
+    lines += ["## Verified, faster than released, failed", "",
+              f"- smoke: {len(verified) - len(smoke)} of {len(verified)} results within tolerance"]
+    timed = {}
+    for r in rows:
+        if r["stage"] in ("layers", "layers_triton") and r.get("status") == "ok" and r.get("provider"):
+            timed.setdefault((r["case"].split(" ")[0], r["mode"]), {})[r["provider"]] = float(r["value"])
+    pairs = [(k, t["triton"], t["released"]) for k, t in timed.items() if {"triton", "released"} <= set(t)]
+    if pairs:
+        faster = [k for k, tr, rel in pairs if tr < rel]
+        lines.append(f"- layers: Triton faster than released on {len(faster)} of {len(pairs)} (layer, pass) pairs")
+    failures = [r for r in rows if r.get("status") in ("fail", "error")]
+    lines += [f"- failed or errors: {len(failures)}" + (" (below)" if failures else "")]
+    lines += [f"  - {r['stage']} {r['case']} {r.get('mode', '')}: {r.get('status')} {r.get('rel_err', '')} "
+              f"{r.get('note', '')}" for r in failures]
+    lines += ["", "## Smoke failures", ""] + ([f"- {r['case']} {r.get('mode', '')}: {r.get('status')} "
+                                                f"{r.get('rel_err', '')} {r.get('note', '')}" for r in smoke] or ["none"])
     lines += ["", "## Peaks", ""] + [f"- {r['case']}: {r['value']} {r['unit']} ({r['note']})"
                                      for r in rows if r["stage"] == "peaks" and r.get("status") == "ok"]
     cells = {}
     for r in rows:
-        if r["stage"] == "layers" and r.get("provider"):
+        if r["stage"] in ("layers", "layers_triton") and r.get("provider"):
             layer = r["case"].split(" ")[0]
             cells.setdefault(layer, {"note": r.get("note", "")})[(r["provider"], r["mode"])] = r
     if cells:
@@ -700,7 +856,7 @@ def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
                 return f"{r['value']} ({r['floor_ms']}; {r['predicted_ms'] or '-'})"
             lines.append(f"| {layer} | " + " | ".join(text(c.get((p, m))) for p in PROVIDERS
                                                       for m in ("forward", "backward")) + " |")
-    network = [r for r in rows if r["stage"] == "network" and r.get("status") == "ok"]
+    network = [r for r in rows if r["stage"] in ("network", "network_kw_ops") and r.get("status") == "ok"]
     if network:
         lines += ["", "## Networks (Table 12 / 16 rows)", "", "| method | measure | value |", "|---|---|---|"]
         lines += [f"| {r['case']} | {r['mode']} | {r['value']} {r['unit']} |" for r in network]
@@ -720,7 +876,8 @@ def environment() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plan", action="store_true", help="print the compiles, timings and estimate; run nothing")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--stages", nargs="+", choices=(*STAGES, "isolation_check"), default=list(STAGES),
+                        help="isolation_check: a fault and a hang in child processes, without a GPU")
     parser.add_argument("--budget-s", type=float, default=WINDOW_S, help="the whole run's deadline")
     parser.add_argument("--maxfail", type=int, default=1, help="smoke failures before the smoke stage stops")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
@@ -735,8 +892,8 @@ def main(argv=None) -> int:
     if args.plan:
         total, over = print_plan(plan, args.budget_s)
         return 0 if total <= args.budget_s and not over else 1
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (--plan runs without one)", file=sys.stderr)
+    if not torch.cuda.is_available() and args.stages != ["isolation_check"]:
+        print("gpu_check: no CUDA device here (--plan and --stages isolation_check run without one)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -746,7 +903,12 @@ def main(argv=None) -> int:
         with pinned_configs():   # no autotuning anywhere: one config per kernel
             for stage, items in plan.items():
                 part = deadline.part(STAGE_BUDGET_S[stage])
-                summary = run_stage(stage, items, part, log, args.maxfail if stage == "smoke" else None)
+                maxfail = args.maxfail if stage == "smoke" else None
+                if stage in ISOLATED:
+                    timeout = ISOLATION_CHECK_TIMEOUT_S if stage == "isolation_check" else CASE_TIMEOUT_S
+                    summary = run_isolated_stage(stage, items, part, log, measured, maxfail, timeout)
+                else:
+                    summary = run_stage(stage, items, part, log, maxfail)
                 if stage == "peaks" and measured:
                     cost_model.save_peaks(measured_peaks(measured), out / "peaks.json")
                 summaries.append(summary)

@@ -133,9 +133,13 @@ def test_plan_fits_the_window():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
     assert out.startswith("device: ") and "git sha: " in out and "versions: torch" in out
-    for stage in ("compile", "smoke", "peaks", "layers", "network"):
-        assert re.search(rf"^{stage}: \d+ items, \d+ compiles, estimate \d+ s", out, re.MULTILINE), stage
-    assert int(re.search(r"^compile: 1 items, (\d+) compiles", out, re.MULTILINE).group(1)) > 0
+    # the baselines run in the parent before any stage that launches a Triton kernel; those run in child processes
+    stages = re.findall(r"^([a-z_]+): \d+ items, \d+ compiles", out, re.MULTILINE)
+    assert stages == ["compile", "peaks", "layers", "network", "smoke", "layers_triton", "network_kw_ops"]
+    for stage in ("smoke", "layers_triton", "network_kw_ops"):
+        assert re.search(rf"^{stage}: \d+ items, 0 compiles, in a child process", out, re.MULTILINE), stage
+    compiles, launchers = re.search(r"^compile: 1 items, (\d+) compiles, (\d+) C launchers", out, re.MULTILINE).groups()
+    assert int(compiles) > int(launchers) > 0
     total = float(re.search(r"^estimate: (\d+) s", out, re.MULTILINE).group(1))
     assert 0 < total <= 360 and "over their own budget" not in out
 
@@ -195,3 +199,20 @@ def test_a_triton_layer_result_is_compared_with_released_before_it_is_timed(gpu_
         monkeypatch.setattr(launch, "kw_conv_triton_backward",
                             lambda *a, **k: tuple(g * 1.1 if i == 2 else g for i, g in enumerate(real(*a, **k))))
         assert check().startswith("dwarehouse: rel")
+
+
+def test_a_crash_or_a_hang_in_an_isolated_stage_costs_one_named_case(gpu_check, tmp_path, monkeypatch):
+    """The isolation check's five cases in child processes: the crash (exit code 3) and the hang (killed at the
+    case timeout) are error rows naming their case; the cases after each run in a new child."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the spawned children import gpu_check by name
+    log = gpu_check.CsvLog(tmp_path / "gpu_check.csv", {})
+    items = gpu_check.isolation_check_items()
+    summary = gpu_check.run_isolated_stage("isolation_check", items, gpu_check.Deadline(120), log, {}, None,
+                                           case_timeout_s=gpu_check.ISOLATION_CHECK_TIMEOUT_S)
+    log.close()
+    rows = read_rows(tmp_path / "gpu_check.csv")
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("case 0 fine", "ok"), ("case 1 crash", "error"), ("case 2 fine", "ok"), ("case 3 hang", "error"),
+        ("case 4 fine", "ok")]
+    assert "died (exit code 3)" in rows[1]["note"] and "no result within 5 s" in rows[3]["note"]
+    assert summary.startswith("isolation_check: 5/5 items, 2 failed") and "in 3 child process(es)" in summary
