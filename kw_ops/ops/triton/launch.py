@@ -211,10 +211,12 @@ def _native(t4: torch.Tensor) -> torch.Tensor:
     return t4
 
 
-def _mix(attn_chunk, cells, layer: _Layer, precision: str) -> torch.Tensor:
-    """Phase 1: per-sample kernels [bc, KK, O, C / groups] of a chunk of samples, in the op's dtype."""
+def _mix(attn_chunk, cells, layer: _Layer, precision: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Phase 1: per-sample kernels [bc, KK, O, C / groups] of a chunk of samples, in the op's dtype, written into
+    the first bc samples of `buffer` where given (one buffer serves every chunk of a call: never two alive)."""
     bc = attn_chunk.shape[0]
-    weights = _empty((bc, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
+    shape = (bc, layer.kk, layer.out_channels, layer.in_per_group)
+    weights = buffer[:bc] if buffer is not None else _empty(shape, cells.dtype, cells.device)
     rows, cols = bc * layer.m, layer.c_out * layer.c_in * layer.cell_numel
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     kw_mix_kernel[grid](
@@ -361,9 +363,10 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     _check_mode(mode, layer, x.element_size(), "forward")
     x4 = _native(x4)
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
+    buffer = _empty((chunk, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
-        weights = _mix(attn[b0:b1], cells, layer, precision)
+        weights = _mix(attn[b0:b1], cells, layer, precision, buffer)
         _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision)
     return y
 
@@ -408,10 +411,13 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
     chunked_wgrad = groups != 1 and (need_attn or need_warehouse)
     flat_cells = cells.reshape(layer.n, -1)
+    buffer = None   # the per-sample kernels of one chunk, reused by every chunk
     for b0 in range(0, layer.batch, chunk):
         b1 = min(layer.batch, b0 + chunk)
         if need_x:
-            weights = _mix(attn[b0:b1], cells, layer, precision)
+            buffer = buffer if buffer is not None else _empty(
+                (chunk, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
+            weights = _mix(attn[b0:b1], cells, layer, precision, buffer)
             _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision)
             del weights
         if chunked_wgrad:
