@@ -27,6 +27,9 @@ smoke (child)   correctness of every kernel (each mode of launch.MODES, forward 
                 ieee) on one shape per kernel path; outputs poisoned with NaN; stops at the --maxfail-th failure.
 layers_triton   the layers stage's Triton rows (child); each layer's output or gradients are compared with the
 (child)         released formulation's on the same inputs first, and not timed where they disagree.
+premise (child) the design's premise, on layer4.1.conv2 of ResNet50 KW1x and KW4x at batch 128, bf16: mixing
+                alone, the convolution alone and both, with the per-sample kernels of each chunk in one reused
+                buffer of 4, 8, 16 and 32 MiB, eagerly and as CUDA graphs; the ratio both / (mix + conv).
 network_kw_ops  the network stage's kw_ops row (child).
 (child)
 Output: gpu_check.csv (one row appended and flushed per result), gpu_check.md (rewritten after each stage),
@@ -60,11 +63,11 @@ WINDOW_S = 360                 # the GPU window the default run must fit
 # released) run in the parent; every stage that launches Triton kernels runs in a child process (ISOLATED), so a
 # fault (an illegal address poisons a CUDA context) costs the case in flight, named, and the stage goes on in a
 # new child from the next case.
-STAGES = ("compile", "peaks", "layers", "network", "smoke", "layers_triton", "network_kw_ops")
-ISOLATED = ("smoke", "layers_triton", "network_kw_ops", "isolation_check")
+STAGES = ("compile", "peaks", "layers", "network", "smoke", "layers_triton", "premise", "network_kw_ops")
+ISOLATED = ("smoke", "layers_triton", "premise", "network_kw_ops", "isolation_check")
 # Each stage's own budget (seconds); a stage also stops at the run's deadline (--budget-s).
 STAGE_BUDGET_S = {"compile": 70, "peaks": 15, "layers": 80, "network": 40, "smoke": 60, "layers_triton": 80,
-                  "network_kw_ops": 30, "isolation_check": 60}
+                  "premise": 40, "network_kw_ops": 30, "isolation_check": 60}
 CASE_TIMEOUT_S = 90            # a case of an isolated stage that takes longer is a hung kernel: its child is killed
 ISOLATION_CHECK_TIMEOUT_S = 5  # the same for the isolation check's cases (its hang sleeps an hour)
 COMPILE_WORKERS = 16           # processes compiling into Triton's cache (the GPU machine has 16 CPU cores)
@@ -445,6 +448,85 @@ def _other_dtype_cases() -> list[SmokeCase]:
     return picks
 
 
+# -- the L2 premise ------------------------------------------------------------------------------------------
+PREMISE_LAYER = "layer4.1.conv2"                     # 512 -> 512 3x3 at 7x7: the largest per-sample kernels
+PREMISE_MODELS = ("resnet50_kw1x", "resnet50_kw4x")
+PREMISE_BUFFERS_MIB = (4, 8, 16, 32)
+
+
+def premise_phases(spec, batch: int, buffer_bytes: int, dtype=torch.bfloat16, device="cuda"):
+    """The two phases of the forward on one layer with the per-sample kernels of each chunk of samples in ONE
+    reused buffer of `buffer_bytes`: callables running, over all the chunks, the mixing alone, the convolution
+    alone (kernels left in the buffer by the mixing) and both (mix a chunk, convolve it: the premise that the
+    convolution then reads its kernels from L2), and the output of `both`. -> (phases dict, y, reference inputs)."""
+    from kw_ops.ops.triton import launch
+
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)  # noqa: E731
+    x = make(batch, spec["channels"], *spec["size"])
+    attn = make(batch, spec["m"], spec["n"], scale=1.0 / spec["n"])
+    warehouse = make(spec["n"], *spec["cell"], scale=0.05)
+    geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
+    x4, cells, kernel, stride, padding, dilation = launch._as_2d(x, warehouse, *geometry[1:5])
+    layer = launch._layer(x4, cells, spec["out"], kernel, stride, padding, dilation, spec["groups"])
+    precision = launch._input_precision(dtype, None)
+    chunk = launch._chunk(layer, x.element_size(), buffer_bytes)
+    buffer = launch._empty((chunk, layer.kk, layer.out_channels, layer.in_per_group), dtype, x.device)
+    x4 = launch._native(x4)
+    y4 = launch._empty((batch, spec["out"], layer.out_h, layer.out_w), dtype, x.device)
+    starts = range(0, batch, chunk)
+
+    def mix():
+        for b0 in starts:
+            launch._mix(attn[b0:b0 + chunk], cells, layer, precision, buffer)
+
+    def conv():
+        for b0 in starts:
+            b1 = min(batch, b0 + chunk)
+            launch._launch_forward(x4[b0:b1], buffer[:b1 - b0], None, y4[b0:b1], layer, precision)
+
+    def both():
+        for b0 in starts:
+            b1 = min(batch, b0 + chunk)
+            launch._launch_forward(x4[b0:b1], launch._mix(attn[b0:b1], cells, layer, precision, buffer), None,
+                                   y4[b0:b1], layer, precision)
+
+    return {"mix": mix, "conv": conv, "both": both}, y4, (x, attn, warehouse, geometry)
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): a callable replaying it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def premise_items() -> list[Item]:
+    """One item per model and buffer size: mixing alone, convolution alone and both, eagerly and as CUDA graphs,
+    with the ratio both / (mix + conv) (below 1: the convolution reads the fresh kernels from L2)."""
+    items = []
+    for model in PREMISE_MODELS:
+        spec = next(s for s in kw_layer_shapes(model) if s["layer"] == PREMISE_LAYER)
+        for mib in PREMISE_BUFFERS_MIB:
+            def run(deadline, spec=spec, mib=mib):
+                phases, _, _ = premise_phases(spec, LAYER_BATCH, mib << 20)
+                rows = []
+                for how, wrap in (("eager", lambda fn: fn), ("graph", _graphed)):
+                    ms = {name: time_ms(wrap(fn), deadline) for name, fn in phases.items()}
+                    rows += [{"provider": "triton", "mode": f"{how} {name}", "status": "ok", "value": f"{v:.4f}",
+                              "unit": "ms"} for name, v in ms.items()]
+                    rows.append({"provider": "triton", "mode": f"{how} both/(mix+conv)", "status": "ok",
+                                 "value": f"{ms['both'] / (ms['mix'] + ms['conv']):.3f}", "unit": "ratio"})
+                return rows
+            items.append(Item(f"{model} {PREMISE_LAYER} {mib} MiB", run, estimate_s=3.0))
+    return items
+
+
 # -- stage b: peaks ----------------------------------------------------------------------------------------
 PEAK_COPY_BYTES = 2 << 30      # 2 GiB source: many times any L2
 PEAK_L2_COPY_BYTES = 8 << 20   # 8 MiB source (+ 8 MiB destination): resident in a 50-60 MB L2
@@ -665,6 +747,8 @@ def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
         elif stage in ("network", "network_kw_ops"):
             methods = [m for m in NETWORK_METHODS if (m[1] == "kw_ops") == (stage == "network_kw_ops")]
             plan[stage] = network_items(network_estimate_s(specs, launch.MODES), methods)
+        elif stage == "premise":
+            plan[stage] = premise_items()
         elif stage == "isolation_check":
             plan[stage] = isolation_check_items()
     return plan
@@ -856,6 +940,11 @@ def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
                 return f"{r['value']} ({r['floor_ms']}; {r['predicted_ms'] or '-'})"
             lines.append(f"| {layer} | " + " | ".join(text(c.get((p, m))) for p in PROVIDERS
                                                       for m in ("forward", "backward")) + " |")
+    premise = [r for r in rows if r["stage"] == "premise" and r.get("unit") == "ratio"]
+    if premise:
+        lines += ["", f"## The L2 premise ({PREMISE_LAYER}, batch {LAYER_BATCH}, bf16): both / (mix + conv), "
+                      "below 1: the convolution reads fresh kernels from L2", ""]
+        lines += [f"- {r['case']} {r['mode'].split()[0]}: {r['value']}" for r in premise]
     network = [r for r in rows if r["stage"] in ("network", "network_kw_ops") and r.get("status") == "ok"]
     if network:
         lines += ["", "## Networks (Table 12 / 16 rows)", "", "| method | measure | value |", "|---|---|---|"]

@@ -135,8 +135,8 @@ def test_plan_fits_the_window():
     assert out.startswith("device: ") and "git sha: " in out and "versions: torch" in out
     # the baselines run in the parent before any stage that launches a Triton kernel; those run in child processes
     stages = re.findall(r"^([a-z_]+): \d+ items, \d+ compiles", out, re.MULTILINE)
-    assert stages == ["compile", "peaks", "layers", "network", "smoke", "layers_triton", "network_kw_ops"]
-    for stage in ("smoke", "layers_triton", "network_kw_ops"):
+    assert stages == ["compile", "peaks", "layers", "network", "smoke", "layers_triton", "premise", "network_kw_ops"]
+    for stage in ("smoke", "layers_triton", "premise", "network_kw_ops"):
         assert re.search(rf"^{stage}: \d+ items, 0 compiles, in a child process", out, re.MULTILINE), stage
     compiles, launchers = re.search(r"^compile: 1 items, (\d+) compiles, (\d+) C launchers", out, re.MULTILINE).groups()
     assert int(compiles) > int(launchers) > 0
@@ -216,3 +216,28 @@ def test_a_crash_or_a_hang_in_an_isolated_stage_costs_one_named_case(gpu_check, 
         ("case 4 fine", "ok")]
     assert "died (exit code 3)" in rows[1]["note"] and "no result within 5 s" in rows[3]["note"]
     assert summary.startswith("isolation_check: 5/5 items, 2 failed") and "in 3 child process(es)" in summary
+
+
+def test_the_premise_phases_compute_the_layer_through_one_reused_buffer(gpu_check):
+    """Under the interpreter (CPU, float32): mixing then convolving chunk by chunk through one buffer smaller than
+    the batch's kernels (three chunks, the last ragged) gives the op's output; mix-all then conv-all does not
+    (the buffer holds only the last chunk's kernels), which is why `both` interleaves them."""
+    pytest.importorskip("triton")
+    from kw_ops.ops.torch_impl import kw_conv_torch
+    from kw_ops.ops.triton import interpreting
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
+    spec = {"channels": 8, "out": 16, "size": (5, 5), "kernel": (3, 3), "stride": (1, 1), "padding": (1, 1),
+            "dilation": (1, 1), "groups": 1, "n": 5, "m": 18, "cell": (8, 8, 1, 1), "bias": False, "layer": "t"}
+    kernel_bytes = 16 * 8 * 9 * 4
+    phases, y, (x, attn, warehouse, geometry) = gpu_check.premise_phases(spec, 5, 2 * kernel_bytes, torch.float32,
+                                                                         "cpu")
+    expected = kw_conv_torch(x, attn, warehouse, None, *geometry)
+    phases["both"]()
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    y.zero_()
+    phases["mix"]()
+    phases["conv"]()
+    torch.testing.assert_close(y[4:], expected[4:], atol=1e-4, rtol=1e-4)   # the last chunk's kernels remain
+    assert not torch.allclose(y[:4], expected[:4], atol=1e-3)
