@@ -514,6 +514,8 @@ def run_for_layer(cache: dict, x, attn, warehouse, bias, geometry: tuple, backen
         if len(cache) > 32:  # a layer sees few call shapes; a stream of new ones must not grow it without end
             cache.clear()
         cache[key] = formulation
+    if formulation == "released" and not torch.is_autocast_enabled(x.device.type):  # the common case, directly
+        return kept_kernels_conv(x, attn, warehouse, bias, *geometry)
     if formulation.startswith("op:triton"):
         from .verify import current_layer
 
