@@ -151,7 +151,7 @@ def out_size(spec):
 
 def run_layers(args) -> None:
     from kw_ops.benchmarking.layer_shapes import kw_layer_shapes, shape_text
-    from kw_ops.ops import cpp
+    from kw_ops.ops import dispatch
 
     torch.set_num_threads(1)
     env, peaks = environment(), measure_peaks()
@@ -172,8 +172,10 @@ def run_layers(args) -> None:
     rows = []
     for preset, layers in specs.items():
         for spec in layers:
-            path = cpp.choose_path((BATCH, spec["channels"], *spec["size"]), (spec["n"], *spec["cell"]), spec["out"],
-                                   spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
+            path = dispatch.backend_formulation(  # the cpp path the dispatcher runs for the shape (no compute)
+                "cpp", torch.empty(BATCH, spec["channels"], *spec["size"]), torch.empty(BATCH, spec["m"], spec["n"]),
+                torch.empty(spec["n"], *spec["cell"]), spec["out"], spec["kernel"], spec["stride"], spec["padding"],
+                spec["dilation"], spec["groups"])
             for train in (False, True):
                 for provider in PROVIDERS:
                     samples = times[(preset, shape_text(spec), train, provider)]
