@@ -238,3 +238,64 @@ def test_per_sample_kernels_are_reread_per_position_tile_of_each_sample():
     # 1e9 B/s every phase is L2-bound: (288 + 256 + 4096 + 8192 + 128 + 384) / 1e9
     big = replace(SHAPE, size=(16, 16), out_size=(16, 16))
     assert seconds("released", peaks=replace(PEAKS, l2_bytes_per_s=1e9), shape=big) == pytest.approx(13344 / 1e9)
+
+
+# The blocked mode on the test layer with cells of 4 x 4 (GO = 2, GI = 1): a cell row (column) of one sample's
+# kernel holds P / 4 = 8 weights (16 B), 32 B for both samples.
+BLOCKED = replace(NHWC, cell_rows=4, cell_cols=4)
+
+
+def test_blocked_plan_fits_the_budget():
+    assert cost_model._fit_block(BLOCKED, "forward", 64) == (2, 2)      # 2 rows x 32 B
+    assert cost_model._fit_block(BLOCKED, "dx", 1 << 20) == (4, 2)      # every column: one block
+    assert cost_model._fit_block(BLOCKED, "forward", 16) == (1, 1)      # one row of one sample
+    assert cost_model.blocked_plan(BLOCKED, "forward", budget=40) == (1, 2)
+
+
+@pytest.mark.parametrize("direction", ["forward", "dx"])
+def test_blocked_two_blocks_in_l2(direction):
+    # plan (2 units, both samples): 2 blocks, each 64 B of kernels (in L2: never in DRAM)
+    mix, conv = cost_model._blocked_phases(BLOCKED, direction, PEAKS, (2, 2))
+    # mixing: E once and attn once per block from DRAM (128 + 2*32), the 128 B of kernels written into L2
+    assert (mix.tensor_flops, mix.dram_bytes, mix.l2_bytes, mix.launches) == (512, 192, 128, 2)
+    # conv: input and output once (1024 + 2048); L2: the kernels read, the input again for the second block
+    read = 1024 if direction == "forward" else 2048
+    assert (conv.tensor_flops, conv.dram_bytes, conv.l2_bytes, conv.launches) == (8192, 3072, 128 + read, 2)
+    assert sum(w.seconds(PEAKS, 2) for w in (mix, conv)) == pytest.approx((192 + 3072) / 1e12)
+
+
+def test_blocked_plan_chooses_larger_blocks_where_the_input_leaves_l2(monkeypatch):
+    # L2 of 192 B: 64 B blocks stay in L2 but x (1024 B) is read from DRAM once per block; one 128 B block
+    # sends the kernels through DRAM once: (128 + 32 + 128) + (1024 + 2048 + 128) < 192 + (2*1024 + 2048)
+    small_l2 = replace(PEAKS, l2_bytes=192)
+    assert cost_model.block_budget(small_l2) == 64
+    assert cost_model.blocked_plan(BLOCKED, "forward", small_l2) == (4, 2)
+    assert seconds("blocked", shape=BLOCKED, peaks=small_l2) == pytest.approx((288 + 3200) / 1e12)
+    monkeypatch.setattr(cost_model, "BLOCK_MAX_BYTES", 64)      # larger blocks are not held
+    assert cost_model.blocked_plan(BLOCKED, "forward", small_l2) == (2, 2)
+
+
+def test_blocked_mode_scope():
+    assert predict(replace(BLOCKED, groups=2, channels=8), "blocked", "forward", PEAKS) is None
+    assert seconds("blocked", "wgrad", shape=BLOCKED) == seconds("two_phase", "wgrad", shape=BLOCKED)
+
+
+def test_launches_bound_a_pass_from_the_host():
+    # two_phase forward: one chunk, two Triton launches; released: three eager ops
+    launches = replace(PEAKS, launch_s=1e-9, op_launch_s=5e-10)
+    two_phase = predict(NHWC, "two_phase", "forward", launches)
+    assert (two_phase.launches, two_phase.host_seconds) == (2, pytest.approx(2e-9))
+    assert two_phase.gpu_seconds == pytest.approx(seconds("two_phase", shape=NHWC))
+    released = predict(NHWC, "released", "forward", launches)
+    assert (released.launches, released.host_seconds) == (3, pytest.approx(1.5e-9))
+    slow_host = replace(launches, launch_s=1e-8)
+    host_bound = predict(NHWC, "two_phase", "forward", slow_host)
+    assert (host_bound.seconds, host_bound.bound) == (pytest.approx(2e-8), "host")
+
+
+def test_peaks_files_without_launch_times_take_the_assumed_ones(tmp_path):
+    path = tmp_path / "old.json"
+    fields = {k: v for k, v in cost_model.asdict(PEAKS).items() if k not in ("launch_s", "op_launch_s")}
+    path.write_text(json.dumps(fields))
+    loaded = cost_model.load_peaks(str(path))
+    assert (loaded.launch_s, loaded.op_launch_s) == (cost_model.ASSUMED_TRITON_LAUNCH_S, cost_model.ASSUMED_OP_LAUNCH_S)

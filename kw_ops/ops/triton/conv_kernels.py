@@ -21,6 +21,12 @@ counts (not over cells), so small cells cost no masked lanes and channel tiles s
   the slice so that the dW of every sample stays in L2). SP = c_out, P0 = 0: the whole cell.
   Program ((o-tile, c-tile), t, b); loop over output-position tiles.
 
+Channel blocks (launch.py's blocked mode): the forward may run on the kernels of a block of output channels only
+(OC = GO*SP of them: cell rows P0..P0+SP-1 of every cell row block, the layer's channel go*CO + P0 + p at block
+index go*SP + p) and dx on a block of input channels (C = GI*SQ: cell columns Q0..Q0+SQ-1, channel gi*CI + Q0 + q
+at block index gi*SQ + q); only the stores (and the bias) map block channels to the layer's. The whole layer:
+SP = CO = OC, P0 = 0 (SQ = CI = C, Q0 = 0).
+
 Layouts. x, y, dy, dx: [B, C, H, W] with any strides (1-D runs as H = 1); the launchers pass x and dy in
 channels_last (NHWC) for 2-byte dtypes, so the [positions, channels] operand tiles are contiguous along
 channels (vector loads that Triton can pipeline); y and dx are written NCHW (the op's contiguous outputs,
@@ -56,7 +62,7 @@ _CONV_KEY = ["C", "OC", "KK", "PB", "BB", "INPUT_PRECISION"]
 @triton.jit
 def kw_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    C, H, W, OC, OH, OW, KW, KK, PB, BB,
+    C, H, W, OC, OH, OW, KW, KK, PB, BB, SP, P0, CO,
     sxb, sxc, sxh, sxw, swb, swt, swo, swc, syb, syo, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -85,9 +91,11 @@ def kw_conv_fwd_kernel(
             xt = tl.load(x_rows[:, None] + offs_c[None, :] * sxc, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
             wt = tl.load(w_tap + t * swt + offs_c[:, None] * swc, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    # the layer's output channel of block channel o: cell row P0 + o % SP of cell row block o // SP
+    chan_o = (offs_o // SP) * CO + P0 + offs_o % SP
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(ACC_DTYPE)[None, :]
-    y_ptrs = y_ptr + b * syb + offs_o[None, :] * syo + (oh * syh + ow * syw)[:, None]
+        acc += tl.load(bias_ptr + chan_o, mask=mask_o, other=0.0).to(ACC_DTYPE)[None, :]
+    y_ptrs = y_ptr + b * syb + chan_o[None, :] * syo + (oh * syh + ow * syw)[:, None]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_o[None, :])
 
 
@@ -95,7 +103,7 @@ def kw_conv_fwd_kernel(
 @triton.jit
 def kw_conv_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
-    C, H, W, OC, OH, OW, KH, KW, KK, PB, BB,
+    C, H, W, OC, OH, OW, KH, KW, KK, PB, BB, SQ, Q0, CI,
     sdb, sdo, sdh, sdw, swb, swt, swo, swc, sxb, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -123,7 +131,9 @@ def kw_conv_dx_kernel(
                           other=0.0)
             wt = tl.load(w_tap + t * swt + offs_o[:, None] * swo, mask=mask_o[:, None] & mask_c[None, :], other=0.0)
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    dx_ptrs = dx_ptr + b * sxb + offs_c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
+    # the layer's input channel of block channel c: cell column Q0 + c % SQ of cell column block c // SQ
+    chan_c = (offs_c // SQ) * CI + Q0 + offs_c % SQ
+    dx_ptrs = dx_ptr + b * sxb + chan_c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
 

@@ -70,6 +70,8 @@ class Peaks:
     tensor_flops: float          # dense bf16/fp16 tensor-core rate (tf32: half of it)
     cuda_core_flops: float       # fp32 FMA rate of the CUDA cores
     smem_per_block: float        # shared memory one program may hold
+    launch_s: float = 0.0        # host time of one Triton launch (JIT dispatch); 0: launches not counted
+    op_launch_s: float = 0.0     # host time of one eager PyTorch CUDA op
 
     def tensor_rate(self, element_size: int) -> float:
         """Tensor-core FLOP/s for operands of `element_size` bytes (fp32 runs as tf32 at half the 16-bit rate)."""
@@ -79,23 +81,36 @@ class Peaks:
 # L2 bandwidth is on no datasheet: ASSUMED_L2_OVER_DRAM times the datasheet DRAM bandwidth is an assumption
 # of this model, replaced by the L2 copy rate gpu_check.py measures.
 ASSUMED_L2_OVER_DRAM = 2.5
+# Host time per launch is on no datasheet either. Triton's JIT dispatch (JITFunction.run: argument binding,
+# specialization key, cache lookup, C launcher) was measured at 11-12.5 us for a 19-argument kernel on GB200
+# (tritonbench's launch-latency benchmark, 2026); the KW kernels take 30-45 arguments. An eager PyTorch op
+# is assumed at 5 us. Both are replaced by what gpu_check.py measures.
+ASSUMED_TRITON_LAUNCH_S = 12e-6
+ASSUMED_OP_LAUNCH_S = 5e-6
 H100_SXM_DATASHEET = Peaks(
     source=f"H100 SXM datasheet (HBM3 3.35 TB/s, dense bf16 989 TFLOP/s, fp32 67 TFLOP/s, 50 MB L2, "
-           f"227 KB shared memory per block); L2 bandwidth assumed {ASSUMED_L2_OVER_DRAM}x DRAM",
+           f"227 KB shared memory per block); L2 bandwidth assumed {ASSUMED_L2_OVER_DRAM}x DRAM; host time per "
+           f"launch assumed {ASSUMED_TRITON_LAUNCH_S * 1e6:.0f} us (Triton), {ASSUMED_OP_LAUNCH_S * 1e6:.0f} us "
+           f"(PyTorch op)",
     dram_bytes_per_s=3.35e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 3.35e12, l2_bytes=50e6, tensor_flops=989e12,
-    cuda_core_flops=67e12, smem_per_block=227 * 1024)
+    cuda_core_flops=67e12, smem_per_block=227 * 1024, launch_s=ASSUMED_TRITON_LAUNCH_S,
+    op_launch_s=ASSUMED_OP_LAUNCH_S)
 H200_SXM_DATASHEET = replace(
     H100_SXM_DATASHEET,
     source=f"H200 SXM datasheet (HBM3e 4.8 TB/s; rates and L2 as the H100 SXM); L2 bandwidth assumed "
-           f"{ASSUMED_L2_OVER_DRAM}x DRAM",
+           f"{ASSUMED_L2_OVER_DRAM}x DRAM; launch host times as the H100's",
     dram_bytes_per_s=4.8e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 4.8e12)
 
 
 @functools.lru_cache(maxsize=8)
 def load_peaks(path) -> Peaks:
-    """Peaks from a JSON file with the fields of `Peaks` (benchmarks/gpu_check.py writes one); read once per path."""
+    """Peaks from a JSON file with the fields of `Peaks` (benchmarks/gpu_check.py writes one); read once per path.
+    A file without the launch host times (written before they were measured) takes the assumed ones."""
     with open(path) as f:
-        return Peaks(**json.load(f))
+        fields = json.load(f)
+    fields.setdefault("launch_s", ASSUMED_TRITON_LAUNCH_S)
+    fields.setdefault("op_launch_s", ASSUMED_OP_LAUNCH_S)
+    return Peaks(**fields)
 
 
 def save_peaks(peaks: Peaks, path) -> None:
@@ -124,16 +139,22 @@ class ConvShape:
     element_size: int
     channels_last: bool = False          # the caller's activation layout (2-byte NCHW is converted at the boundary)
     cell_rows: int | None = None         # c_out of the cell, the weight gradient's slicing unit (None: unknown, 1)
+    cell_cols: int | None = None         # c_in of the cell, the unit of dx's channel blocks (None: unknown, 1)
 
     @classmethod
     def from_spec(cls, spec: dict, batch: int, element_size: int, out_size) -> ConvShape:
         """From a kw_ops.benchmarking.layer_shapes spec and its output size."""
         return cls(batch, spec["channels"], spec["out"], tuple(spec["size"]), tuple(out_size), tuple(spec["kernel"]),
-                   spec["groups"], spec["n"], spec["m"], element_size, cell_rows=spec["cell"][0])
+                   spec["groups"], spec["n"], spec["m"], element_size, cell_rows=spec["cell"][0],
+                   cell_cols=spec["cell"][1])
 
     @property
     def rows(self) -> int:                               # c_out
         return 1 if self.cell_rows is None else self.cell_rows
+
+    @property
+    def cols(self) -> int:                               # c_in
+        return 1 if self.cell_cols is None else self.cell_cols
 
     @property
     def cell_numel(self) -> int:                         # P / m
@@ -185,11 +206,17 @@ class ConvShape:
 
 @dataclass(frozen=True)
 class Work:
-    """What one kernel launch does."""
+    """What one phase does: one kernel, launched `launches` times (once per chunk or block) in all."""
     tensor_flops: float = 0.0
     cuda_flops: float = 0.0
     dram_bytes: float = 0.0
     l2_bytes: float = 0.0      # served by L2 without reaching DRAM
+    launches: int = 1
+    eager: bool = False        # launched by an eager PyTorch op (else a Triton kernel)
+
+    def host_seconds(self, peaks: Peaks) -> float:
+        """Host time of this phase's launches."""
+        return self.launches * (peaks.op_launch_s if self.eager else peaks.launch_s)
 
     def seconds(self, peaks: Peaks, element_size: int) -> float:
         compute = self.tensor_flops / peaks.tensor_rate(element_size) + self.cuda_flops / peaks.cuda_core_flops
@@ -210,11 +237,19 @@ class Work:
 
 @dataclass(frozen=True)
 class Prediction:
+    """seconds = max(gpu_seconds, host_seconds): launches are asynchronous, so a pass takes the longer of the
+    GPU's work and the host's launching (a pass whose launches outlast its kernels is 'host' bound)."""
     mode: str
     direction: str
     seconds: float
     phases: tuple[Work, ...]
-    bound: str                 # the bound of the longest phase
+    bound: str                 # 'host', or the bound of the longest phase
+    gpu_seconds: float = 0.0
+    host_seconds: float = 0.0
+
+    @property
+    def launches(self) -> int:
+        return sum(w.launches for w in self.phases)
 
     @property
     def ms(self) -> float:
@@ -237,6 +272,14 @@ SPLIT_K_MIN_LEN = 512
 SPLIT_K_ALIGN = 128       # a multiple of every BLOCK_K of the matmul configs
 # Cell rows of one slice of the weight gradient: a multiple of this (the smallest BLOCK_N) when that many fit.
 WGRAD_ROW_ALIGN = 16
+# The blocked mode: the kernels of one block of channels for all samples, at most this many bytes, or a third of
+# the L2 where that is less (16 MiB on an H100's 50 MB), so that they stay in L2 beside the activations;
+# blocked_plan may choose larger blocks (doubling, up to BLOCK_MAX_BYTES: the op's bound on the kernels it
+# holds at once) where fewer launches win. Block widths (cell rows or columns) are a multiple of BLOCK_ALIGN when
+# that many fit.
+BLOCK_BYTES = 16 << 20
+BLOCK_MAX_BYTES = 128 << 20
+BLOCK_ALIGN = 16
 
 
 def split_k_len(rows: int, cols: int, depth: int) -> int:
@@ -287,25 +330,26 @@ def _rereads(shape: ConvShape, direction: str, per_sample_kernels: bool) -> floa
 def _static(shape: ConvShape, direction: str, peaks: Peaks):
     # x and y (dy) once, the weight read (or its gradient written) once
     return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.kernel_bytes,
-                 l2_bytes=0 if direction == "wgrad" else _rereads(shape, direction, False))]
+                 l2_bytes=0 if direction == "wgrad" else _rereads(shape, direction, False), eager=True)]
 
 
 def _released(shape: ConvShape, direction: str, peaks: Peaks):
     kernels = shape.batch * shape.kernel_bytes
     if direction == "forward":
-        return [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels),
-                Work(dram_bytes=2 * kernels),                                       # permuted copy
+        return [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels,
+                     eager=True),
+                Work(dram_bytes=2 * kernels, eager=True),                           # permuted copy
                 Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels,
-                     l2_bytes=_rereads(shape, direction, True))]
+                     l2_bytes=_rereads(shape, direction, True), eager=True)]
     if direction == "dx":   # grouped conv backward on the kernels autograd saved
         return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.y_bytes + shape.x_bytes + kernels,
-                     l2_bytes=_rereads(shape, direction, True))]
+                     l2_bytes=_rereads(shape, direction, True), eager=True)]
     # grouped weight gradient (B·P written), permuted copy back, then dattn = dW·Eᵀ and dE = attnᵀ·dW: dW read
     # twice, E and attn read, dattn and dE written
-    return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels),
-            Work(dram_bytes=2 * kernels),
+    return [Work(tensor_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + kernels, eager=True),
+            Work(dram_bytes=2 * kernels, eager=True),
             Work(tensor_flops=2 * shape.mix_flops,
-                 dram_bytes=2 * kernels + 2 * shape.warehouse_bytes + 2 * shape.attn_bytes)]
+                 dram_bytes=2 * kernels + 2 * shape.warehouse_bytes + 2 * shape.attn_bytes, launches=2, eager=True)]
 
 
 def _torch_op(shape: ConvShape, direction: str, peaks: Peaks):
@@ -314,9 +358,11 @@ def _torch_op(shape: ConvShape, direction: str, peaks: Peaks):
     phases = _released(shape, direction, peaks)
     if direction == "wgrad":
         kernels = shape.batch * shape.kernel_bytes
-        phases = [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels),
-                  Work(dram_bytes=2 * kernels), *phases]
-    return phases
+        phases = [Work(tensor_flops=shape.mix_flops, dram_bytes=shape.warehouse_bytes + shape.attn_bytes + kernels,
+                       eager=True),
+                  Work(dram_bytes=2 * kernels, eager=True), *phases]
+    chunks = _chunks(shape)[1]   # its chunks of samples: CHUNK_BYTES = KERNEL_CHUNK_BYTES
+    return [replace(w, launches=w.launches * chunks) for w in phases]
 
 
 def _fused(shape: ConvShape, direction: str, peaks: Peaks):
@@ -344,7 +390,7 @@ def _to_nhwc(shape: ConvShape, tensor_bytes: int) -> list[Work]:
     """The boundary conversion of a 2-byte NCHW activation to channels_last: read and written once."""
     if shape.element_size != 2 or shape.channels_last:
         return []
-    return [Work(dram_bytes=2 * tensor_bytes)]
+    return [Work(dram_bytes=2 * tensor_bytes, eager=True)]
 
 
 def _kernels_in_l2(shape: ConvShape, peaks: Peaks) -> bool:
@@ -359,7 +405,7 @@ def _mix_phase(shape: ConvShape) -> Work:
     row_tiles = chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)
     return Work(tensor_flops=shape.mix_flops,
                 dram_bytes=chunks * shape.warehouse_bytes + shape.attn_bytes + shape.batch * shape.kernel_bytes,
-                l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes)
+                l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes, launches=chunks)
 
 
 def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
@@ -379,9 +425,9 @@ def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
     dattn = Work(tensor_flops=shape.mix_flops,
                  dram_bytes=(0 if dw_in_l2 else dw) + chunks * shape.warehouse_bytes
                  + 2 * dattn_splits * dattn_numel * FP32_PARTIAL_BYTES + shape.attn_bytes,
-                 l2_bytes=(dw if dw_in_l2 else 0) + (e_reads - chunks) * shape.warehouse_bytes)
+                 l2_bytes=(dw if dw_in_l2 else 0) + (e_reads - chunks) * shape.warehouse_bytes, launches=chunks)
     dwarehouse = Work(tensor_flops=shape.mix_flops, dram_bytes=(0 if dw_in_l2 else dw) + shape.attn_bytes + de_traffic,
-                      l2_bytes=dw if dw_in_l2 else 0)
+                      l2_bytes=dw if dw_in_l2 else 0, launches=chunks)
     return [dattn, dwarehouse]
 
 
@@ -429,7 +475,8 @@ def _sliced_wgrad(shape: ConvShape, peaks: Peaks, rows: int) -> list[Work]:
     dw = shape.batch * shape.kernel_bytes
     wgrad = Work(tensor_flops=shape.conv_flops,
                  dram_bytes=x_from_dram * shape.x_bytes + shape.y_bytes + dw,
-                 l2_bytes=(dy_reads - 1) * shape.y_bytes + max(0.0, x_reads - x_from_dram) * shape.x_bytes)
+                 l2_bytes=(dy_reads - 1) * shape.y_bytes + max(0.0, x_reads - x_from_dram) * shape.x_bytes,
+                 launches=slices)
     in_l2 = slice_dw <= peaks.l2_bytes
     bm, dattn_numel = shape.batch * shape.m, shape.batch * shape.m * shape.n
     dattn_splits = math.ceil(slice_numel / split_k_len(bm, shape.n, slice_numel))
@@ -442,9 +489,9 @@ def _sliced_wgrad(shape: ConvShape, peaks: Peaks, rows: int) -> list[Work]:
     dattn = Work(tensor_flops=shape.mix_flops,
                  dram_bytes=(0 if in_l2 else dw) + shape.warehouse_bytes + shape.attn_bytes
                  + slices * 2 * dattn_splits * dattn_numel * FP32_PARTIAL_BYTES + dattn_sum,
-                 l2_bytes=(dw if in_l2 else 0) + (e_tiles - 1) * shape.warehouse_bytes)
+                 l2_bytes=(dw if in_l2 else 0) + (e_tiles - 1) * shape.warehouse_bytes, launches=slices)
     dwarehouse = Work(tensor_flops=shape.mix_flops, dram_bytes=(0 if in_l2 else dw) + shape.attn_bytes + de_traffic,
-                      l2_bytes=(dw if in_l2 else 0) + (slices - 1) * shape.attn_bytes)
+                      l2_bytes=(dw if in_l2 else 0) + (slices - 1) * shape.attn_bytes, launches=slices)
     return [wgrad, dattn, dwarehouse]
 
 
@@ -456,7 +503,8 @@ def _grouped_wgrad_kernel(shape: ConvShape) -> Work:
     gather = min(1.0, shape.positions * kk / shape.in_positions)
     reads = kk * (shape.channels // shape.groups)
     return Work(cuda_flops=shape.conv_flops, dram_bytes=shape.x_bytes + shape.y_bytes + shape.batch * shape.kernel_bytes,
-                l2_bytes=(reads - 1) * shape.y_bytes + max(0.0, reads * gather - 1) * shape.x_bytes)
+                l2_bytes=(reads - 1) * shape.y_bytes + max(0.0, reads * gather - 1) * shape.x_bytes,
+                launches=_chunks(shape)[1])
 
 
 def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
@@ -470,13 +518,100 @@ def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
     l2 = (kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
     if shape.groups == 1:
         conv = Work(tensor_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
-                    l2_bytes=l2 + _input_rereads(shape, direction, CHANNEL_TILE))
+                    l2_bytes=l2 + _input_rereads(shape, direction, CHANNEL_TILE), launches=_chunks(shape)[1])
     else:   # CUDA cores; column taps served by L1, the input read again from L2 for each further kernel row
         gathered = read * (min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions)
                            if direction == "forward" else 1.0)
         conv = Work(cuda_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
-                    l2_bytes=l2 + (shape.kernel[0] - 1) * gathered)
+                    l2_bytes=l2 + (shape.kernel[0] - 1) * gathered, launches=_chunks(shape)[1])
     return [*_to_nhwc(shape, shape.x_bytes if direction == "forward" else shape.y_bytes), _mix_phase(shape), conv]
+
+
+def block_budget(peaks: Peaks) -> int:
+    """Bytes of one block's kernels that stay in L2: BLOCK_BYTES, or a third of the L2 where that is less."""
+    return int(min(BLOCK_BYTES, peaks.l2_bytes // 3))
+
+
+def _block_units(shape: ConvShape, direction: str) -> tuple[int, int]:
+    """(units, elements of one sample's kernel per unit) of a blocked pass: the forward blocks cell rows (each
+    P / c_out weights of a sample's kernel: GO output channels), dx cell columns (P / c_in: GI input channels)."""
+    units = shape.rows if direction == "forward" else shape.cols
+    return units, shape.weight_numel // units
+
+
+def _fit_block(shape: ConvShape, direction: str, budget: int) -> tuple[int, int]:
+    """(width, samples per chunk): the widest block of units whose kernels for every sample fit `budget` (a multiple
+    of BLOCK_ALIGN when at least that many fit, at most all units); one unit per block and the samples that fit
+    where not even one unit fits for every sample (at least 1)."""
+    units, per_unit = _block_units(shape, direction)
+    unit_bytes = shape.bytes_of(per_unit)
+    width = budget // max(1, shape.batch * unit_bytes)
+    if width >= 1:
+        if width >= BLOCK_ALIGN:
+            width -= width % BLOCK_ALIGN
+        return min(units, width), shape.batch
+    return 1, max(1, min(shape.batch, budget // max(1, unit_bytes)))
+
+
+def blocked_plan(shape: ConvShape, direction: str, peaks: Peaks | None = None,
+                 budget: int | None = None) -> tuple[int, int]:
+    """(block width in cell rows (forward) or columns (dx), samples per chunk) of the blocked mode (launch.py).
+
+    An explicit `budget` (launch's chunk_bytes) caps one block's kernels. Without one, of the blocks that fit
+    block_budget(peaks) and those of twice, four times ... that budget up to BLOCK_MAX_BYTES (or one block for the
+    whole layer where that is less), the one with the least predicted time: L2-sized blocks keep the kernels out
+    of DRAM, larger ones cost fewer launches (two per block) and fewer re-reads of the input."""
+    if budget is not None:
+        return _fit_block(shape, direction, budget)
+    peaks = peaks or default_peaks()
+    units, _ = _block_units(shape, direction)
+    plans, grow = [], block_budget(peaks)
+    while grow <= max(BLOCK_MAX_BYTES, block_budget(peaks)) and (not plans or plans[-1] != (units, shape.batch)):
+        plan = _fit_block(shape, direction, grow)
+        if plan not in plans:
+            plans.append(plan)
+        grow *= 2
+    return min(plans, key=lambda plan: _prediction("blocked", direction, _blocked_phases(shape, direction, peaks, plan),
+                                                   peaks, shape.element_size).seconds)
+
+
+def _blocked_phases(shape: ConvShape, direction: str, peaks: Peaks, plan: tuple[int, int]) -> list[Work]:
+    """Forward or dx of the blocked mode for a plan (width, samples per chunk): per block (units outer, chunks of
+    samples inner) the mixing GEMM writes the block's kernels into one reused buffer and the conv consumes them.
+    The warehouse moves from DRAM once (a block's slice of it stays in L2 across the chunks), attn once per slice
+    of units; the kernels stay in L2 (written and read there, never in DRAM: the buffer is overwritten while
+    resident) when one block's kernels fit half the L2, else they go through DRAM once. The conv's input is read
+    from DRAM once when it fits L2 beside one block, else once per slice, and from L2 again by every further
+    channel tile of every slice."""
+    width, chunk = plan
+    units, per_unit = _block_units(shape, direction)
+    slices, chunks = math.ceil(units / width), math.ceil(shape.batch / chunk)
+    blocks = slices * chunks
+    kernels = shape.batch * shape.kernel_bytes
+    block_bytes = shape.bytes_of(chunk * width * per_unit)
+    in_l2 = block_bytes <= peaks.l2_bytes / 2
+    row_tiles = slices * chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)
+    mix = Work(tensor_flops=shape.mix_flops,
+               dram_bytes=shape.warehouse_bytes + slices * shape.attn_bytes + (0 if in_l2 else kernels),
+               l2_bytes=(row_tiles / slices - 1) * shape.warehouse_bytes + (kernels if in_l2 else 0), launches=blocks)
+    read, written, _, _ = _io(shape, direction)
+    gather = min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions) if direction == "forward" else 1.0
+    block_channels = (shape.out_channels if direction == "forward" else shape.channels) // units * width
+    tile_reads = slices * math.ceil(block_channels / CHANNEL_TILE)
+    from_dram = 1 if read + block_bytes <= peaks.l2_bytes else slices
+    conv = Work(tensor_flops=shape.conv_flops,
+                dram_bytes=from_dram * read + written + (0 if in_l2 else kernels),
+                l2_bytes=(kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
+                + max(0.0, tile_reads * gather - from_dram) * read, launches=blocks)
+    return [*_to_nhwc(shape, shape.x_bytes if direction == "forward" else shape.y_bytes), mix, conv]
+
+
+def _blocked(shape: ConvShape, direction: str, peaks: Peaks):
+    if shape.groups != 1:
+        return None   # groups != 1 runs two_phase's grouped kernels
+    if direction == "wgrad":
+        return _two_phase(shape, direction, peaks)   # the weight gradient is blocked by cell rows already
+    return _blocked_phases(shape, direction, peaks, blocked_plan(shape, direction, peaks))
 
 
 def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
@@ -495,9 +630,9 @@ def _mix_once(shape: ConvShape, direction: str, peaks: Peaks):
 #: mode name -> phases(shape, direction, peaks) (None: the mode cannot run this shape)
 MODES: dict[str, Callable[[ConvShape, str, Peaks], list[Work] | None]] = {
     "static": _static, "released": _released, "torch_op": _torch_op, "fused": _fused, "two_phase": _two_phase,
-    "mix_once": _mix_once}
-#: the mode the Triton kernels build (launch.MODES)
-KERNEL_MODES = ("two_phase",)
+    "blocked": _blocked, "mix_once": _mix_once}
+#: the modes the Triton kernels build (launch.MODES)
+KERNEL_MODES = ("two_phase", "blocked")
 #: KW kernel modes modelled for comparison and NOT built (no kernel runs them)
 MODELLED_ONLY = ("fused", "mix_once")
 
@@ -512,9 +647,14 @@ def predict(shape: ConvShape, mode: str, direction: str = "forward", peaks: Peak
     phases = MODES[mode](shape, direction, peaks)
     if phases is None:
         return None
-    times = [w.seconds(peaks, shape.element_size) for w in phases]
-    longest = phases[times.index(max(times))]
-    return Prediction(mode, direction, sum(times), tuple(phases), longest.bound(peaks, shape.element_size))
+    return _prediction(mode, direction, phases, peaks, shape.element_size)
+
+
+def _prediction(mode: str, direction: str, phases: list[Work], peaks: Peaks, element_size: int) -> Prediction:
+    times = [w.seconds(peaks, element_size) for w in phases]
+    gpu, host = sum(times), sum(w.host_seconds(peaks) for w in phases)
+    bound = "host" if host > gpu else phases[times.index(max(times))].bound(peaks, element_size)
+    return Prediction(mode, direction, max(gpu, host), tuple(phases), bound, gpu, host)
 
 
 def predict_all(shape: ConvShape, modes: Iterable[str], direction: str = "forward",

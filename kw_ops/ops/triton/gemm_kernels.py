@@ -5,6 +5,10 @@
   per-sample kernel layout the conv kernels read, W[b, t, o, c] with t = s*CK + ck, o = go*c_out + p,
   c = gi*c_in + q (rows (b, j = (s*GO + go)*GI + gi) and columns (p, q, ck) split into row and column
   address parts, so the scatter costs nothing). fp32 accumulation, stored in the op's dtype.
+  A block of the cell (launch.py's blocked mode): cell rows P0..P0+c_out-1 and columns Q0..Q0+c_in-1 of every
+  mixture (the launcher passes the block's row and column counts as c_out and c_in), stored as W[b, t, o', c']
+  with o' = go*c_out + p, c' = gi*c_in + q: the block's output (input) channels, contiguous. Whole cell:
+  P0 = Q0 = 0.
 - `kw_matmul_kernel`: C_split[M, N] = A[M, K_split] @ B[K_split, N] with any strides, fp32 (fp64)
   partial sums per K split, summed by the launcher. Used for dattn = dW @ E^T (M = B*m, N = n, K = the
   cell size: split-K gives the parallelism) and dE = attn^T @ dW (M = n, N = cell size, K = B*m).
@@ -34,7 +38,7 @@ _MATMUL_TILES = [(64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (6
 @triton.jit
 def kw_mix_kernel(
     attn_ptr, e_ptr, w_ptr,
-    rows, cols, n, m, c_out, c_in, GO, GI, CK, RB,
+    rows, cols, n, m, c_out, c_in, GO, GI, CK, RB, P0, Q0,
     sab, saj, sak, sen, sep, seq, sek, swb, swt, swo, swc,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -52,7 +56,7 @@ def kw_mix_kernel(
     q = (offs_col // CK) % c_in
     ck = offs_col % CK
     a_rows = attn_ptr + b * sab + j * saj
-    e_cols = e_ptr + p * sep + q * seq + ck * sek
+    e_cols = e_ptr + (P0 + p) * sep + (Q0 + q) * seq + ck * sek
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC_DTYPE)
     for k0 in range(0, n, BLOCK_K):
         # attention [rows, k] @ warehouse [k, cols]

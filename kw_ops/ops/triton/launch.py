@@ -9,13 +9,19 @@ Entry points (the interface other modules and benchmarks use):
                             chunk_bytes=None) -> (dx, dattn, dwarehouse, dbias)
     choose_mode(layer, element_size, direction) -> a name in MODES, by cost_model.py (KW_OPS_TRITON_MODE overrides)
 
-MODES = ("two_phase",): the only mode built (cost_model.py also models modes not built, for comparison). Per
-chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES (sized to stay in L2: 50 MB on H100), the mixing
-GEMM on tensor cores (K = n) writes each per-sample kernel once, then the conv kernels (forward; input gradient by
-stride phase) read it while it is in L2. `chunk_bytes` (default KERNEL_CHUNK_BYTES) is the knob a cost model may
-set: L2-sized chunks cost two launches per chunk (19 chunks of 7 samples for a ResNet50 layer4 3x3 conv at batch
-128 in bf16), larger ones send the per-sample kernels through DRAM (2·B·P·2 bytes for P weights). The former
-"fused" mode (every weight tile re-mixed on CUDA cores for every position tile) is gone: by the cost model
+MODES = cost_model.KERNEL_MODES, chosen per call and pass by `choose_mode` (the cost model):
+- two_phase: per chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES (32 MiB), the mixing GEMM on
+  tensor cores (K = n) writes each per-sample kernel once, then the conv kernels (forward; input gradient by
+  stride phase) read it while it is in L2. Every chunk reads the whole warehouse slice of the layer again.
+- blocked (groups = 1): per block of cell rows (forward: the output channels go*c_out + rows, every go) or cell
+  columns (dx: the input channels gi*c_in + columns), the kernels of that block for ALL samples are mixed into one
+  reused buffer and consumed at once by the conv kernel, which writes only the block's channels. The warehouse
+  moves once per pass (a block reads only its rows or columns of it), and the block count is set by
+  cost_model.blocked_plan: blocks within the L2 (cost_model.block_budget: 16 MiB on an H100) keep the kernels
+  out of DRAM, larger blocks cost fewer launches (two per block). Where one row (column) for every sample
+  exceeds the budget, blocks of one row run over chunks of samples.
+`chunk_bytes` (default: the cost model's choice) caps one chunk's or block's kernels. The former "fused" mode
+(every weight tile re-mixed on CUDA cores for every position tile) is gone: by the cost model
 (docs/design.md §5) it is never the cheapest (issue 12).
 groups != 1 (depthwise, grouped) runs the grouped kernels (grouped_kernels.py) on the same per-sample kernels.
 The weight gradient (groups = 1) runs by slices of the cell's rows (`_wgrad_sliced`; rows per slice from
@@ -38,6 +44,7 @@ input_precision= for full fp32.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,7 +62,7 @@ from .tuning import bucket
 
 __all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
 
-MODES = ("two_phase",)
+MODES = cost_model.KERNEL_MODES
 MODE_ENV = "KW_OPS_TRITON_MODE"
 FP32_PRECISION_ENV = "KW_OPS_TRITON_FP32_PRECISION"
 DEFAULT_FP32_PRECISION = "tf32"
@@ -119,7 +126,7 @@ class _Layer:
         """This call as the cost model's shape."""
         return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
                                     (self.out_h, self.out_w), (self.kh, self.kw), self.groups, self.n, self.m,
-                                    element_size, cell_rows=self.c_out)
+                                    element_size, cell_rows=self.c_out, cell_cols=self.c_in)
 
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
@@ -189,11 +196,46 @@ def choose_mode(layer: _Layer, element_size: int, direction: str = "forward") ->
     return cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
 
 
-def _check_mode(mode: str | None, layer: _Layer, element_size: int, direction: str) -> None:
-    """Refuse a mode outside MODES (the default is `choose_mode`'s)."""
+def _resolve_mode(mode: str | None, layer: _Layer, element_size: int, direction: str) -> str:
+    """The mode that runs: `mode`, or `choose_mode`'s; refused outside MODES. 'blocked' runs groups = 1 only:
+    a grouped or depthwise layer asked for it runs two_phase."""
     mode = mode or choose_mode(layer, element_size, direction)
     if mode not in MODES:
         raise ValueError(f"kw_conv triton: mode must be one of {MODES}, got {mode!r}")
+    return "two_phase" if mode == "blocked" and layer.groups != 1 else mode
+
+
+def _blocks(layer: _Layer, element_size: int, direction: str, chunk_bytes: int | None):
+    """The blocked mode's (width, samples per chunk, buffer elements): cost_model.blocked_plan on this call
+    (chunk_bytes caps one block's kernels); width in cell rows (forward) or cell columns (dx)."""
+    width, chunk = cost_model.blocked_plan(layer.cost_shape(element_size), direction, budget=chunk_bytes)
+    per_unit = layer.weight_numel // (layer.c_out if direction == "forward" else layer.c_in)
+    return width, chunk, chunk * width * per_unit
+
+
+def _forward_blocked(x4, attn, cells, bias, y4, layer: _Layer, precision: str, chunk_bytes: int | None):
+    """The forward by blocks of cell rows (the output channels go*c_out + rows, every go): per block and chunk of
+    samples, the block's kernels mixed into one reused buffer and consumed at once by the conv."""
+    rows, chunk, numel = _blocks(layer, x4.element_size(), "forward", chunk_bytes)
+    buffer = _empty((numel,), cells.dtype, cells.device)
+    for r0 in range(0, layer.c_out, rows):
+        count = min(rows, layer.c_out - r0)
+        for b0 in range(0, layer.batch, chunk):
+            b1 = min(layer.batch, b0 + chunk)
+            weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(r0, count, 0, layer.c_in))
+            _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision, rows=(r0, count))
+
+
+def _dx_blocked(dy4, attn, cells, dx4, layer: _Layer, precision: str, chunk_bytes: int | None):
+    """dx by blocks of cell columns (the input channels gi*c_in + columns, every gi), as `_forward_blocked`."""
+    cols, chunk, numel = _blocks(layer, dy4.element_size(), "dx", chunk_bytes)
+    buffer = _empty((numel,), cells.dtype, cells.device)
+    for q0 in range(0, layer.c_in, cols):
+        count = min(cols, layer.c_in - q0)
+        for b0 in range(0, layer.batch, chunk):
+            b1 = min(layer.batch, b0 + chunk)
+            weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(0, layer.c_out, q0, count))
+            _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision, cols=(q0, count))
 
 
 def _chunk(layer: _Layer, element_size: int, chunk_bytes: int | None) -> int:
@@ -211,18 +253,29 @@ def _native(t4: torch.Tensor) -> torch.Tensor:
     return t4
 
 
-def _mix(attn_chunk, cells, layer: _Layer, precision: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+def _mix(attn_chunk, cells, layer: _Layer, precision: str, buffer: torch.Tensor | None = None,
+         block: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """Phase 1: per-sample kernels [bc, KK, O, C / groups] of a chunk of samples, in the op's dtype, written into
-    the first bc samples of `buffer` where given (one buffer serves every chunk of a call: never two alive)."""
+    the first bc samples of `buffer` where given (one buffer serves every chunk of a call: never two alive).
+
+    block (row0, rows, col0, cols): only cell rows row0..row0+rows-1 and columns col0..col0+cols-1 of every
+    mixture, as kernels [bc, KK, GO*rows, GI*cols] (the blocked mode's block of output or input channels);
+    `buffer` is then a flat buffer whose first elements are used."""
     bc = attn_chunk.shape[0]
-    shape = (bc, layer.kk, layer.out_channels, layer.in_per_group)
-    weights = buffer[:bc] if buffer is not None else _empty(shape, cells.dtype, cells.device)
-    rows, cols = bc * layer.m, layer.c_out * layer.c_in * layer.cell_numel
+    row0, rows_, col0, cols_ = block if block is not None else (0, layer.c_out, 0, layer.c_in)
+    shape = (bc, layer.kk, layer.grid_out * rows_, layer.grid_in * cols_)
+    if buffer is None:
+        weights = _empty(shape, cells.dtype, cells.device)
+    elif block is None:
+        weights = buffer[:bc]
+    else:
+        weights = buffer[:math.prod(shape)].view(shape)
+    rows, cols = bc * layer.m, rows_ * cols_ * layer.cell_numel
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     kw_mix_kernel[grid](
-        attn_chunk, cells, weights, rows, cols, layer.n, layer.m, layer.c_out, layer.c_in, layer.grid_out,
-        layer.grid_in, layer.cell_numel, bucket(rows), *attn_chunk.stride(), *cells.stride(), *weights.stride(),
-        INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(cells.dtype))
+        attn_chunk, cells, weights, rows, cols, layer.n, layer.m, rows_, cols_, layer.grid_out,
+        layer.grid_in, layer.cell_numel, bucket(rows), row0, col0, *attn_chunk.stride(), *cells.stride(),
+        *weights.stride(), INPUT_PRECISION=precision, ACC_DTYPE=_acc_dtype(cells.dtype))
     return weights
 
 
@@ -236,11 +289,14 @@ def _group_args(layer: _Layer):
     return layer.in_per_group, layer.out_channels // layer.groups
 
 
-def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str):
+def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str, rows: tuple[int, int] | None = None):
+    """The conv of the forward on `weights`; rows (row0, count): they hold only that block of cell rows (groups = 1),
+    the output channels go*c_out + row0 + p."""
     batch = x4.shape[0]
     positions = layer.out_h * layer.out_w
-    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]), triton.cdiv(layer.out_channels, meta["BLOCK_N"]),
-                         batch)
+    row0, count = rows if rows is not None else (0, layer.c_out)
+    channels = layer.grid_out * count if rows is not None else layer.out_channels
+    grid = lambda meta: (triton.cdiv(positions, meta["BLOCK_M"]), triton.cdiv(channels, meta["BLOCK_N"]), batch)
     if layer.groups != 1:
         kw_grouped_fwd_kernel[grid](
             x4, weights, bias if bias is not None else weights, y4,
@@ -248,28 +304,34 @@ def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str):
             *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
             HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype))
         return
+    c, h, w, _, oh, ow = layer.conv_args()
     kw_conv_fwd_kernel[grid](
         x4, weights, bias if bias is not None else weights, y4,
-        *layer.conv_args(), layer.kw, layer.kk, *_buckets(layer, batch),
+        c, h, w, channels, oh, ow, layer.kw, layer.kk, *_buckets(layer, batch), count, row0, layer.c_out,
         *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
         HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
 
 
-def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str):
+def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str, cols: tuple[int, int] | None = None):
+    """The input gradient on `weights`; cols (col0, count): they hold only that block of cell columns (groups = 1),
+    the input channels gi*c_in + col0 + q."""
     batch = dy4.shape[0]
     sh, sw = layer.stride
     phases, phase_positions = sh * sw, triton.cdiv(layer.height, sh) * triton.cdiv(layer.width, sw)
+    col0, count = cols if cols is not None else (0, layer.c_in)
+    channels = layer.grid_in * count if cols is not None else layer.channels
     grid = lambda meta: (phases * triton.cdiv(phase_positions, meta["BLOCK_M"]),
-                         triton.cdiv(layer.channels, meta["BLOCK_N"]), batch)
+                         triton.cdiv(channels, meta["BLOCK_N"]), batch)
     if layer.groups != 1:
         kw_grouped_dx_kernel[grid](
             dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_group_args(layer),
             *_buckets(layer, batch), *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
             ACC_DTYPE=_acc_dtype(dy4.dtype))
         return
+    _, h, w, oc, oh, ow = layer.conv_args()
     kw_conv_dx_kernel[grid](
-        dy4, weights, dx4, *layer.conv_args(), layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
-        *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
+        dy4, weights, dx4, channels, h, w, oc, oh, ow, layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
+        count, col0, layer.c_in, *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
         ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
 
 
@@ -360,8 +422,11 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     if layer.batch == 0:
         return y
     precision = _input_precision(x.dtype, input_precision)
-    _check_mode(mode, layer, x.element_size(), "forward")
+    mode = _resolve_mode(mode, layer, x.element_size(), "forward")
     x4 = _native(x4)
+    if mode == "blocked":
+        _forward_blocked(x4, attn, cells, bias, y4, layer, precision, chunk_bytes)
+        return y
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
     buffer = _empty((chunk, layer.kk, layer.out_channels, layer.in_per_group), cells.dtype, cells.device)
     for b0 in range(0, layer.batch, chunk):
@@ -406,8 +471,11 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
         return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
     precision = _input_precision(x.dtype, input_precision)
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
-    _check_mode(mode, layer, x.element_size(), "dx")
+    mode = _resolve_mode(mode, layer, x.element_size(), "dx")
     x4, dy4 = _native(x4), _native(dy4)
+    if need_x and mode == "blocked":
+        _dx_blocked(dy4, attn, cells, dx4, layer, precision, chunk_bytes)
+        need_x = False
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
     chunked_wgrad = groups != 1 and (need_attn or need_warehouse)
     flat_cells = cells.reshape(layer.n, -1)
