@@ -42,7 +42,7 @@ def dispatcher_pick(spec: dict, batch: int, dtype: str, train: bool) -> dispatch
     return dispatch.decide(call, "auto")
 
 
-_MODE_OF = {"released": "released", "op:triton:two_phase": "two_phase", "op:torch:grouped": "torch_op"}
+_MODE_OF = {"released": "released", "op:triton": "two_phase", "op:torch:grouped": "torch_op"}
 
 
 def layer_rows(model: str, spec: dict, batch: int, dtype: str, peaks) -> list[dict]:

@@ -9,8 +9,9 @@ Candidates (`FORMULATIONS`; a name is `kind[:backend[:variant]]`):
     op:torch:gemm           on the torch backend, grouped convolutions or im2col GEMMs by output-channel blocks
     op:cpp:gemm           the registered op on the compiled CPU kernel (kw_ops._C), GEMM or convolution path
     op:cpp:grouped
-    op:triton:two_phase   the registered op on the Triton kernels (CUDA): mixing GEMM per L2-sized chunk, then
-                          implicit-GEMM convolutions
+    op:triton             the registered op on the Triton kernels (CUDA): mixing GEMMs, then implicit-GEMM
+                          convolutions, by chunks of samples or blocks of channels (the Triton mode of each pass
+                          chosen by the GPU cost model, as the launcher chooses it)
     export                batched MatMuls over kernel offsets, a batch that stays symbolic (while exporting)
 
 What decides (`decide`), strongest first:
@@ -55,7 +56,7 @@ __all__ = ["Call", "Estimate", "Decision", "FORMULATIONS", "MARGIN", "DEFAULT_MA
            "decide", "compiled_choice", "op_choice", "backend_formulation", "run_for_layer", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
 
 FORMULATIONS = ("released", "op:torch:grouped", "op:torch:gemm", "op:cpp:gemm", "op:cpp:grouped",
-                "op:triton:two_phase", "export")
+                "op:triton", "export")
 #: least predicted gain over released (fraction of its time) for another formulation to replace it
 MARGIN = 0.10
 #: the same where an estimate rests on default (uncalibrated) rates: only a gain the default model cannot be
@@ -260,17 +261,23 @@ def _gpu_seconds(formulation: str, call: Call) -> tuple[float | None, str]:
     two = lambda t, fill: (t + (fill,) * (2 - len(t)))[::-1] if len(t) < 2 else t  # noqa: E731  1-D as 1 x L
     shape = cost_model.ConvShape(call.batch, call.channels, call.out_channels, two(call.size, 1), two(call.out_size, 1),
                                  two(call.kernel_size, 1), call.groups, call.n, call.m, call.element_size,
-                                 channels_last=call.channels_last, cell_rows=call.cell[0])
+                                 channels_last=call.channels_last, cell_rows=call.cell[0], cell_cols=call.cell[1])
     directions = ("forward",) + ((("dx",) if call.input_grad else ()) + ("wgrad",) if call.backward else ())
-    mode = {"released": "released", "op:triton:two_phase": "two_phase", "op:torch:grouped": "torch_op"}.get(formulation)
+    if formulation == "op:triton":   # the mode the launcher runs: the cheapest built one (or KW_OPS_TRITON_MODE's)
+        forced = os.environ.get("KW_OPS_TRITON_MODE")
+        modes = (forced,) if forced in cost_model.KERNEL_MODES else cost_model.KERNEL_MODES
+        seconds = 0.0
+        for direction in directions:
+            found = cost_model.predict_all(shape, modes, direction) or cost_model.predict_all(
+                shape, ("two_phase",), direction)
+            seconds += min(p.seconds for p in found.values())
+        return seconds, ""
+    mode = {"released": "released", "op:torch:grouped": "torch_op"}.get(formulation)
     if mode is None:
         return None, "not modelled on GPU"
     seconds = 0.0
     for direction in directions:
-        prediction = cost_model.predict(shape, mode, direction)
-        if prediction is None:
-            return None, f"the {mode} kernels cannot run this shape"
-        seconds += prediction.seconds
+        seconds += cost_model.predict(shape, mode, direction).seconds
     return seconds, ""
 
 
@@ -330,7 +337,7 @@ def _op_formulations(backend: str, call: Call) -> list[str]:
         return ["op:torch:grouped"] + (["op:torch:gemm"] if call.groups == 1 and call.device == "cpu" else [])
     if backend == "cpp":
         return (["op:cpp:gemm"] if call.groups == 1 else []) + ["op:cpp:grouped"]
-    return [f"op:{backend}:two_phase"] if backend == "triton" else [f"op:{backend}"]
+    return [f"op:{backend}"]
 
 
 def _candidates(call: Call, requested: str, formulation: str | None, tensors,
@@ -442,8 +449,7 @@ def op_choice(x, attn, warehouse, out_channels: int, kernel_size, stride, paddin
     allowed, _ = _candidates(call, "auto", None, (x, attn, warehouse, None, geometry))
     allowed = [f for f in allowed if f != "released"]
     choice = allowed[0] if len(allowed) == 1 else _choose([estimate(f, call) for f in allowed])[0]
-    _, backend, variant = choice.split(":")
-    return backend, variant if variant in ("grouped", "gemm") else ""
+    return _backend_variant(choice)
 
 
 def _decide(call: Call, requested: str, source: str, formulation: str | None, tensors) -> Decision:
@@ -471,7 +477,14 @@ def backend_formulation(backend: str, x, attn, warehouse, out_channels: int, ker
     with torch.no_grad():  # the op's own pass: decide as for a call without a backward
         call = Call.of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups)
     decision = decide(dataclasses.replace(call, transform=""), backend)
-    return decision.formulation.split(":")[2]
+    return _backend_variant(decision.formulation)[1]
+
+
+def _backend_variant(formulation: str) -> tuple[str, str]:
+    """('torch', 'gemm') of 'op:torch:gemm'; the variant '' where the backend decides it ('op:triton')."""
+    parts = formulation.split(":")
+    variant = parts[2] if len(parts) > 2 else ""
+    return parts[1], variant if variant in ("grouped", "gemm") else ""
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -486,8 +499,7 @@ def run_formulation(formulation: str, x, attn, warehouse, bias, out_channels: in
             bias = bias.to(dtype) if bias is not None else None
         run = kept_kernels_conv if formulation == "released" else export_conv
         return run(x, attn, warehouse, bias, *geometry)
-    _, backend, variant = formulation.split(":")
-    variant = variant if variant in ("grouped", "gemm") else ""  # 'auto': the op decides when it runs
+    backend, variant = _backend_variant(formulation)  # variant '': the op decides when it runs
     args = [x, attn, warehouse, bias, out_channels, list(kernel_size), list(stride), list(padding), list(dilation),
             groups, backend, variant]
     if torch.is_autocast_enabled(x.device.type):  # cast where autograd sees it, as the op's autocast kernel does
