@@ -29,7 +29,8 @@ layers_triton   the layers stage's Triton rows (child); each layer's output or g
 (child)         released formulation's on the same inputs first, and not timed where they disagree.
 premise (child) the design's premise, on layer4.1.conv2 of ResNet50 KW1x and KW4x at batch 128, bf16: mixing
                 alone, the convolution alone and both, with the per-sample kernels of each chunk in one reused
-                buffer of 4, 8, 16 and 32 MiB, eagerly and as CUDA graphs; the ratio both / (mix + conv).
+                buffer of 8, 16 and 32 MiB (two_phase) and blocks of 16 and 128 MiB (blocked), eagerly and as CUDA
+                graphs; the ratio both / (mix + conv).
 network_kw_ops  the network stage's kw_ops row (child).
 (child)
 Output: gpu_check.csv (one row appended and flushed per result), gpu_check.md (rewritten after each stage),
@@ -451,14 +452,16 @@ def _other_dtype_cases() -> list[SmokeCase]:
 # -- the L2 premise ------------------------------------------------------------------------------------------
 PREMISE_LAYER = "layer4.1.conv2"                     # 512 -> 512 3x3 at 7x7: the largest per-sample kernels
 PREMISE_MODELS = ("resnet50_kw1x", "resnet50_kw4x")
-PREMISE_BUFFERS_MIB = (4, 8, 16, 32)
+PREMISE_BUFFERS_MIB = (8, 16, 32)
+PREMISE_BLOCKED_MIB = (16, 128)   # the blocked mode: L2-sized blocks, and the largest blocked_plan may choose
 
 
-def premise_phases(spec, batch: int, buffer_bytes: int, dtype=torch.bfloat16, device="cuda"):
-    """The two phases of the forward on one layer with the per-sample kernels of each chunk of samples in ONE
-    reused buffer of `buffer_bytes`: callables running, over all the chunks, the mixing alone, the convolution
-    alone (kernels left in the buffer by the mixing) and both (mix a chunk, convolve it: the premise that the
-    convolution then reads its kernels from L2), and the output of `both`. -> (phases dict, y, reference inputs)."""
+def premise_phases(spec, batch: int, buffer_bytes: int, dtype=torch.bfloat16, device="cuda", blocked: bool = False):
+    """The two phases of the forward on one layer with the per-sample kernels of each chunk of samples (two_phase;
+    blocked: of each block of cell rows for all samples) in ONE reused buffer of `buffer_bytes`: callables running,
+    over all the chunks (blocks), the mixing alone, the convolution alone (kernels left in the buffer by the
+    mixing) and both (mix a chunk, convolve it: the premise that the convolution then reads its kernels from L2),
+    and the output of `both`. -> (phases dict, y, reference inputs)."""
     from kw_ops.ops.triton import launch
 
     make = lambda *shape, scale=1.0: (torch.randn(*shape, device=device) * scale).to(dtype)  # noqa: E731
@@ -469,10 +472,13 @@ def premise_phases(spec, batch: int, buffer_bytes: int, dtype=torch.bfloat16, de
     x4, cells, kernel, stride, padding, dilation = launch._as_2d(x, warehouse, *geometry[1:5])
     layer = launch._layer(x4, cells, spec["out"], kernel, stride, padding, dilation, spec["groups"])
     precision = launch._input_precision(dtype, None)
-    chunk = launch._chunk(layer, x.element_size(), buffer_bytes)
-    buffer = launch._empty((chunk, layer.kk, layer.out_channels, layer.in_per_group), dtype, x.device)
     x4 = launch._native(x4)
     y4 = launch._empty((batch, spec["out"], layer.out_h, layer.out_w), dtype, x.device)
+    if blocked:
+        return _blocked_premise_phases(launch, layer, x4, attn, cells, y4, precision, buffer_bytes), y4, \
+            (x, attn, warehouse, geometry)
+    chunk = launch._chunk(layer, x.element_size(), buffer_bytes)
+    buffer = launch._empty((chunk, layer.kk, layer.out_channels, layer.in_per_group), dtype, x.device)
     starts = range(0, batch, chunk)
 
     def mix():
@@ -491,6 +497,36 @@ def premise_phases(spec, batch: int, buffer_bytes: int, dtype=torch.bfloat16, de
                                    y4[b0:b1], layer, precision)
 
     return {"mix": mix, "conv": conv, "both": both}, y4, (x, attn, warehouse, geometry)
+
+
+def _blocked_premise_phases(launch, layer, x4, attn, cells, y4, precision, buffer_bytes):
+    """premise_phases of the blocked mode: blocks of cell rows (and chunks of samples) as launch._forward_blocked
+    runs them with chunk_bytes = buffer_bytes."""
+    rows, chunk, numel = launch._blocks(layer, x4.element_size(), "forward", buffer_bytes)
+    buffer = launch._empty((numel,), cells.dtype, cells.device)
+    blocks = [(r0, min(rows, layer.c_out - r0), b0, min(layer.batch, b0 + chunk))
+              for r0 in range(0, layer.c_out, rows) for b0 in range(0, layer.batch, chunk)]
+
+    def mix_block(r0, count, b0, b1):
+        return launch._mix(attn[b0:b1], cells, layer, precision, buffer, block=(r0, count, 0, layer.c_in))
+
+    def conv_block(weights, r0, count, b0, b1):
+        launch._launch_forward(x4[b0:b1], weights, None, y4[b0:b1], layer, precision, rows=(r0, count))
+
+    def mix():
+        for block in blocks:
+            mix_block(*block)
+
+    def conv():   # on what the buffer holds: the views the last mixing left there
+        for r0, count, b0, b1 in blocks:
+            shape = (b1 - b0, layer.kk, layer.grid_out * count, layer.in_per_group)
+            conv_block(buffer[:math.prod(shape)].view(shape), r0, count, b0, b1)
+
+    def both():
+        for block in blocks:
+            conv_block(mix_block(*block), *block)
+
+    return {"mix": mix, "conv": conv, "both": both}
 
 
 def _graphed(fn):
@@ -512,9 +548,10 @@ def premise_items() -> list[Item]:
     items = []
     for model in PREMISE_MODELS:
         spec = next(s for s in kw_layer_shapes(model) if s["layer"] == PREMISE_LAYER)
-        for mib in PREMISE_BUFFERS_MIB:
-            def run(deadline, spec=spec, mib=mib):
-                phases, _, _ = premise_phases(spec, LAYER_BATCH, mib << 20)
+        for mib, blocked in [(mib, False) for mib in PREMISE_BUFFERS_MIB] + [(mib, True) for mib in
+                                                                             PREMISE_BLOCKED_MIB]:
+            def run(deadline, spec=spec, mib=mib, blocked=blocked):
+                phases, _, _ = premise_phases(spec, LAYER_BATCH, mib << 20, blocked=blocked)
                 rows = []
                 for how, wrap in (("eager", lambda fn: fn), ("graph", _graphed)):
                     ms = {name: time_ms(wrap(fn), deadline) for name, fn in phases.items()}
@@ -523,7 +560,8 @@ def premise_items() -> list[Item]:
                     rows.append({"provider": "triton", "mode": f"{how} both/(mix+conv)", "status": "ok",
                                  "value": f"{ms['both'] / (ms['mix'] + ms['conv']):.3f}", "unit": "ratio"})
                 return rows
-            items.append(Item(f"{model} {PREMISE_LAYER} {mib} MiB", run, estimate_s=3.0))
+            items.append(Item(f"{model} {PREMISE_LAYER} {'blocked ' if blocked else ''}{mib} MiB", run,
+                              estimate_s=3.0))
     return items
 
 

@@ -241,3 +241,29 @@ def test_the_premise_phases_compute_the_layer_through_one_reused_buffer(gpu_chec
     phases["conv"]()
     torch.testing.assert_close(y[4:], expected[4:], atol=1e-4, rtol=1e-4)   # the last chunk's kernels remain
     assert not torch.allclose(y[:4], expected[:4], atol=1e-3)
+
+
+def test_the_blocked_premise_phases_compute_the_layer_block_by_block(gpu_check):
+    """Under the interpreter: the blocked mode's phases through one buffer of two cell rows for all samples (four
+    blocks of the 8 cell rows, GO = 2) give the op's output when interleaved; mix-all then conv-all leaves only the
+    last block's kernels (cell rows 6 and 7: channels 6, 7, 14, 15) right."""
+    pytest.importorskip("triton")
+    from kw_ops.ops.torch_impl import kw_conv_torch
+    from kw_ops.ops.triton import interpreting
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
+    spec = {"channels": 8, "out": 16, "size": (5, 5), "kernel": (3, 3), "stride": (1, 1), "padding": (1, 1),
+            "dilation": (1, 1), "groups": 1, "n": 5, "m": 18, "cell": (8, 8, 1, 1), "bias": False, "layer": "t"}
+    row_bytes = 5 * (16 * 8 * 9 // 8) * 4     # one cell row of every sample's kernel, float32
+    phases, y, (x, attn, warehouse, geometry) = gpu_check.premise_phases(spec, 5, 2 * row_bytes, torch.float32,
+                                                                         "cpu", blocked=True)
+    expected = kw_conv_torch(x, attn, warehouse, None, *geometry)
+    phases["both"]()
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
+    y.zero_()
+    phases["mix"]()
+    phases["conv"]()
+    last = [6, 7, 14, 15]
+    torch.testing.assert_close(y[:, last], expected[:, last], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y[:, :6], expected[:, :6], atol=1e-3)

@@ -59,7 +59,7 @@ _CONV_KEY = ["C", "OC", "KK", "PB", "BB", "INPUT_PRECISION"]
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "OC", "C"))
-@triton.jit
+@triton.jit(do_not_specialize=["SP", "P0", "CO"])   # block offsets and widths: one compile for all
 def kw_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, OC, OH, OW, KW, KK, PB, BB, SP, P0, CO,
@@ -100,7 +100,7 @@ def kw_conv_fwd_kernel(
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "C", "OC"))
-@triton.jit
+@triton.jit(do_not_specialize=["SQ", "Q0", "CI"])
 def kw_conv_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
     C, H, W, OC, OH, OW, KH, KW, KK, PB, BB, SQ, Q0, CI,
