@@ -13,7 +13,7 @@ passes through L2), and a mode the sum of its phases. The peaks are a parameter 
 figures by default, replaced by those benchmarks/gpu_check.py measures (`KW_OPS_PEAKS=peaks.json`).
 
 Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = launch.MODES):
-- two_phase   what launch.py runs. Per chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES: the
+- two_phase   per chunk of samples whose per-sample kernels fit KERNEL_CHUNK_BYTES: the
               mixing GEMM on tensor cores (K = n) writes the chunk's kernels, the conv kernels read them from L2
               (from DRAM when the chunk's kernels exceed the L2 capacity); L2 is write-back, so every kernel is
               written to DRAM once. groups = 1: implicit GEMMs on tensor cores, dx by stride phase (only the
@@ -25,7 +25,14 @@ Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = 
               dattn += dW·E[:, slice]ᵀ (fp32); x re-read once per output-channel tile of every slice.
               groups != 1: per chunk of samples, the per-sample dW contracted into dattn (split-K GEMM) and dE
               (fp32 partials added to an fp32 dE in DRAM once per chunk).
-Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built mode is what it is):
+- blocked     groups = 1, forward and dx (its weight gradient is two_phase's): per block of cell rows (forward) or
+              columns (dx), the block's kernels for all samples mixed into one reused buffer and consumed at once;
+              the warehouse moves once per pass; block size by `blocked_plan` (L2-sized blocks keep the kernels
+              out of DRAM, larger ones save launches).
+Launches: a phase run once per chunk or block counts that many launches; a pass takes the longer of its phases'
+sum and its launches' host time (Peaks.launch_s per Triton launch, op_launch_s per eager op; the few eager sums
+of split-K partials are not counted).
+Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built modes are what they are):
 - fused       the former re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
               slice read from L2) once per position tile; dx over every tap of every input position;
               weight gradient per sample written to DRAM and read twice.
