@@ -1,9 +1,10 @@
-"""`python -m kw_ops calibrate`: time this CPU's kernels for the KW layers of some models, for the dispatcher.
+"""`python -m kw_ops calibrate`: time this CPU's formulations for the KW layers of some models, for the dispatcher.
 
-The dispatcher (kw_ops.ops.dispatch) estimates each formulation of a KW convolution as a sum of kernels; this
+The dispatcher (kw_ops.ops.dispatch) estimates each formulation of a KW convolution from its time measured as a
+whole on a call of the same bucket, else as a sum of kernels at default rates (kw_ops.ops.cpu_costs); this
 command runs each model's forward and training step once at the given batch and size, collects every KW call,
-times the kernels of every candidate formulation that the cache lacks (`--redo`: all of them) and writes the
-rates to this machine's cache (kw_ops.ops.cpu_costs.cache_path(): one file per processor, torch version and
+times every candidate formulation of each call whose bucket the cache lacks (`--redo`: all of them) and writes
+the rates to this machine's cache (kw_ops.ops.cpu_costs.cache_path(): one file per processor, torch version and
 thread count). Without a cache the dispatcher uses default rates and a wider margin before it leaves the
 released formulation.
 """
@@ -38,7 +39,7 @@ def collect_calls(model: torch.nn.Module, batch: int, size: int, train: bool) ->
 
 def calibrate_models(names, batches=(2,), size: int = 224, train: bool = True, infer: bool = True,
                      redo: bool = False, min_time: float = 0.05, progress=None):
-    """Calibrate the kernels of these registered models' KW layers; returns (rate table, kernels timed)."""
+    """Calibrate the formulations of these registered models' KW layers; returns (rate table, buckets timed)."""
     from . import models
     from .ops import dispatch
 

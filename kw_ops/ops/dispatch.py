@@ -27,11 +27,11 @@ What decides (`decide`), strongest first:
    call where that exceeds `keep_bytes()` (KW_OPS_KEEP_BYTES, default 256 MiB per layer), so large-batch
    training keeps the op's bounded memory;
 4. among those, the least estimated time of the call's passes (forward, and the backward when one follows): on
-   CPU from `cpu_costs` (kernels timed by `python -m kw_ops calibrate`, default rates otherwise), on CUDA from
-   the GPU cost model (kw_ops.ops.triton.cost_model; peaks measured by gpu_check via KW_OPS_PEAKS, datasheet
-   defaults otherwise). The released formulation is replaced only by a candidate predicted faster by `MARGIN`
-   (`DEFAULT_MARGIN` where an estimate rests on default rates): a prediction that close is within the model's
-   error, and released is what every kw_ops row is measured against.
+   CPU from `cpu_costs` (the formulation timed as a whole by `python -m kw_ops calibrate`, else its kernels at
+   default rates), on CUDA from the GPU cost model (kw_ops.ops.triton.cost_model; peaks measured by gpu_check
+   via KW_OPS_PEAKS, datasheet defaults otherwise). The released formulation is replaced only by a candidate
+   predicted faster by `MARGIN` (`DEFAULT_MARGIN` where an estimate rests on default rates): a prediction that
+   close is within the model's error, and released is what every kw_ops row is measured against.
 
 `python -m kw_ops describe MODEL --dispatch` prints every layer's decision, the estimate of each candidate and
 the reason.
@@ -51,6 +51,7 @@ from .backends import BackendUnavailableError, not_supported_reasons, requested_
 from .export_impl import export_conv, exporting
 from .kept_kernels import kept_kernels_conv
 from .op import apply_kw_conv, autocast_args
+from .torch_impl import conv_output_size
 
 __all__ = ["Call", "Estimate", "Decision", "FORMULATIONS", "MARGIN", "DEFAULT_MARGIN", "KEEP_BYTES_ENV",
            "decide", "compiled_choice", "op_choice", "backend_formulation", "run_for_layer", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
@@ -134,7 +135,7 @@ class Call:
 
     @property
     def out_size(self) -> tuple:
-        return tuple(cpu_costs._out_size(self.size, self.kernel_size, self.stride, self.padding, self.dilation))
+        return tuple(conv_output_size(self.size, self.kernel_size, self.stride, self.padding, self.dilation))
 
     @property
     def in_per_group(self) -> int:
