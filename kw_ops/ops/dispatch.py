@@ -107,12 +107,6 @@ class Call:
     def of(cls, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
            stride, padding, dilation, groups: int) -> Call:
         """The call of kw_conv on these tensors (arguments normalised), in the current grad mode and transforms."""
-        return cls(*cls.fields_of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups))
-
-    @staticmethod
-    def fields_of(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
-                  stride, padding, dilation, groups: int) -> tuple:
-        """The fields of `Call.of`, in order."""
         backward = torch.is_grad_enabled() and (x.requires_grad or attn.requires_grad or warehouse.requires_grad)
         if exporting():
             transform = "export"
@@ -124,10 +118,10 @@ class Call:
             transform = ""
         channels_last = (transform != "func" and x.dim() == 4 and not x.is_contiguous()  # (vmap cannot tell)
                          and x.is_contiguous(memory_format=torch.channels_last))
-        return (x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
-                out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
-                warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
-                transform, channels_last)
+        return cls(x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
+                   out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
+                   warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
+                   transform, channels_last)
 
     @property
     def element_size(self) -> int:
@@ -527,8 +521,6 @@ def run_for_layer(cache: dict, x, attn, warehouse, bias, geometry: tuple, backen
         if len(cache) > 32:  # a layer sees few call shapes; a stream of new ones must not grow it without end
             cache.clear()
         cache[key] = formulation
-    if formulation == "released" and not torch.is_autocast_enabled(x.device.type):  # the common case, directly
-        return kept_kernels_conv(x, attn, warehouse, bias, *geometry)
     if formulation.startswith("op:triton"):
         from .verify import current_layer
 
