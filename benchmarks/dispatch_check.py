@@ -25,25 +25,10 @@ from kw_ops.dispatch_report import collect_calls
 from kw_ops.ops import cpu_costs, dispatch
 
 
-def _tensors(call: dispatch.Call):
-    grad = call.backward
-    x = torch.randn(call.batch, call.channels, *call.size, requires_grad=grad and call.input_grad)
-    attn = (torch.randn(call.batch, call.m, call.n) / call.n).requires_grad_(grad)
-    warehouse = torch.randn(call.n, *call.cell).requires_grad_(grad)
-    return x, attn, warehouse
-
-
 def _seconds(formulation: str, call: dispatch.Call, repeat: int) -> list[float]:
-    x, attn, warehouse = _tensors(call)
-    args = (call.out_channels, call.kernel_size, call.stride, call.padding, call.dilation, call.groups)
-
-    def once():
-        if call.backward:
-            dispatch.run_formulation(formulation, x, attn, warehouse, None, *args).sum().backward()
-        else:
-            with torch.no_grad():
-                dispatch.run_formulation(formulation, x, attn, warehouse, None, *args)
-
+    """Seconds of each of `repeat` calls of the formulation on random tensors of the call's shape (forward, and
+    backward if it has one), after a warm-up call."""
+    once = cpu_costs._runner(cpu_costs.formulation_kernel(formulation, call))
     once()
     times = []
     for _ in range(repeat):

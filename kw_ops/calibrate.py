@@ -1,9 +1,10 @@
-"""`python -m kw_ops calibrate`: time this CPU's kernels for the KW layers of some models, for the dispatcher.
+"""`python -m kw_ops calibrate`: time this CPU's formulations for the KW layers of some models, for the dispatcher.
 
-The dispatcher (kw_ops.ops.dispatch) estimates each formulation of a KW convolution as a sum of kernels; this
+The dispatcher (kw_ops.ops.dispatch) estimates each formulation of a KW convolution from its time measured as a
+whole on a call of the same bucket, else as a sum of kernels at default rates (kw_ops.ops.cpu_costs); this
 command runs each model's forward and training step once at the given batch and size, collects every KW call,
-times the kernels of every candidate formulation that the cache lacks (`--redo`: all of them) and writes the
-rates to this machine's cache (kw_ops.ops.cpu_costs.cache_path(): one file per processor, torch version and
+times every candidate formulation of each call whose bucket the cache lacks (`--redo`: all of them) and writes
+the rates to this machine's cache (kw_ops.ops.cpu_costs.cache_path(): one file per processor, torch version and
 thread count). Without a cache the dispatcher uses default rates and a wider margin before it leaves the
 released formulation.
 """
@@ -20,26 +21,11 @@ __all__ = ["calibrate_models", "main"]
 DEFAULT_MODELS = ("resnet18_kw1x", "resnet18_kw4x", "mobilenetv2_100_kw1x", "mobilenetv2_100_kw4x")
 
 
-def collect_calls(model: torch.nn.Module, batch: int, size: int, train: bool) -> list:
-    """The dispatch.Call of every KW convolution in one forward (and, with `train`, a training step's forward)."""
-    from .ops import dispatch
-
-    x = torch.randn(batch, 3, size, size)
-    model.train(train)
-    with dispatch.recording() as log:
-        if train:
-            model(x).sum().backward()
-        else:
-            with torch.no_grad():
-                model(x)
-    model.zero_grad(set_to_none=True)
-    return [call for _, call, _ in log]
-
-
 def calibrate_models(names, batches=(2,), size: int = 224, train: bool = True, infer: bool = True,
                      redo: bool = False, min_time: float = 0.05, progress=None):
-    """Calibrate the kernels of these registered models' KW layers; returns (rate table, kernels timed)."""
+    """Calibrate the formulations of these registered models' KW layers; returns (rate table, buckets timed)."""
     from . import models
+    from .dispatch_report import collect_calls
     from .ops import dispatch
 
     calls = []
@@ -47,9 +33,9 @@ def calibrate_models(names, batches=(2,), size: int = 224, train: bool = True, i
         model = models.create(name)
         for batch in batches:
             if infer:
-                calls += collect_calls(model, batch, size, train=False)
+                calls += [call for _, call in collect_calls(model, batch, size, train=False)]
             if train and batch > 1:
-                calls += collect_calls(model, batch, size, train=True)
+                calls += [call for _, call in collect_calls(model, batch, size, train=True)]
     timed = []
     table = dispatch.calibrate_calls(dict.fromkeys(calls), min_time=min_time, redo=redo,
                                      progress=lambda key: (timed.append(key), progress and progress(key)))

@@ -102,11 +102,9 @@ class KWLayer(ConvGeometry):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, *size] (or unbatched [C_in, *size]) -> [B, C_out, *out_size]."""
         warehouse, attention, geometry = self._state()
-        if warehouse.__dict__.get("_complete_plan") is not warehouse._plan:
-            warehouse.check_complete()
-            warehouse.__dict__["_complete_plan"] = warehouse._plan
+        warehouse.check_complete()
         compiling = torch.compiler.is_compiling()
-        if not compiling and warehouse._settled is None:  # (a flag flipped in a compiled graph would recompile)
+        if not compiling:  # (a flag flipped in a compiled graph would recompile)
             warehouse.mark_used()
         cells, bias = warehouse.cells, self.bias
         x, unbatched = self._check_input(x, cells)

@@ -201,8 +201,12 @@ class Warehouse(nn.Module):
         self.reset_parameters()
 
     def check_complete(self) -> None:
-        """Raise PlanningError unless every cell is assigned exactly once (docs/semantics.md §4)."""
-        self.plan.check_complete()
+        """Raise PlanningError unless every cell is assigned exactly once (docs/semantics.md §4). Checked once
+        per plan (every KW layer's forward calls it): a new plan is checked again."""
+        plan = self.plan
+        if self.__dict__.get("_complete_plan") is not plan:
+            plan.check_complete()
+            self.__dict__["_complete_plan"] = plan
 
     def layer_plan(self, layer: nn.Module) -> LayerPlan:
         for member, layer_plan in zip(self._members, self.plan.layers):

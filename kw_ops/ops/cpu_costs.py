@@ -1,22 +1,20 @@
-"""Cost of a KW convolution on CPU: each formulation as a sum of kernels, each kernel timed by calibration.
+"""Cost of a KW convolution on CPU, at two levels:
 
-A formulation (kw_ops.ops.dispatch) runs a few kernels per pass: the mixing GEMM, a copy of the per-sample
-kernels into the convolution's layout, a grouped convolution (groups = B · groups), the GEMMs of dattn and dE,
-the compiled kernel of the `cpp` backend. Each kernel is a `Kernel`: its kind, its exact dims and its work
-(FLOPs, or bytes for copies). Its time is work / rate, where the rate is
+    measured   a formulation (kw_ops.ops.dispatch) timed as a whole, its forward and its backward where the call
+               has one (`formulation_kernel`), by `python -m kw_ops calibrate` on a call of the same *bucket*
+               (every field of the call exact but the batch, rounded to the nearest power of 2): the call's
+               estimate is that time per sample x its batch. The rates are cached in a JSON file per machine,
+               torch version and thread count (`cache_path()`; redo it with `python -m kw_ops calibrate --redo`);
+    default    else the sum of the kernels the formulation runs (the mixing GEMM, a copy of the per-sample kernels
+               into the convolution's layout, a grouped convolution (groups = B · groups), the GEMMs of dattn and
+               dE, the compiled kernel of the `cpp` backend, a fixed cost per call), each a `Kernel` of its kind,
+               exact dims and work (FLOPs, or bytes for copies), at a roofline rate of its kind (`DEFAULT_RATES`,
+               measured on the 2-core x86 machine this project is developed on), scaled down for thin GEMMs and
+               small convolutions, where libraries are known to run far below their peak.
 
-    measured   the machine's rate for the kernel's *bucket* (every dim rounded to the nearest power of 2, the
-               batch, threads and dtype included), timed by `calibrate` on a kernel of that bucket and cached in
-               a JSON file per machine, torch version and thread count (`cache_path()`; redo it with
-               `python -m kw_ops calibrate`);
-    default    else a roofline rate of the kernel's kind (`DEFAULT_RATES`, measured on the 2-core x86 machine
-               this project is developed on), scaled down for thin GEMMs and small convolutions, where
-               libraries are known to run far below their peak.
-
-Measured rates depend on the sizes that matter on a CPU (a grouped convolution with 8 groups of 512 channels
-at 7x7 ran at 19 GFLOP/s where 2 groups ran at 48 on the development machine: the per-sample kernels left the
-cache), which is why the buckets keep every dim. The dispatcher only trusts a prediction that beats the
-released formulation by a margin (`dispatch.MARGIN`), wider where it rests on default rates.
+Timing the kernels one by one predicted late layers 2-3x too fast (their per-sample kernels leave the cache
+between kernels), which is why calibration times whole formulations. The dispatcher only trusts a prediction
+that beats the released formulation by a margin (`dispatch.MARGIN`), wider where it rests on default rates.
 """
 from __future__ import annotations
 
@@ -32,7 +30,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from .torch_impl import conv_output_size
 
 __all__ = ["Kernel", "RateTable", "DEFAULT_RATES", "CACHE_ENV", "cache_path", "load_rates", "save_rates", "rate_table",
            "calibrate_kernels", "bucket", "machine_key", "gemm", "bmm", "copy", "conv", "cpp_kernel", "call",
@@ -53,9 +52,10 @@ _HALF_RATE_FLOPS = 2e6
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One kernel of a formulation: its kind, the exact arguments a calibration runs it with, its work (FLOPs;
-    bytes read and written for copies; 1 for a call's overhead) and the bucket whose measured rate it takes.
-    Build them with `gemm`, `bmm`, `copy`, `conv`, `cpp_kernel` and `call`."""
+    """One kernel of a formulation, or a whole formulation: its kind, its exact arguments, its work (FLOPs;
+    bytes read and written for copies; 1 for a call's overhead; the batch for a formulation) and the bucket whose
+    measured rate it takes. Build them with `gemm`, `bmm`, `copy`, `conv`, `cpp_kernel`, `call` and
+    `formulation_kernel`."""
 
     kind: str
     dims: tuple
@@ -87,7 +87,7 @@ def conv(pass_: int, groups: int, cin: int, cout: int, kernel: tuple, size: tupl
          dilation: tuple, dtype: str) -> Kernel:
     """A grouped convolution of one image with `groups` groups of cin -> cout channels: its forward (pass 0), its
     input gradient (1) or weight gradient (2). Taps and strides are exact in the bucket, sizes rounded."""
-    taps, positions = math.prod(kernel), math.prod(_out_size(size, kernel, stride, padding, dilation))
+    taps, positions = math.prod(kernel), math.prod(conv_output_size(size, kernel, stride, padding, dilation))
     work = 2.0 * groups * cin * cout * taps * positions
     key = _key("conv", dtype, (pass_, *kernel, *stride), (groups, cin, cout, positions))
     return Kernel("conv", (pass_, groups, cin, cout, tuple(kernel), tuple(size), tuple(stride), tuple(padding),
@@ -99,7 +99,7 @@ def cpp_kernel(direction: int, path: str, batch: int, channels: int, out_channel
     """The compiled kernel of the cpp backend, forward (direction 0) or backward (1, every gradient), on `path`
     ('gemm' or 'grouped') for a whole call: its work is the mixing and convolution FLOPs of the pass."""
     in_per_group = channels // groups
-    positions = math.prod(_out_size(size, kernel, stride, padding, dilation))
+    positions = math.prod(conv_output_size(size, kernel, stride, padding, dilation))
     weights = out_channels * in_per_group * math.prod(kernel)
     flops = 2.0 * batch * n * weights + 2.0 * batch * weights * positions
     work = flops if direction == 0 else 2.5 * flops  # backward: mixing again, dx, dW, dattn, dE
@@ -122,10 +122,6 @@ def formulation_kernel(formulation: str, call) -> Kernel:
 def call(name: str) -> Kernel:
     """The fixed cost of one call of a Python-level formulation (argument checks, autograd bookkeeping)."""
     return Kernel("call", (name,), 1.0, f"call:{name}")
-
-
-def _out_size(size, kernel, stride, padding, dilation) -> list[int]:
-    return [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation)]
 
 
 def bucket(value: int) -> int:
@@ -239,27 +235,10 @@ def _best_seconds(fn: Callable[[], object], min_time: float) -> float:
 
 
 def _runner(kernel: Kernel) -> Callable[[], object] | None:
-    """A call that runs `kernel` on random tensors of its exact dims (None: nothing to time)."""
-    dtype = getattr(torch, kernel.dtype)
-    d = kernel.dims
-    if kernel.kind == "gemm":
-        a, b = torch.randn(d[0], d[2], dtype=dtype), torch.randn(d[2], d[1], dtype=dtype)
-        return lambda: torch.mm(a, b)
-    if kernel.kind == "bmm":
-        a, b = torch.randn(d[0], d[1], d[3], dtype=dtype), torch.randn(d[0], d[3], d[2], dtype=dtype)
-        return lambda: torch.bmm(a, b)
-    if kernel.kind == "copy":
-        source = torch.empty(max(1, d[0] * 8 // torch.finfo(dtype).bits), dtype=dtype).normal_()
-        target = torch.empty_like(source)
-        return lambda: target.copy_(source)
-    if kernel.kind == "conv":
-        return _conv_runner(d, dtype)
-    if kernel.kind == "cpp":
-        return _cpp_runner(d, dtype)
-    if kernel.kind == "call":
-        return _CALL_RUNNERS[d[0]]() if d[0] in _CALL_RUNNERS else None
+    """A call that runs a formulation kernel on random tensors of its call's shape (None for other kinds: only
+    whole formulations are timed)."""
     if kernel.kind == "formulation":
-        return _formulation_runner(*d)
+        return _formulation_runner(*kernel.dims)
     return None
 
 
@@ -283,67 +262,6 @@ def _formulation_runner(formulation: str, fields: tuple):
     return forward
 
 
-def _conv_runner(d, dtype):
-    pass_, groups, cin, cout, kernel, size, stride, padding, dilation = d
-    conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
-    x = torch.randn(1, groups * cin, *size, dtype=dtype)
-    w = torch.randn(groups * cout, cin, *kernel, dtype=dtype)
-    if pass_ == 0:
-        return lambda: conv_nd(x, w, None, stride, padding, dilation, groups)
-    grad = torch.randn(1, groups * cout, *_out_size(size, kernel, stride, padding, dilation), dtype=dtype)
-    mask = [pass_ == 1, pass_ == 2, False]
-    return lambda: torch.ops.aten.convolution_backward(grad, x, w, None, list(stride), list(padding), list(dilation),
-                                                       False, [0] * len(kernel), groups, mask)
-
-
-def _cpp_runner(d, dtype):
-    from . import cpp
-
-    if not cpp.available():
-        return None
-    direction, path, batch, channels, out_channels, groups, kernel, size, stride, padding, dilation, cell, n = d
-    m = out_channels * (channels // groups) * math.prod(kernel) // math.prod(cell)
-    x = torch.randn(batch, channels, *size, dtype=dtype)
-    attn = torch.randn(batch, m, n, dtype=dtype) / n
-    warehouse = torch.randn(n, *cell, dtype=dtype)
-    args = (out_channels, kernel, stride, padding, dilation, groups)
-    if direction == 0:
-        return lambda: cpp.kw_conv_cpp(x, attn, warehouse, None, *args, path)
-    grad = torch.randn_like(cpp.kw_conv_cpp(x, attn, warehouse, None, *args, path))
-    return lambda: cpp.kw_conv_backward_cpp(grad, x, attn, warehouse, False, *args, (True, True, True, False), path)
-
-
-def _tiny_call(formulation: str, backward: bool):
-    """A KW convolution so small that its time is the formulation's fixed overhead."""
-    def make():
-        from .dispatch import run_formulation
-
-        x = torch.randn(2, 4, 3, 3, requires_grad=backward)
-        attn = torch.randn(2, 9, 2, requires_grad=backward)
-        warehouse = torch.randn(2, 4, 4, 1, 1, requires_grad=backward)
-        args = (x, attn, warehouse, None, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1)
-        if not backward:
-            return lambda: run_formulation(formulation, *args)
-        return lambda: run_formulation(formulation, *args).sum().backward()
-    return make
-
-
-#: the fixed overheads a calibration measures: the registered op's and the released formulation's plain ops
-_CALL_RUNNERS = {"op_forward": _tiny_call("op:torch:grouped", False), "op_step": _tiny_call("op:torch:grouped", True),
-                 "released_forward": _tiny_call("released", False), "released_step": _tiny_call("released", True)}
-
-
-def _run_queue_wait_s() -> float:
-    """Seconds this process's threads have waited on a run queue (Linux schedstat; 0 where it is missing)."""
-    total = 0
-    for task in Path("/proc/self/task").glob("*"):
-        try:
-            total += int((task / "schedstat").read_text().split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / 1e9
-
-
 #: share of a calibration's time its threads may wait for a CPU before it is called unreliable
 BUSY_WAIT = 0.10
 
@@ -354,15 +272,18 @@ class BusyMachineWarning(UserWarning):
 
 def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None, min_time: float = 0.05,
                       progress: Callable[[str], None] | None = None) -> RateTable:
-    """Time every kernel whose bucket the table lacks; returns the table with their rates added. Each kernel's
+    """Time every formulation kernel (`formulation_kernel`) whose bucket the table lacks (kernels of other kinds
+    are not timed: they keep their default rates); returns the table with their rates added. Each kernel's
     rate is from its fastest call of several (at least two, more while they last under `min_time` s in all),
     which a short burst of other work does not move; a machine busy throughout (its threads waited on a run
     queue for over BUSY_WAIT of the time: with every core in use, OpenMP threads wait for each other) is
     warned about, since every rate then comes out low and small kernels lowest."""
     import warnings
 
+    from ..benchmarking.measure import run_queue_wait_s
+
     table = table or load_rates()
-    started, waited = time.perf_counter(), _run_queue_wait_s()
+    started, waited = time.perf_counter(), run_queue_wait_s()
     seen = set()
     for kernel in kernels:
         key = kernel.key
@@ -373,11 +294,11 @@ def calibrate_kernels(kernels: Iterable[Kernel], table: RateTable | None = None,
         if runner is None:
             continue
         seconds = _best_seconds(runner, min_time)
-        table.rates[key] = seconds if kernel.kind == "call" else kernel.work / max(seconds, 1e-9)
+        table.rates[key] = kernel.work / max(seconds, 1e-9)
         if progress:
             progress(key)
     table.source = "calibrated"
-    spent, waited = time.perf_counter() - started, _run_queue_wait_s() - waited
+    spent, waited = time.perf_counter() - started, run_queue_wait_s() - waited
     if seen and spent > 0 and waited / spent > BUSY_WAIT:
         warnings.warn(f"kw_ops calibrate: other processes held the CPU for {100 * waited / spent:.0f}% of the "
                       f"calibration; its rates are unreliable (run `python -m kw_ops calibrate --redo` on an idle "

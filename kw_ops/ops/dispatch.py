@@ -27,11 +27,11 @@ What decides (`decide`), strongest first:
    call where that exceeds `keep_bytes()` (KW_OPS_KEEP_BYTES, default 256 MiB per layer), so large-batch
    training keeps the op's bounded memory;
 4. among those, the least estimated time of the call's passes (forward, and the backward when one follows): on
-   CPU from `cpu_costs` (kernels timed by `python -m kw_ops calibrate`, default rates otherwise), on CUDA from
-   the GPU cost model (kw_ops.ops.triton.cost_model; peaks measured by gpu_check via KW_OPS_PEAKS, datasheet
-   defaults otherwise). The released formulation is replaced only by a candidate predicted faster by `MARGIN`
-   (`DEFAULT_MARGIN` where an estimate rests on default rates): a prediction that close is within the model's
-   error, and released is what every kw_ops row is measured against.
+   CPU from `cpu_costs` (the formulation timed as a whole by `python -m kw_ops calibrate`, else its kernels at
+   default rates), on CUDA from the GPU cost model (kw_ops.ops.triton.cost_model; peaks measured by gpu_check
+   via KW_OPS_PEAKS, datasheet defaults otherwise). The released formulation is replaced only by a candidate
+   predicted faster by `MARGIN` (`DEFAULT_MARGIN` where an estimate rests on default rates): a prediction that
+   close is within the model's error, and released is what every kw_ops row is measured against.
 
 `python -m kw_ops describe MODEL --dispatch` prints every layer's decision, the estimate of each candidate and
 the reason.
@@ -51,6 +51,7 @@ from .backends import BackendUnavailableError, not_supported_reasons, requested_
 from .export_impl import export_conv, exporting
 from .kept_kernels import kept_kernels_conv
 from .op import apply_kw_conv, autocast_args
+from .torch_impl import conv_output_size
 
 __all__ = ["Call", "Estimate", "Decision", "FORMULATIONS", "MARGIN", "DEFAULT_MARGIN", "KEEP_BYTES_ENV",
            "decide", "compiled_choice", "op_choice", "backend_formulation", "run_for_layer", "run_formulation", "keep_bytes", "recording", "estimate", "clear_decisions"]
@@ -106,12 +107,6 @@ class Call:
     def of(cls, x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
            stride, padding, dilation, groups: int) -> Call:
         """The call of kw_conv on these tensors (arguments normalised), in the current grad mode and transforms."""
-        return cls(*cls.fields_of(x, attn, warehouse, out_channels, kernel_size, stride, padding, dilation, groups))
-
-    @staticmethod
-    def fields_of(x: torch.Tensor, attn: torch.Tensor, warehouse: torch.Tensor, out_channels: int, kernel_size,
-                  stride, padding, dilation, groups: int) -> tuple:
-        """The fields of `Call.of`, in order."""
         backward = torch.is_grad_enabled() and (x.requires_grad or attn.requires_grad or warehouse.requires_grad)
         if exporting():
             transform = "export"
@@ -123,10 +118,10 @@ class Call:
             transform = ""
         channels_last = (transform != "func" and x.dim() == 4 and not x.is_contiguous()  # (vmap cannot tell)
                          and x.is_contiguous(memory_format=torch.channels_last))
-        return (x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
-                out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
-                warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
-                transform, channels_last)
+        return cls(x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
+                   out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
+                   warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
+                   transform, channels_last)
 
     @property
     def element_size(self) -> int:
@@ -134,7 +129,7 @@ class Call:
 
     @property
     def out_size(self) -> tuple:
-        return tuple(cpu_costs._out_size(self.size, self.kernel_size, self.stride, self.padding, self.dilation))
+        return tuple(conv_output_size(self.size, self.kernel_size, self.stride, self.padding, self.dilation))
 
     @property
     def in_per_group(self) -> int:
@@ -526,8 +521,6 @@ def run_for_layer(cache: dict, x, attn, warehouse, bias, geometry: tuple, backen
         if len(cache) > 32:  # a layer sees few call shapes; a stream of new ones must not grow it without end
             cache.clear()
         cache[key] = formulation
-    if formulation == "released" and not torch.is_autocast_enabled(x.device.type):  # the common case, directly
-        return kept_kernels_conv(x, attn, warehouse, bias, *geometry)
     if formulation.startswith("op:triton"):
         from .verify import current_layer
 

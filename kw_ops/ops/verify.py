@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from .cpu_costs import bucket
+
 __all__ = ["VERIFY_ENV", "RTOL", "ATOL", "verify_mode", "arch_reasons", "failed", "verified_implementation",
            "current_layer", "reset"]
 
@@ -77,16 +79,12 @@ def arch_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     return []
 
 
-def _bucket(value: int) -> int:
-    return 0 if value <= 0 else 1 << round(math.log2(value))
-
-
 def key_of(device: str, dtype: str, batch: int, channels: int, out_channels: int, kernel_size, stride, groups: int,
            positions: int) -> tuple:
     """(kernel family, shape bucket, dtype, device): one verification covers calls that share it."""
     family = "dense" if groups == 1 else ("depthwise" if channels == groups else "grouped")
-    return (family, _bucket(batch), _bucket(channels), _bucket(out_channels), tuple(kernel_size), tuple(stride),
-            _bucket(positions), dtype, device)
+    return (family, bucket(batch), bucket(channels), bucket(out_channels), tuple(kernel_size), tuple(stride),
+            bucket(positions), dtype, device)
 
 
 def _key(x: torch.Tensor, out_channels: int, kernel_size, stride, padding, dilation, groups: int) -> tuple:
