@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                         "(python -m kw_ops train --help)")
     commands.add_parser("attention-map", help="mean attentions per warehouse over a dataset as a PNG "
                         "(python -m kw_ops attention-map --help)")
-    commands.add_parser("calibrate", help="time this CPU's kernels for the dispatcher's cost estimates "
+    commands.add_parser("calibrate", help="time the KW formulations on this CPU for the dispatcher's cost estimates "
                         "(python -m kw_ops calibrate --help)")
     commands.add_parser("info", help="versions and which op backends can run here")
     demo = commands.add_parser("demo", help="KW-ify a small ConvNet at every budget, train a few steps, print it")

@@ -129,9 +129,9 @@ def test_a_first_step_compiles_one_config_per_shape_class_unless_autotuning(auto
     assert result.returncode == 0, result.stderr[-3000:]
     compiles, launches = map(int, result.stdout.split())
     if autotune:
-        assert compiles > 2 * 32
+        assert compiles > 2 * 24
     else:
-        assert compiles == launches == 32   # resnet18_kw1x at batch 32, bf16, forward and backward
+        assert compiles == launches == 24   # resnet18_kw1x at batch 32, bf16, forward and backward
 
 
 def test_the_pick_is_the_first_config_that_fits():
