@@ -299,3 +299,26 @@ def test_peaks_files_without_launch_times_take_the_assumed_ones(tmp_path):
     path.write_text(json.dumps(fields))
     loaded = cost_model.load_peaks(str(path))
     assert (loaded.launch_s, loaded.op_launch_s) == (cost_model.ASSUMED_TRITON_LAUNCH_S, cost_model.ASSUMED_OP_LAUNCH_S)
+
+
+def test_blocks_are_sized_from_the_devices_l2(monkeypatch):
+    """On a CUDA device the default peaks take its L2 size (here a 40 MiB one): block_budget is a third of it."""
+    import types
+
+    import torch
+
+    monkeypatch.delenv(cost_model.PEAKS_ENV, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index: types.SimpleNamespace(L2_cache_size=40 << 20, name="a 40 MiB-L2 GPU"))
+    cost_model._peaks_for.cache_clear()
+    try:
+        peaks = cost_model.default_peaks()
+        assert peaks.l2_bytes == 40 << 20 and "a 40 MiB-L2 GPU" in peaks.source
+        assert cost_model.block_budget(peaks) == (40 << 20) // 3
+        assert peaks.dram_bytes_per_s == cost_model.H100_SXM_DATASHEET.dram_bytes_per_s
+    finally:
+        cost_model._peaks_for.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cost_model.default_peaks() == cost_model.H100_SXM_DATASHEET

@@ -126,9 +126,27 @@ def save_peaks(peaks: Peaks, path) -> None:
 
 
 def default_peaks() -> Peaks:
-    """Measured peaks from the file named by KW_OPS_PEAKS when set, else the H100 SXM datasheet."""
+    """Measured peaks from the file named by KW_OPS_PEAKS when set, else the H100 SXM datasheet; where a CUDA
+    device is present, with the L2 size of the current device (the blocks and chunks are sized from it)."""
+    import torch   # here, so that importing this module stays free of torch
+
     path = os.environ.get(PEAKS_ENV)
-    return load_peaks(path) if path else H100_SXM_DATASHEET
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    return _peaks_for(path, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _peaks_for(path: str | None, device: int | None) -> Peaks:
+    peaks = load_peaks(path) if path else H100_SXM_DATASHEET
+    if device is None:
+        return peaks
+    import torch
+
+    properties = torch.cuda.get_device_properties(device)
+    l2 = getattr(properties, "L2_cache_size", 0)
+    if not l2 or l2 == peaks.l2_bytes:
+        return peaks
+    return replace(peaks, l2_bytes=float(l2), source=f"{peaks.source}; L2 size {l2 / 1e6:.0f} MB of {properties.name}")
 
 
 @dataclass(frozen=True)
