@@ -14,7 +14,8 @@ compile         every kernel specialisation the stages below launch (captured on
                 Triton's cache, before this process touches CUDA; --plan also counts the C launchers gcc builds
                 at each kernel signature's first launch.
 peaks           DRAM copy bandwidth (bytes read + written), an L2-resident copy, bf16 matmul (tensor cores), fp32
-                matmul without TF32 (CUDA cores); written to peaks.json for the cost model (KW_OPS_PEAKS).
+                matmul without TF32 (CUDA cores), the host time of an eager op's launch; written to peaks.json for
+                the cost model (KW_OPS_PEAKS), with the host time of a Triton launch the smoke stage measures.
 layers          forward and backward of every distinct ResNet50 KW1x layer at batch 128, bf16: cuDNN static, torch
                 path, released formulation; median of CUDA-event timings over rotated inputs, the roofline floor
                 with the peaks measured above, and the cost model's prediction with them.
@@ -140,6 +141,17 @@ class CsvLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+# A row of a child stage may carry rates for the parent's peaks under this key (popped before the row is logged).
+MEASURED_KEY = "measured"
+
+
+def log_rows(log, stage: str, case: str, rows, measured: dict) -> None:
+    """Write a case's rows; rates a row carries (MEASURED_KEY) go into `measured`, not into the CSV."""
+    for row in rows:
+        measured.update(row.pop(MEASURED_KEY, None) or {})
+        log.write({"stage": stage, "case": case, **row})
 
 
 @dataclass
@@ -598,10 +610,53 @@ def peak_items(measured: dict) -> list[Item]:
                      "unit": "TFLOP/s", "note": note}]
         return run
 
+    def op_launch(deadline):
+        a = torch.zeros(16, device="cuda")
+        host = host_seconds_per_launch(lambda: torch.add(a, 1.0, out=a))
+        measured["op_launch_s"] = host
+        return [{"provider": "torch", "mode": "launch host time", "status": "ok", "value": f"{host * 1e6:.2f}",
+                 "unit": "us", "note": f"an eager op on 16 elements, {LAUNCH_TIMING_CALLS} launches, host side"}]
+
     return [Item("dram copy", copy(PEAK_COPY_BYTES, 1, "dram_bytes_per_s"), 0.5),
             Item("l2 copy", copy(PEAK_L2_COPY_BYTES, PEAK_L2_COPIES, "l2_bytes_per_s"), 0.5),
             Item("bf16 matmul", matmul(torch.bfloat16, "tensor_flops", "8192^3 bf16, random data"), 1.0),
-            Item("fp32 matmul", matmul(torch.float32, "cuda_core_flops", "8192^3 fp32, TF32 off: CUDA cores"), 2.0)]
+            Item("fp32 matmul", matmul(torch.float32, "cuda_core_flops", "8192^3 fp32, TF32 off: CUDA cores"), 2.0),
+            Item("eager op launch", op_launch, 0.2)]
+
+
+LAUNCH_TIMING_CALLS = 200   # far below the launch queue's depth: the host never waits for the GPU
+
+
+def host_seconds_per_launch(launch_once) -> float:
+    """Host time of one launch: `LAUNCH_TIMING_CALLS` launches timed on the host clock without synchronising
+    (tiny kernels, so the GPU keeps up and the host's work is what is timed), after a warm-up."""
+    for _ in range(20):
+        launch_once()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(LAUNCH_TIMING_CALLS):
+        launch_once()
+    seconds = (time.perf_counter() - start) / LAUNCH_TIMING_CALLS
+    torch.cuda.synchronize()
+    return seconds
+
+
+def triton_launch_item() -> Item:
+    """The host time of one Triton launch through the launchers (the cost model's launch_s): a two_phase forward of
+    the channels_last smoke shape in bf16 (the compile stage compiled it; two launches, mixing and conv, and the
+    launcher's Python around them), per launch. A child-stage row carries it to the parent's peaks (MEASURED_KEY)."""
+    def run(deadline):
+        from kw_ops.ops.triton import launch
+
+        case = next(c for c in SMOKE_SHAPES if c.channels_last and c.groups == 1 and not c.whole_cells)
+        spec, x, attn, warehouse, bias, _ = _smoke_inputs(case)
+        geometry = (spec["out"], spec["kernel"], spec["stride"], spec["padding"], spec["dilation"], spec["groups"])
+        call = lambda: launch.kw_conv_triton_forward(x, attn, warehouse, bias, *geometry, mode="two_phase")  # noqa
+        host = host_seconds_per_launch(call) / 2
+        return [{"provider": "triton", "mode": "launch host time", "status": "ok", "value": f"{host * 1e6:.2f}",
+                 "unit": "us", "note": f"{case.name} two_phase forward (2 launches) through its launcher, "
+                                       f"{LAUNCH_TIMING_CALLS} calls, host side", MEASURED_KEY: {"launch_s": host}}]
+    return Item("triton launch", run, estimate_s=2.0)
 
 
 @contextlib.contextmanager
@@ -776,7 +831,7 @@ def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
             plan[stage] = [compile_item(lambda: every, len(every) * ASSUMED_COMPILE_S / COMPILE_WORKERS,
                                         len(every), launchers(every))]
         elif stage == "smoke":
-            plan[stage] = smoke_items(launch.MODES)
+            plan[stage] = [triton_launch_item(), *smoke_items(launch.MODES)]
         elif stage == "peaks":
             plan[stage] = peak_items(measured)
         elif stage in ("layers", "layers_triton"):
@@ -862,8 +917,7 @@ def run_isolated_stage(stage: str, items: list[Item], deadline: Deadline, log: C
                 continue
             if message[0] == "rows":
                 index, rows = message[1], message[2]
-                for row in rows:
-                    log.write({"stage": stage, "case": items[index].case, **row})
+                log_rows(log, stage, items[index].case, rows, measured)
                 failed += any(row.get("status") in ("fail", "error") for row in rows)
                 done, start, current = done + 1, index + 1, None
                 if maxfail is not None and failed >= maxfail:
@@ -1036,7 +1090,7 @@ def main(argv=None) -> int:
                     summary = run_isolated_stage(stage, items, part, log, measured, maxfail, timeout)
                 else:
                     summary = run_stage(stage, items, part, log, maxfail)
-                if stage == "peaks" and measured:
+                if measured:   # the peaks stage's rates, and the Triton launch time the smoke stage measures
                     cost_model.save_peaks(measured_peaks(measured), out / "peaks.json")
                 summaries.append(summary)
                 print(summary, flush=True)

@@ -267,3 +267,19 @@ def test_the_blocked_premise_phases_compute_the_layer_block_by_block(gpu_check):
     last = [6, 7, 14, 15]
     torch.testing.assert_close(y[:, last], expected[:, last], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(y[:, :6], expected[:, :6], atol=1e-3)
+
+
+def test_rates_a_child_measures_reach_the_peaks_not_the_csv(gpu_check, tmp_path):
+    """The smoke child's Triton launch time travels in its row (MEASURED_KEY) to the parent's measured rates."""
+    log = gpu_check.CsvLog(tmp_path / "gpu_check.csv", gpu_check.environment())
+    measured = {"dram_bytes_per_s": 3e12}
+    rows = [{"provider": "triton", "mode": "launch host time", "status": "ok", "value": "7.50", "unit": "us",
+             gpu_check.MEASURED_KEY: {"launch_s": 7.5e-6}}, {"provider": "none", "mode": "check", "status": "ok"}]
+    gpu_check.log_rows(log, "smoke", "triton launch", rows, measured)
+    log.close()
+    assert measured == {"dram_bytes_per_s": 3e12, "launch_s": 7.5e-6}
+    text = (tmp_path / "gpu_check.csv").read_text()
+    assert "launch host time" in text and "launch_s" not in text and gpu_check.MEASURED_KEY + "'" not in text
+    peaks = gpu_check.cost_model.H100_SXM_DATASHEET.__class__(**{**gpu_check.cost_model.asdict(
+        gpu_check.cost_model.H100_SXM_DATASHEET), **measured})
+    assert peaks.launch_s == 7.5e-6
