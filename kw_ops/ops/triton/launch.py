@@ -32,7 +32,7 @@ gradient kernel writes dW [B, m, rows, c_in, CK], then dE[:, slice] = attn^T @ d
 never read back and summed over chunks of samples (the former sample chunks moved 3·n·cell·4 bytes of fp32 dE
 per chunk). groups != 1 runs per chunk of samples: per-sample gradients of the grouped kernel, contracted into
 dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks). Never B × the layer's weights in memory at once
-beyond one slice or chunk. (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
+beyond one slice, chunk or block (a block at most cost_model.BLOCK_MAX_BYTES). (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
 over samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
 and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
