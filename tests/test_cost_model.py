@@ -322,3 +322,17 @@ def test_blocks_are_sized_from_the_devices_l2(monkeypatch):
         cost_model._peaks_for.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cost_model.default_peaks() == cost_model.H100_SXM_DATASHEET
+
+
+def test_a_launch_of_few_programs_runs_at_their_share_of_the_sms():
+    # two_phase forward of the test layer: mixing 1 program (4 rows x 16 columns), conv 2 (one 64-position tile and
+    # one channel tile per sample); on 4 SMs they run at 1/4 and 2/4 of every rate, on 2 SMs at 1/2 and in full
+    mix, conv = predict(NHWC, "two_phase", "forward", PEAKS).phases
+    assert (mix.programs, conv.programs) == (1, 2)
+    mix_s, conv_s = mix.seconds(PEAKS, 2), conv.seconds(PEAKS, 2)
+    assert seconds("two_phase", shape=NHWC, peaks=replace(PEAKS, multiprocessors=4)) == pytest.approx(
+        4 * mix_s + 2 * conv_s)
+    assert seconds("two_phase", shape=NHWC, peaks=replace(PEAKS, multiprocessors=2)) == pytest.approx(
+        2 * mix_s + conv_s)
+    # the blocked mode's conv runs every sample in one launch: 2 blocks of 4 channels, 2 programs each
+    assert cost_model._blocked_phases(BLOCKED, "forward", PEAKS, (2, 2))[-1].programs == 2

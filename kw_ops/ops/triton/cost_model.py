@@ -9,7 +9,8 @@ that go to DRAM and bytes served by L2 without reaching DRAM. A phase takes
         (DRAM bytes + L2-only bytes) / L2 bandwidth)
 
 (the two compute units share issue slots inside one kernel, so their times add; every DRAM byte also
-passes through L2), and a mode the sum of its phases. The peaks are a parameter (`Peaks`): datasheet
+passes through L2), divided by the share of the SMs one launch's programs fill (`Work.fill`), and a mode the sum
+of its phases. The peaks are a parameter (`Peaks`): datasheet
 figures by default, replaced by those benchmarks/gpu_check.py measures (`KW_OPS_PEAKS=peaks.json`).
 
 Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = launch.MODES):
@@ -79,6 +80,7 @@ class Peaks:
     smem_per_block: float        # shared memory one program may hold
     launch_s: float = 0.0        # host time of one Triton launch (JIT dispatch); 0: launches not counted
     op_launch_s: float = 0.0     # host time of one eager PyTorch CUDA op
+    multiprocessors: int = 0     # SMs; a launch of fewer programs runs at that fraction of every rate (0: not counted)
 
     def tensor_rate(self, element_size: int) -> float:
         """Tensor-core FLOP/s for operands of `element_size` bytes (fp32 runs as tf32 at half the 16-bit rate)."""
@@ -101,7 +103,7 @@ H100_SXM_DATASHEET = Peaks(
            f"(PyTorch op)",
     dram_bytes_per_s=3.35e12, l2_bytes_per_s=ASSUMED_L2_OVER_DRAM * 3.35e12, l2_bytes=50e6, tensor_flops=989e12,
     cuda_core_flops=67e12, smem_per_block=227 * 1024, launch_s=ASSUMED_TRITON_LAUNCH_S,
-    op_launch_s=ASSUMED_OP_LAUNCH_S)
+    op_launch_s=ASSUMED_OP_LAUNCH_S, multiprocessors=132)
 H200_SXM_DATASHEET = replace(
     H100_SXM_DATASHEET,
     source=f"H200 SXM datasheet (HBM3e 4.8 TB/s; rates and L2 as the H100 SXM); L2 bandwidth assumed "
@@ -117,6 +119,7 @@ def load_peaks(path) -> Peaks:
         fields = json.load(f)
     fields.setdefault("launch_s", ASSUMED_TRITON_LAUNCH_S)
     fields.setdefault("op_launch_s", ASSUMED_OP_LAUNCH_S)
+    fields.setdefault("multiprocessors", H100_SXM_DATASHEET.multiprocessors)
     return Peaks(**fields)
 
 
@@ -143,10 +146,12 @@ def _peaks_for(path: str | None, device: int | None) -> Peaks:
     import torch
 
     properties = torch.cuda.get_device_properties(device)
-    l2 = getattr(properties, "L2_cache_size", 0)
-    if not l2 or l2 == peaks.l2_bytes:
+    l2 = getattr(properties, "L2_cache_size", 0) or peaks.l2_bytes
+    sms = getattr(properties, "multi_processor_count", 0) or peaks.multiprocessors
+    if (l2, sms) == (peaks.l2_bytes, peaks.multiprocessors):
         return peaks
-    return replace(peaks, l2_bytes=float(l2), source=f"{peaks.source}; L2 size {l2 / 1e6:.0f} MB of {properties.name}")
+    return replace(peaks, l2_bytes=float(l2), multiprocessors=sms,
+                   source=f"{peaks.source}; L2 size {l2 / 1e6:.0f} MB and {sms} SMs of {properties.name}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +243,13 @@ class Work:
     l2_bytes: float = 0.0      # served by L2 without reaching DRAM
     launches: int = 1
     eager: bool = False        # launched by an eager PyTorch op (else a Triton kernel)
+    programs: int = 0          # programs of one launch (0: enough to fill the GPU)
+
+    def fill(self, peaks: Peaks) -> float:
+        """The fraction of the SMs one launch keeps busy (1 where programs or SMs are not counted)."""
+        if not self.programs or not peaks.multiprocessors:
+            return 1.0
+        return min(1.0, self.programs / peaks.multiprocessors)
 
     def host_seconds(self, peaks: Peaks) -> float:
         """Host time of this phase's launches."""
@@ -246,7 +258,7 @@ class Work:
     def seconds(self, peaks: Peaks, element_size: int) -> float:
         compute = self.tensor_flops / peaks.tensor_rate(element_size) + self.cuda_flops / peaks.cuda_core_flops
         return max(compute, self.dram_bytes / peaks.dram_bytes_per_s,
-                   (self.dram_bytes + self.l2_bytes) / peaks.l2_bytes_per_s)
+                   (self.dram_bytes + self.l2_bytes) / peaks.l2_bytes_per_s) / self.fill(peaks)
 
     def bound(self, peaks: Peaks, element_size: int) -> str:
         """Which term sets the time: 'tensor', 'cuda', 'dram' or 'l2'."""
@@ -423,6 +435,17 @@ def _kernels_in_l2(shape: ConvShape, peaks: Peaks) -> bool:
     return _chunks(shape)[0] * shape.kernel_bytes <= peaks.l2_bytes
 
 
+def _conv_programs(shape: ConvShape, direction: str, channels: int, samples: int) -> int:
+    """Programs of one conv launch: tiles of the pass's output positions x tiles of its channels x samples."""
+    positions = shape.positions if direction == "forward" else shape.in_positions
+    return math.ceil(positions / POSITION_TILE) * math.ceil(channels / CHANNEL_TILE) * samples
+
+
+def _mix_programs(samples: int, m: int, columns: int) -> int:
+    """Programs of one mixing launch: row tiles of the (sample, mixture) rows x column tiles."""
+    return math.ceil(samples * m / MIX_ROW_TILE) * math.ceil(columns / CHANNEL_TILE)
+
+
 def _mix_phase(shape: ConvShape) -> Work:
     """The mixing GEMM over every chunk: E from DRAM once per chunk and from L2 for the chunk's other row tiles,
     attn read, the per-sample kernels written (to DRAM once: L2 is write-back)."""
@@ -430,7 +453,8 @@ def _mix_phase(shape: ConvShape) -> Work:
     row_tiles = chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)
     return Work(tensor_flops=shape.mix_flops,
                 dram_bytes=chunks * shape.warehouse_bytes + shape.attn_bytes + shape.batch * shape.kernel_bytes,
-                l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes, launches=chunks)
+                l2_bytes=(row_tiles - chunks) * shape.warehouse_bytes, launches=chunks,
+                programs=_mix_programs(chunk, shape.m, shape.cell_numel))
 
 
 def _contractions(shape: ConvShape, dw_in_l2: bool) -> list[Work]:
@@ -541,14 +565,17 @@ def _two_phase(shape: ConvShape, direction: str, peaks: Peaks):
         return [*_to_nhwc(shape, shape.x_bytes), _grouped_wgrad_kernel(shape), *_contractions(shape, in_l2)]
     read, written, _, _ = _io(shape, direction)
     l2 = (kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
+    programs = _conv_programs(shape, direction, shape.out_channels if direction == "forward" else shape.channels,
+                              _chunks(shape)[0])
     if shape.groups == 1:
         conv = Work(tensor_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
-                    l2_bytes=l2 + _input_rereads(shape, direction, CHANNEL_TILE), launches=_chunks(shape)[1])
+                    l2_bytes=l2 + _input_rereads(shape, direction, CHANNEL_TILE), launches=_chunks(shape)[1],
+                    programs=programs)
     else:   # CUDA cores; column taps served by L1, the input read again from L2 for each further kernel row
         gathered = read * (min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions)
                            if direction == "forward" else 1.0)
         conv = Work(cuda_flops=shape.conv_flops, dram_bytes=read + written + (0 if in_l2 else kernels),
-                    l2_bytes=l2 + (shape.kernel[0] - 1) * gathered, launches=_chunks(shape)[1])
+                    l2_bytes=l2 + (shape.kernel[0] - 1) * gathered, launches=_chunks(shape)[1], programs=programs)
     return [*_to_nhwc(shape, shape.x_bytes if direction == "forward" else shape.y_bytes), _mix_phase(shape), conv]
 
 
@@ -618,7 +645,8 @@ def _blocked_phases(shape: ConvShape, direction: str, peaks: Peaks, plan: tuple[
     row_tiles = slices * chunks * math.ceil(chunk * shape.m / MIX_ROW_TILE)
     mix = Work(tensor_flops=shape.mix_flops,
                dram_bytes=shape.warehouse_bytes + slices * shape.attn_bytes + (0 if in_l2 else kernels),
-               l2_bytes=(row_tiles / slices - 1) * shape.warehouse_bytes + (kernels if in_l2 else 0), launches=blocks)
+               l2_bytes=(row_tiles / slices - 1) * shape.warehouse_bytes + (kernels if in_l2 else 0), launches=blocks,
+               programs=_mix_programs(chunk, shape.m, shape.cell_numel * width // units))
     read, written, _, _ = _io(shape, direction)
     gather = min(1.0, shape.positions * math.prod(shape.kernel) / shape.in_positions) if direction == "forward" else 1.0
     block_channels = (shape.out_channels if direction == "forward" else shape.channels) // units * width
@@ -627,7 +655,8 @@ def _blocked_phases(shape: ConvShape, direction: str, peaks: Peaks, plan: tuple[
     conv = Work(tensor_flops=shape.conv_flops,
                 dram_bytes=from_dram * read + written + (0 if in_l2 else kernels),
                 l2_bytes=(kernels if in_l2 else 0) + _weight_rereads(shape, direction, True)
-                + max(0.0, tile_reads * gather - from_dram) * read, launches=blocks)
+                + max(0.0, tile_reads * gather - from_dram) * read, launches=blocks,
+                programs=_conv_programs(shape, direction, block_channels, chunk))
     return [*_to_nhwc(shape, shape.x_bytes if direction == "forward" else shape.y_bytes), mix, conv]
 
 
