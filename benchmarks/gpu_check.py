@@ -670,10 +670,13 @@ def _tf32(allowed: bool):
 
 
 def measured_peaks(measured: dict) -> cost_model.Peaks:
-    """The cost model's peaks with every measured rate replacing the datasheet's; L2 size read off the device."""
+    """The cost model's peaks with every measured rate replacing the datasheet's; L2 size and SM count read off the
+    device."""
     base = cost_model.H100_SXM_DATASHEET
     names = sorted(measured)
-    return replace(base, **measured, l2_bytes=torch.cuda.get_device_properties(0).L2_cache_size,
+    properties = torch.cuda.get_device_properties(0)
+    return replace(base, **measured, l2_bytes=properties.L2_cache_size,
+                   multiprocessors=properties.multi_processor_count,
                    source=f"measured by gpu_check.py on {torch.cuda.get_device_name(0)}: {', '.join(names)}; "
                           f"the rest: {base.source}")
 
