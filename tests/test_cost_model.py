@@ -336,3 +336,20 @@ def test_a_launch_of_few_programs_runs_at_their_share_of_the_sms():
         2 * mix_s + conv_s)
     # the blocked mode's conv runs every sample in one launch: 2 blocks of 4 channels, 2 programs each
     assert cost_model._blocked_phases(BLOCKED, "forward", PEAKS, (2, 2))[-1].programs == 2
+
+
+def test_block_widths_round_down_to_whole_tiles():
+    # 64 output channels, cells of 32 rows (GO = 2): a row is 8 weights, 16 B for the one sample; 20 rows fit a
+    # 320 B budget and round down to 16 (BLOCK_ALIGN); fewer than 16 stay as they are
+    shape = ConvShape(batch=1, channels=4, out_channels=64, size=(8, 8), out_size=(8, 8), kernel=(1, 1), groups=1,
+                      n=4, m=2, element_size=2, cell_rows=32, cell_cols=4)
+    assert cost_model._fit_block(shape, "forward", 20 * 16) == (16, 1)
+    assert cost_model._fit_block(shape, "forward", 15 * 16) == (15, 1)
+    assert cost_model._fit_block(shape, "forward", 40 * 16) == (32, 1)
+
+
+def test_blocked_launches_count_chunks_too():
+    # plan (1 row, 1 of the 2 samples): 4 rows x 2 chunks = 8 blocks, each launch one sample's block
+    mix, conv = cost_model._blocked_phases(BLOCKED, "forward", PEAKS, (1, 1))
+    assert (mix.launches, conv.launches) == (8, 8)
+    assert (mix.programs, conv.programs) == (1, 1)

@@ -357,6 +357,19 @@ def test_the_automatic_choice_leaves_out_triton_for_a_key_that_failed(monkeypatc
     assert "op:triton" in {e.formulation for e in dispatch.decide(call).estimates if e.seconds is not None}
 
 
+def test_a_call_under_autocast_is_priced_in_the_autocast_dtype(monkeypatch):
+    """The op runs floating inputs in the autocast dtype, so the dispatcher prices (and keys) the call in it; an
+    invalid KW_OPS_TRITON_MODE is refused by the estimate as by the launcher."""
+    x, attn, warehouse, bias, geometry = _tensors(grad=False, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dispatch.Call.of(x, attn, warehouse, **geometry).dtype == "bfloat16"
+    assert dispatch.Call.of(x, attn, warehouse, **geometry).dtype == "float32"
+    monkeypatch.setenv("KW_OPS_TRITON_MODE", "fused")
+    call = dataclasses.replace(dispatch.Call.of(x, attn, warehouse, **geometry), device="cuda")
+    with pytest.raises(ValueError, match="KW_OPS_TRITON_MODE"):
+        dispatch.estimate("op:triton", call)
+
+
 def test_the_triton_estimate_is_the_mode_the_launcher_runs(monkeypatch):
     """op:triton is priced per pass by the cheapest built Triton mode (launch.choose_mode's pick), or by the mode
     KW_OPS_TRITON_MODE forces; blocked cannot run a depthwise layer, which is priced as two_phase."""

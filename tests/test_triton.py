@@ -329,6 +329,77 @@ def test_blocked_mode_blocks_and_chunks(case, dtype):
 
 
 @interpreter
+def test_blocked_mode_ragged_block_of_two():
+    """Blocks of 5 of 7 cell rows and columns: a last block of 2 (forward and dx, fp64)."""
+    case = Case(batch=2, out=14, channels=7, size=(5, 4), cell=(7, 7), n=3)
+    x, attn, warehouse, bias = case.inputs()
+    dy = torch.randn_like(kw_conv_torch(x, attn, warehouse, bias, *case.args()))
+    y64, grads64 = _reference(case, x, attn, warehouse, bias, dy)
+    for direction in ("forward", "dx"):
+        chunk_bytes = 5 * case.batch * _unit_bytes(case, direction, 8)
+        layer = launch._layer(x, warehouse.reshape(*warehouse.shape[:3], -1), *case.args())
+        assert cost_model.blocked_plan(layer.cost_shape(8), direction, budget=chunk_bytes) == (5, case.batch)
+        if direction == "forward":
+            y = kw_conv_triton_forward(x, attn, warehouse, bias, *case.args(), mode="blocked", chunk_bytes=chunk_bytes)
+            _assert_close(y, y64, case.dtype, "y")
+        else:
+            dx = kw_conv_triton_backward(dy, x, attn, warehouse, True, *case.args(), mode="blocked",
+                                         chunk_bytes=chunk_bytes, output_mask=(True, False, False, False))[0]
+            _assert_close(dx, grads64[0], case.dtype, "dx")
+
+
+class _Recorder:
+    """A stand-in for a Triton kernel: records each launch's grid at the model's 64 x 64 tiles and its arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.launches.append((grid({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}), args))
+        return launch_
+
+
+@interpreter
+@pytest.mark.parametrize("direction", ["forward", "dx"])
+def test_blocked_launches_and_buffer_are_what_the_cost_model_counts(monkeypatch, direction):
+    """With the kernels stubbed: the blocked launcher makes the launches, programs and buffer the cost model's plan
+    counts, with several blocks and several chunks of samples (width 1, 2 of 5 samples per chunk)."""
+    mix, conv = _Recorder(), _Recorder()
+    monkeypatch.setattr(launch, "kw_mix_kernel", mix)
+    monkeypatch.setattr(launch, "kw_conv_fwd_kernel" if direction == "forward" else "kw_conv_dx_kernel", conv)
+    buffers = []
+
+    def empty(shape, dtype, device):
+        buffers.append(math.prod(shape) if isinstance(shape, tuple) else shape)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(launch, "_empty", empty)
+    case = Case(batch=5, out=16, channels=12, size=(6, 6), cell=(8, 6), n=3)   # GO = 2, GI = 2
+    x, attn, warehouse, bias = case.inputs(dtype=torch.float32)
+    layer = launch._layer(x, warehouse.reshape(*warehouse.shape[:3], -1), *case.args())
+    shape = layer.cost_shape(4)
+    chunk_bytes = 2 * _unit_bytes(case, direction, 4)
+    plan = cost_model.blocked_plan(shape, direction, budget=chunk_bytes)
+    assert plan == (1, 2)
+    if direction == "forward":
+        launch.kw_conv_triton_forward(x, attn, warehouse, None, *case.args(), mode="blocked", chunk_bytes=chunk_bytes)
+    else:
+        dy = torch.zeros(case.batch, case.out, *case.size)
+        launch.kw_conv_triton_backward(dy, x, attn, warehouse, False, *case.args(), mode="blocked",
+                                       chunk_bytes=chunk_bytes, output_mask=(True, False, False, False))
+    peaks = cost_model.H100_SXM_DATASHEET
+    mix_work, conv_work = cost_model._blocked_phases(shape, direction, peaks, plan)[-2:]
+    units = case.cell[0] if direction == "forward" else case.cell[1]
+    assert len(mix.launches) == len(conv.launches) == mix_work.launches == conv_work.launches == units * 3
+    assert math.prod(mix.launches[0][0]) == mix_work.programs       # a full chunk's block
+    assert math.prod(conv.launches[0][0]) == conv_work.programs
+    assert [math.prod(g) for g, _ in conv.launches[:3]] == [conv_work.programs] * 2 + [conv_work.programs // 2]
+    per_unit = layer.weight_numel // units
+    assert plan[1] * plan[0] * per_unit in buffers and plan[1] * plan[0] * per_unit * 4 <= chunk_bytes
+
+
+@interpreter
 def test_output_mask_returns_only_what_is_asked():
     case = CASES[4]
     x, attn, warehouse, _ = case.inputs()
@@ -389,6 +460,11 @@ def test_mode_choice_and_override(monkeypatch):
     for direction in ("forward", "dx"):
         assert launch.choose_mode(layer, 2, direction) == cost_model.choose_mode(layer.cost_shape(2), launch.MODES,
                                                                                 direction)
+    # channels_last input: priced without the boundary conversion, as the dispatcher prices it
+    x_cl = torch.empty(128, 512, 7, 7, device="meta").to(memory_format=torch.channels_last)
+    assert launch._layer(x_cl, torch.empty(27, 512, 512, 1, device="meta"), 512, (3, 3), (1, 1), (1, 1), (1, 1),
+                         1).cost_shape(2).channels_last
+    assert not layer.cost_shape(2).channels_last
     # late layer at batch 128: mixing dominates, the blocked mode reads the warehouse once (cost_model tests the why)
     assert launch.choose_mode(layer, 2) == "blocked"
     assert launch.choose_mode(depthwise, 2) == "two_phase"   # blocked runs groups = 1 only

@@ -118,7 +118,10 @@ class Call:
             transform = ""
         channels_last = (transform != "func" and x.dim() == 4 and not x.is_contiguous()  # (vmap cannot tell)
                          and x.is_contiguous(memory_format=torch.channels_last))
-        return cls(x.device.type, str(x.dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
+        dtype = x.dtype   # the op runs floating inputs in the autocast dtype (op.autocast_args)
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return cls(x.device.type, str(dtype).replace("torch.", ""), x.shape[0], x.shape[1], tuple(x.shape[2:]),
                    out_channels, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups,
                    warehouse.shape[0], tuple(warehouse.shape[1:]), bool(backward), bool(backward and x.requires_grad),
                    transform, channels_last)
@@ -259,8 +262,8 @@ def _gpu_seconds(formulation: str, call: Call) -> tuple[float | None, str]:
                                  channels_last=call.channels_last, cell_rows=call.cell[0], cell_cols=call.cell[1])
     directions = ("forward",) + ((("dx",) if call.input_grad else ()) + ("wgrad",) if call.backward else ())
     if formulation == "op:triton":   # the mode the launcher runs: the cheapest built one (or KW_OPS_TRITON_MODE's)
-        forced = os.environ.get("KW_OPS_TRITON_MODE")
-        modes = (forced,) if forced in cost_model.KERNEL_MODES else cost_model.KERNEL_MODES
+        forced = cost_model.forced_mode()
+        modes = (forced,) if forced else cost_model.KERNEL_MODES
         seconds = 0.0
         for direction in directions:
             found = cost_model.predict_all(shape, modes, direction) or cost_model.predict_all(

@@ -31,8 +31,9 @@ Modes (`MODES`; `choose_mode` picks among any subset). Built (`KERNEL_MODES`, = 
               the warehouse moves once per pass; block size by `blocked_plan` (L2-sized blocks keep the kernels
               out of DRAM, larger ones save launches).
 Launches: a phase run once per chunk or block counts that many launches; a pass takes the longer of its phases'
-sum and its launches' host time (Peaks.launch_s per Triton launch, op_launch_s per eager op; the few eager sums
-of split-K partials are not counted).
+sum and its launches' host time (Peaks.launch_s per Triton launch, op_launch_s per eager op; the small eager ops
+between Triton launches, sums of split-K partials and the weight gradient's per-slice adds and copies, are not
+counted).
 Modelled, NOT built (`MODELLED_ONLY`; comparison points that say why the built modes are what they are):
 - fused       the former re-mixing kernel: each weight tile mixed on CUDA cores (2·n FLOPs per element, warehouse
               slice read from L2) once per position tile; dx over every tap of every input position;
@@ -65,6 +66,7 @@ __all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", 
 
 DIRECTIONS = ("forward", "dx", "wgrad")
 PEAKS_ENV = "KW_OPS_PEAKS"
+MODE_ENV = "KW_OPS_TRITON_MODE"
 FP32_PARTIAL_BYTES = 4
 
 
@@ -310,7 +312,8 @@ SPLIT_K_ALIGN = 128       # a multiple of every BLOCK_K of the matmul configs
 # Cell rows of one slice of the weight gradient: a multiple of this (the smallest BLOCK_N) when that many fit.
 WGRAD_ROW_ALIGN = 16
 # The blocked mode: the kernels of one block of channels for all samples, at most this many bytes, or a third of
-# the L2 where that is less (16 MiB on an H100's 50 MB), so that they stay in L2 beside the activations;
+# the L2 where that is less (15.9 MiB with the datasheet's 50 MB; 16 MiB on an H100, which reports 50 MiB), so
+# that they stay in L2 beside the activations;
 # blocked_plan may choose larger blocks (doubling, up to BLOCK_MAX_BYTES: the op's bound on the kernels it
 # holds at once) where fewer launches win. Block widths (cell rows or columns) are a multiple of BLOCK_ALIGN when
 # that many fit.
@@ -436,7 +439,8 @@ def _kernels_in_l2(shape: ConvShape, peaks: Peaks) -> bool:
 
 
 def _conv_programs(shape: ConvShape, direction: str, channels: int, samples: int) -> int:
-    """Programs of one conv launch: tiles of the pass's output positions x tiles of its channels x samples."""
+    """Programs of one conv launch: tiles of the pass's output positions x tiles of its channels x samples (a
+    strided dx tiles each stride phase apart: a few programs more than counted here)."""
     positions = shape.positions if direction == "forward" else shape.in_positions
     return math.ceil(positions / POSITION_TILE) * math.ceil(channels / CHANNEL_TILE) * samples
 
@@ -716,6 +720,15 @@ def predict_all(shape: ConvShape, modes: Iterable[str], direction: str = "forwar
     """Predictions of the modes that can run the shape, by name."""
     found = {mode: predict(shape, mode, direction, peaks) for mode in modes}
     return {mode: p for mode, p in found.items() if p is not None}
+
+
+def forced_mode() -> str | None:
+    """The Triton mode KW_OPS_TRITON_MODE forces (None: the cost model picks); refused outside KERNEL_MODES. The
+    launcher and the dispatcher's estimate both read it here."""
+    forced = os.environ.get(MODE_ENV)
+    if forced and forced not in KERNEL_MODES:
+        raise ValueError(f"{MODE_ENV} must be one of {KERNEL_MODES}, got {forced!r}")
+    return forced or None
 
 
 def choose_mode(shape: ConvShape, modes: Iterable[str], direction: str = "forward", peaks: Peaks | None = None) -> str:

@@ -32,7 +32,8 @@ gradient kernel writes dW [B, m, rows, c_in, CK], then dE[:, slice] = attn^T @ d
 never read back and summed over chunks of samples (the former sample chunks moved 3·n·cell·4 bytes of fp32 dE
 per chunk). groups != 1 runs per chunk of samples: per-sample gradients of the grouped kernel, contracted into
 dattn (split-K GEMM) and dE (GEMM, fp32 sum over chunks). Never B × the layer's weights in memory at once
-beyond one slice, chunk or block (a block at most cost_model.BLOCK_MAX_BYTES). (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
+beyond one slice, chunk or block (by default a block at most cost_model.BLOCK_MAX_BYTES; an explicit
+chunk_bytes caps it instead). (Contracting inside the wgrad epilogue instead was weighed and left out: dE sums
 over samples and mixtures, so an epilogue needs n·P·B/BB fp32 atomic adds or partials for a layer of P weights
 and BB samples per program, n ≥ BB, against 3·B·P·2 bytes of L2 traffic here.)
 
@@ -63,7 +64,7 @@ from .tuning import bucket
 __all__ = ["kw_conv_triton_forward", "kw_conv_triton_backward", "choose_mode", "MODES", "KERNEL_CHUNK_BYTES"]
 
 MODES = cost_model.KERNEL_MODES
-MODE_ENV = "KW_OPS_TRITON_MODE"
+MODE_ENV = cost_model.MODE_ENV
 FP32_PRECISION_ENV = "KW_OPS_TRITON_FP32_PRECISION"
 DEFAULT_FP32_PRECISION = "tf32"
 _PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -95,6 +96,7 @@ class _Layer:
     padding: tuple
     dilation: tuple
     groups: int
+    channels_last: bool = False   # x comes channels_last (2-byte dtypes then need no conversion)
 
     @property
     def kk(self) -> int:
@@ -126,7 +128,8 @@ class _Layer:
         """This call as the cost model's shape."""
         return cost_model.ConvShape(self.batch, self.channels, self.out_channels, (self.height, self.width),
                                     (self.out_h, self.out_w), (self.kh, self.kw), self.groups, self.n, self.m,
-                                    element_size, cell_rows=self.c_out, cell_cols=self.c_in)
+                                    element_size, channels_last=self.channels_last, cell_rows=self.c_out,
+                                    cell_cols=self.c_in)
 
 
 def _as_2d(x, warehouse, kernel_size, stride, padding, dilation):
@@ -142,9 +145,10 @@ def _layer(x4, cells, out_channels, kernel_size, stride, padding, dilation, grou
     batch, channels, height, width = x4.shape
     n, c_out, c_in, ck = cells.shape
     out = conv_output_size((height, width), kernel_size, stride, padding, dilation)
+    channels_last = not x4.is_contiguous() and x4.is_contiguous(memory_format=torch.channels_last)  # as dispatch's
     return _Layer(batch, channels, height, width, out_channels, out[0], out[1], n, c_out, c_in,
                   out_channels // c_out, channels // groups // c_in, ck, kernel_size[0], kernel_size[1], stride,
-                  padding, dilation, groups)
+                  padding, dilation, groups, channels_last)
 
 
 def _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups):
@@ -188,12 +192,7 @@ def choose_mode(layer: _Layer, element_size: int, direction: str = "forward") ->
     with the peaks of KW_OPS_PEAKS (measured by benchmarks/gpu_check.py) or the H100 SXM datasheet.
     KW_OPS_TRITON_MODE overrides (and is checked against MODES).
     """
-    forced = os.environ.get(MODE_ENV)
-    if forced:
-        if forced not in MODES:
-            raise ValueError(f"{MODE_ENV} must be one of {MODES}, got {forced!r}")
-        return forced
-    return cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
+    return cost_model.forced_mode() or cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
 
 
 def _resolve_mode(mode: str | None, layer: _Layer, element_size: int, direction: str) -> str:
@@ -412,7 +411,8 @@ def kw_conv_triton_forward(x: torch.Tensor, attn: torch.Tensor, warehouse: torch
     x [B, C_in, *size] (1-D or 2-D, any strides), attn [B, m, n], warehouse [n, c_out, c_in, *cell_k],
     bias [C_out] or None -> y [B, C_out, *out_size], a fresh contiguous tensor.
     mode: one of MODES (default: `choose_mode`); input_precision: fp32 tl.dot precision; chunk_bytes: the
-    per-sample kernels held per chunk of samples (default KERNEL_CHUNK_BYTES).
+    per-sample kernels held per chunk of samples (two_phase; default KERNEL_CHUNK_BYTES) or per block (blocked;
+    default cost_model.blocked_plan's choice).
     """
     _check(x, attn, warehouse, bias, out_channels, kernel_size, stride, padding, dilation, groups)
     x4, cells, kernel_size, stride, padding, dilation = _as_2d(x, warehouse, kernel_size, stride, padding, dilation)
@@ -471,9 +471,9 @@ def kw_conv_triton_backward(dy: torch.Tensor, x: torch.Tensor, attn: torch.Tenso
         return dx, dattn, dcells.to(warehouse.dtype).view_as(warehouse) if need_warehouse else None, dbias
     precision = _input_precision(x.dtype, input_precision)
     dx4 = (dx.unsqueeze(2) if x.dim() == 3 else dx) if need_x else None
-    mode = _resolve_mode(mode, layer, x.element_size(), "dx")
+    mode = _resolve_mode(mode, layer, x.element_size(), "dx") if need_x else None
     x4, dy4 = _native(x4), _native(dy4)
-    if need_x and mode == "blocked":
+    if mode == "blocked":
         _dx_blocked(dy4, attn, cells, dx4, layer, precision, chunk_bytes)
         need_x = False
     chunk = _chunk(layer, x.element_size(), chunk_bytes)
