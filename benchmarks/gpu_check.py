@@ -68,7 +68,7 @@ WINDOW_S = 360                 # the GPU window the default run must fit
 STAGES = ("compile", "peaks", "layers", "network", "smoke", "layers_triton", "premise", "network_kw_ops")
 ISOLATED = ("smoke", "layers_triton", "premise", "network_kw_ops", "isolation_check")
 # Each stage's own budget (seconds); a stage also stops at the run's deadline (--budget-s).
-STAGE_BUDGET_S = {"compile": 70, "peaks": 15, "layers": 70, "network": 40, "smoke": 60, "layers_triton": 80,
+STAGE_BUDGET_S = {"compile": 80, "peaks": 15, "layers": 70, "network": 40, "smoke": 60, "layers_triton": 80,
                   "premise": 50, "network_kw_ops": 30, "isolation_check": 60}
 CASE_TIMEOUT_S = 90            # a case of an isolated stage that takes longer is a hung kernel: its child is killed
 ISOLATION_CHECK_TIMEOUT_S = 5  # the same for the isolation check's cases (its hang sleeps an hour)

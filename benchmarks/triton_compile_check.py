@@ -54,9 +54,14 @@ def distinct_specs(models) -> list[tuple[str, dict]]:
     return [(",".join(models), spec) for spec, models in found.values()]
 
 
+# integer constexprs that select code (the others are the config's tiles, or integers equal to 1 made constant)
+INT_SWITCHES = ("CHANNEL_MAP",)
+
+
 def switches(launch) -> tuple:
-    """The constexprs that select code (flags, dtypes, precision): everything but integers and the config's tiles."""
-    return tuple((k, str(v)) for k, v in launch.constexprs if type(v) is not int)
+    """The constexprs that select code (flags, dtypes, precision, INT_SWITCHES): everything but the integers that
+    are tiles or specialisations."""
+    return tuple((k, str(v)) for k, v in launch.constexprs if type(v) is not int or k in INT_SWITCHES)
 
 
 def group(launches: dict, every: bool) -> dict:

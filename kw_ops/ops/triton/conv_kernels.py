@@ -25,7 +25,8 @@ Channel blocks (launch.py's blocked mode): the forward may run on the kernels of
 (OC = GO*SP of them: cell rows P0..P0+SP-1 of every cell row block, the layer's channel go*CO + P0 + p at block
 index go*SP + p) and dx on a block of input channels (C = GI*SQ: cell columns Q0..Q0+SQ-1, channel gi*CI + Q0 + q
 at block index gi*SQ + q); only the stores (and the bias) map block channels to the layer's. The whole layer:
-SP = CO = OC, P0 = 0 (SQ = CI = C, Q0 = 0).
+SP = CO = OC, P0 = 0 (SQ = CI = C, Q0 = 0). The constexpr CHANNEL_MAP picks the cheapest form of the map (the
+identity, an offset, or the general one), so the whole-layer launches compile as before the blocks existed.
 
 Layouts. x, y, dy, dx: [B, C, H, W] with any strides (1-D runs as H = 1); the launchers pass x and dy in
 channels_last (NHWC) for 2-byte dtypes, so the [positions, channels] operand tiles are contiguous along
@@ -56,16 +57,31 @@ _WGRAD_TILES = [(64, 64, 64, 4, 3), (32, 64, 64, 4, 4), (64, 128, 64, 8, 3), (12
 # autotune keys: bucketed sizes (tuning.bucket: BB the batch of the launch, PB the positions per sample) and the
 # fp32 dot precision (its configs differ, tuning.py)
 _CONV_KEY = ["C", "OC", "KK", "PB", "BB", "INPUT_PRECISION"]
+# CHANNEL_MAP of the conv kernels: how a block channel maps to the layer's (see `_layer_channels`)
+WHOLE_LAYER, OFFSET_BLOCK, STRIDED_BLOCK = 0, 1, 2
+
+
+@triton.jit
+def _layer_channels(offs, width, first, cell, CHANNEL_MAP: tl.constexpr):
+    """The layer's channels of block channels `offs`: cell row (column) first + c % width of cell block c // width,
+    i.e. (c // width) * cell + first + c % width. WHOLE_LAYER: the identity; OFFSET_BLOCK (one cell block: GO or
+    GI = 1): first + c. Both keep the store's channels contiguous, as the compiler sees them."""
+    if CHANNEL_MAP == 0:
+        return offs
+    elif CHANNEL_MAP == 1:
+        return first + offs
+    else:
+        return (offs // width) * cell + first + offs % width
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "OC", "C"))
-@triton.jit(do_not_specialize=["SP", "P0", "CO"])   # block offsets and widths: one compile for all
+@triton.jit
 def kw_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, OC, OH, OW, KW, KK, PB, BB, SP, P0, CO,
     sxb, sxc, sxh, sxw, swb, swt, swo, swc, syb, syo, syh, syw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_MAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -91,8 +107,7 @@ def kw_conv_fwd_kernel(
             xt = tl.load(x_rows[:, None] + offs_c[None, :] * sxc, mask=valid_m[:, None] & mask_c[None, :], other=0.0)
             wt = tl.load(w_tap + t * swt + offs_c[:, None] * swc, mask=mask_c[:, None] & mask_o[None, :], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    # the layer's output channel of block channel o: cell row P0 + o % SP of cell row block o // SP
-    chan_o = (offs_o // SP) * CO + P0 + offs_o % SP
+    chan_o = _layer_channels(offs_o, SP, P0, CO, CHANNEL_MAP)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + chan_o, mask=mask_o, other=0.0).to(ACC_DTYPE)[None, :]
     y_ptrs = y_ptr + b * syb + chan_o[None, :] * syo + (oh * syh + ow * syw)[:, None]
@@ -100,13 +115,13 @@ def kw_conv_fwd_kernel(
 
 
 @autotune(_CONV_TILES, _CONV_KEY, sizes=("PB", "C", "OC"))
-@triton.jit(do_not_specialize=["SQ", "Q0", "CI"])
+@triton.jit
 def kw_conv_dx_kernel(
     dy_ptr, w_ptr, dx_ptr,
     C, H, W, OC, OH, OW, KH, KW, KK, PB, BB, SQ, Q0, CI,
     sdb, sdo, sdh, sdw, swb, swt, swo, swc, sxb, sxc, sxh, sxw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_MAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # BLOCK_M: input positions of one stride phase, BLOCK_N: input channels (the output tile),
@@ -131,8 +146,7 @@ def kw_conv_dx_kernel(
                           other=0.0)
             wt = tl.load(w_tap + t * swt + offs_o[:, None] * swo, mask=mask_o[:, None] & mask_c[None, :], other=0.0)
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    # the layer's input channel of block channel c: cell column Q0 + c % SQ of cell column block c // SQ
-    chan_c = (offs_c // SQ) * CI + Q0 + offs_c % SQ
+    chan_c = _layer_channels(offs_c, SQ, Q0, CI, CHANNEL_MAP)
     dx_ptrs = dx_ptr + b * sxb + chan_c[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 

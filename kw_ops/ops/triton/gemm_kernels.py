@@ -35,7 +35,7 @@ _MATMUL_TILES = [(64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (6
 
 
 @autotune(_MIX_TILES, ["cols", "n", "RB", "INPUT_PRECISION"], sizes=("rows", "cols", "n"))
-@triton.jit(do_not_specialize=["c_out", "c_in", "P0", "Q0"])   # block offsets and widths
+@triton.jit
 def kw_mix_kernel(
     attn_ptr, e_ptr, w_ptr,
     rows, cols, n, m, c_out, c_in, GO, GI, CK, RB, P0, Q0,

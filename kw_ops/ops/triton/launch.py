@@ -56,7 +56,8 @@ import triton
 from ..torch_impl import conv_output_size
 from . import cost_model
 from .capability import not_supported_reasons
-from .conv_kernels import kw_conv_dx_kernel, kw_conv_fwd_kernel, kw_conv_wgrad_kernel
+from .conv_kernels import (OFFSET_BLOCK, STRIDED_BLOCK, WHOLE_LAYER, kw_conv_dx_kernel, kw_conv_fwd_kernel,
+                           kw_conv_wgrad_kernel)
 from .gemm_kernels import kw_bias_grad_kernel, kw_matmul_kernel, kw_mix_kernel
 from .grouped_kernels import kw_grouped_dx_kernel, kw_grouped_fwd_kernel, kw_grouped_wgrad_kernel
 from .tuning import bucket
@@ -288,6 +289,14 @@ def _group_args(layer: _Layer):
     return layer.in_per_group, layer.out_channels // layer.groups
 
 
+def _channel_map(block: tuple[int, int] | None, cell_blocks: int) -> int:
+    """The conv kernels' CHANNEL_MAP: the whole layer, a block within one cell block (GO or GI = 1: an offset), or a
+    block strided over several cell blocks."""
+    if block is None:
+        return WHOLE_LAYER
+    return OFFSET_BLOCK if cell_blocks == 1 else STRIDED_BLOCK
+
+
 def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str, rows: tuple[int, int] | None = None):
     """The conv of the forward on `weights`; rows (row0, count): they hold only that block of cell rows (groups = 1),
     the output channels go*c_out + row0 + p."""
@@ -308,7 +317,8 @@ def _launch_forward(x4, weights, bias, y4, layer: _Layer, precision: str, rows: 
         x4, weights, bias if bias is not None else weights, y4,
         c, h, w, channels, oh, ow, layer.kw, layer.kk, *_buckets(layer, batch), count, row0, layer.c_out,
         *x4.stride(), *weights.stride(), *y4.stride(), *layer.conv_params(),
-        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision)
+        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(x4.dtype), INPUT_PRECISION=precision,
+        CHANNEL_MAP=_channel_map(rows, layer.grid_out))
 
 
 def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str, cols: tuple[int, int] | None = None):
@@ -331,7 +341,7 @@ def _launch_dx(dy4, weights, dx4, layer: _Layer, precision: str, cols: tuple[int
     kw_conv_dx_kernel[grid](
         dy4, weights, dx4, channels, h, w, oc, oh, ow, layer.kh, layer.kw, layer.kk, *_buckets(layer, batch),
         count, col0, layer.c_in, *dy4.stride(), *weights.stride(), *dx4.stride(), *layer.conv_params(),
-        ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision)
+        ACC_DTYPE=_acc_dtype(dy4.dtype), INPUT_PRECISION=precision, CHANNEL_MAP=_channel_map(cols, layer.grid_in))
 
 
 def _launch_wgrad(x4, dy4, layer: _Layer, precision: str, rows: int, row0: int) -> torch.Tensor:
