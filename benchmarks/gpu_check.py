@@ -1015,8 +1015,9 @@ def markdown(env: dict, summaries: list[str], rows: list[dict], peaks) -> str:
               f"{r.get('note', '')}" for r in failures]
     lines += ["", "## Smoke failures", ""] + ([f"- {r['case']} {r.get('mode', '')}: {r.get('status')} "
                                                 f"{r.get('rel_err', '')} {r.get('note', '')}" for r in smoke] or ["none"])
-    lines += ["", "## Peaks", ""] + [f"- {r['case']}: {r['value']} {r['unit']} ({r['note']})"
-                                     for r in rows if r["stage"] == "peaks" and r.get("status") == "ok"]
+    lines += ["", "## Peaks", ""] + [f"- {r['case']}: {r['value']} {r['unit']} ({r['note']})" for r in rows
+                                     if (r["stage"] == "peaks" or r.get("mode") == "launch host time")
+                                     and r.get("status") == "ok"]
     cells = {}
     for r in rows:
         if r["stage"] in ("layers", "layers_triton") and r.get("provider"):
