@@ -49,11 +49,10 @@ _MODE_OF = {"released": "released", "op:triton": "triton", "op:torch:grouped": "
 
 
 def _predict(shape, mode: str, direction: str, peaks):
-    """One pass in `mode`; 'triton': the cheaper built Triton mode, as launch.choose_mode picks it."""
+    """One pass in `mode`; 'triton': the mode the launcher runs (cost_model.triton_prediction)."""
     if mode != "triton":
         return cost_model.predict(shape, mode, direction, peaks)
-    found = cost_model.predict_all(shape, cost_model.KERNEL_MODES, direction, peaks)
-    return min(found.values(), key=lambda p: p.seconds)
+    return cost_model.triton_prediction(shape, direction, peaks)
 
 
 def layer_rows(model: str, spec: dict, batch: int, dtype: str, peaks, channels_last: bool = False) -> list[dict]:

@@ -682,15 +682,14 @@ def measured_peaks(measured: dict) -> cost_model.Peaks:
 
 
 # -- stage c: layers ---------------------------------------------------------------------------------------
-def _predicted_ms(spec, provider: str, mode: str, peaks, triton_modes) -> float | None:
-    """The cost model's time of a layer case (torch path: none; triton: its best mode among triton_modes)."""
+def _predicted_ms(spec, provider: str, mode: str, peaks) -> float | None:
+    """The cost model's time of a layer case (torch path: none; triton: the mode the launcher runs)."""
     shape = cost_model.ConvShape.from_spec(spec, LAYER_BATCH, 2, out_size(spec))
     directions = ("forward",) if mode == "forward" else ("dx", "wgrad")
     if provider == "torch":
         return None
     if provider == "triton":
-        picks = [cost_model.choose_mode(shape, triton_modes, d, peaks) for d in directions]
-        return sum(cost_model.predict(shape, p, d, peaks).ms for p, d in zip(picks, directions))
+        return sum(cost_model.triton_prediction(shape, d, peaks).ms for d in directions)
     return sum(cost_model.predict(shape, provider, d, peaks).ms for d in directions)
 
 
@@ -720,7 +719,7 @@ def disagreement_with_released(spec, mode: str, batch: int = LAYER_BATCH, dtype=
     return "; ".join(problems)
 
 
-def layer_items(specs, peaks_of, triton_modes, providers=PROVIDERS) -> list[Item]:
+def layer_items(specs, peaks_of, providers=PROVIDERS) -> list[Item]:
     """One item per layer shape, provider and mode; peaks_of() gives the peaks at run time (stage b's)."""
     from kw_ops.benchmarking import op_bench
 
@@ -743,7 +742,7 @@ def layer_items(specs, peaks_of, triton_modes, providers=PROVIDERS) -> list[Item
                     peaks = peaks_of()
                     flops, moved = op_bench.cost(spec, LAYER_BATCH, 2, kw, mode)
                     floor = max(flops / peaks.tensor_flops, moved / peaks.dram_bytes_per_s) * 1e3
-                    predicted = _predicted_ms(spec, provider, mode, peaks, triton_modes)
+                    predicted = _predicted_ms(spec, provider, mode, peaks)
                     del case
                     torch.cuda.empty_cache()
                     return [{"provider": provider, "mode": mode, "status": "ok", "value": f"{ms:.4f}", "unit": "ms",
@@ -752,7 +751,7 @@ def layer_items(specs, peaks_of, triton_modes, providers=PROVIDERS) -> list[Item
                              "note": f"{shape_text(spec)} x{spec['count']}"}]
 
                 estimate = _predicted_ms(spec, "released" if provider == "torch" else provider, mode,
-                                         cost_model.H100_SXM_DATASHEET, triton_modes)
+                                         cost_model.H100_SXM_DATASHEET)
                 slow = 1.0 if provider in ("static", "released") else ASSUMED_SLOWDOWN
                 calls = WARMUP + REPEATS + (op_bench.ROTATE if mode == "backward" else 0)
                 items.append(Item(f"{spec['layer']} {provider} {mode}", run,
@@ -791,12 +790,12 @@ def network_items(network_estimate_s: float, methods=NETWORK_METHODS) -> list[It
     return items
 
 
-def network_estimate_s(specs, triton_modes) -> float:
+def network_estimate_s(specs) -> float:
     """Predicted seconds of one network method: inference (warm-up + iterations + memory) and training steps,
     from the layer predictions (KW1x, Triton's mode) scaled to the batch, times ASSUMED_SLOWDOWN."""
-    fwd = sum(_predicted_ms(s, "triton", "forward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
+    fwd = sum(_predicted_ms(s, "triton", "forward", cost_model.H100_SXM_DATASHEET) * s["count"]
               for s in specs) * NETWORK_BATCH / LAYER_BATCH
-    bwd = sum(_predicted_ms(s, "triton", "backward", cost_model.H100_SXM_DATASHEET, triton_modes) * s["count"]
+    bwd = sum(_predicted_ms(s, "triton", "backward", cost_model.H100_SXM_DATASHEET) * s["count"]
               for s in specs) * NETWORK_BATCH / LAYER_BATCH
     calls = NETWORK_WARMUP + NETWORK_ITERS + 1
     return calls * (2 * fwd + bwd) * ASSUMED_SLOWDOWN / 1e3  # inference, then a training step's forward + backward
@@ -838,11 +837,11 @@ def build_plan(stages, measured: dict, peaks_of) -> dict[str, list[Item]]:
         elif stage == "peaks":
             plan[stage] = peak_items(measured)
         elif stage in ("layers", "layers_triton"):
-            plan[stage] = layer_items(specs, peaks_of, launch.MODES, ("triton",) if stage == "layers_triton"
+            plan[stage] = layer_items(specs, peaks_of, ("triton",) if stage == "layers_triton"
                                       else baselines)
         elif stage in ("network", "network_kw_ops"):
             methods = [m for m in NETWORK_METHODS if (m[1] == "kw_ops") == (stage == "network_kw_ops")]
-            plan[stage] = network_items(network_estimate_s(specs, launch.MODES), methods)
+            plan[stage] = network_items(network_estimate_s(specs), methods)
         elif stage == "premise":
             plan[stage] = premise_items()
         elif stage == "isolation_check":

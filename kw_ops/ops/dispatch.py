@@ -261,15 +261,8 @@ def _gpu_seconds(formulation: str, call: Call) -> tuple[float | None, str]:
                                  two(call.kernel_size, 1), call.groups, call.n, call.m, call.element_size,
                                  channels_last=call.channels_last, cell_rows=call.cell[0], cell_cols=call.cell[1])
     directions = ("forward",) + ((("dx",) if call.input_grad else ()) + ("wgrad",) if call.backward else ())
-    if formulation == "op:triton":   # the mode the launcher runs: the cheapest built one (or KW_OPS_TRITON_MODE's)
-        forced = cost_model.forced_mode()
-        modes = (forced,) if forced else cost_model.KERNEL_MODES
-        seconds = 0.0
-        for direction in directions:
-            found = cost_model.predict_all(shape, modes, direction) or cost_model.predict_all(
-                shape, ("two_phase",), direction)
-            seconds += min(p.seconds for p in found.values())
-        return seconds, ""
+    if formulation == "op:triton":   # the mode the launcher runs
+        return sum(cost_model.triton_prediction(shape, direction).seconds for direction in directions), ""
     mode = {"released": "released", "op:torch:grouped": "torch_op"}.get(formulation)
     if mode is None:
         return None, "not modelled on GPU"

@@ -62,7 +62,8 @@ from dataclasses import asdict, dataclass, replace
 
 __all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "MODELLED_ONLY", "DIRECTIONS",
            "H100_SXM_DATASHEET", "H200_SXM_DATASHEET", "PEAKS_ENV", "KERNEL_CHUNK_BYTES", "default_peaks", "load_peaks",
-           "save_peaks", "predict", "predict_all", "choose_mode", "split_k_len", "wgrad_slice_rows"]
+           "save_peaks", "predict", "predict_all", "choose_mode", "triton_prediction", "forced_mode", "split_k_len",
+           "wgrad_slice_rows", "blocked_plan", "block_budget"]
 
 DIRECTIONS = ("forward", "dx", "wgrad")
 PEAKS_ENV = "KW_OPS_PEAKS"
@@ -729,6 +730,16 @@ def forced_mode() -> str | None:
     if forced and forced not in KERNEL_MODES:
         raise ValueError(f"{MODE_ENV} must be one of {KERNEL_MODES}, got {forced!r}")
     return forced or None
+
+
+def triton_prediction(shape: ConvShape, direction: str = "forward", peaks: Peaks | None = None) -> Prediction:
+    """The pass in the mode the Triton launcher runs (launch.choose_mode, and the dispatcher's op:triton estimate):
+    KW_OPS_TRITON_MODE's, else the cheapest of KERNEL_MODES; where that mode cannot run the shape (blocked on a
+    grouped layer), two_phase."""
+    forced = forced_mode()
+    found = predict_all(shape, (forced,) if forced else KERNEL_MODES, direction, peaks)
+    found = found or predict_all(shape, ("two_phase",), direction, peaks)
+    return min(found.values(), key=lambda p: p.seconds)
 
 
 def choose_mode(shape: ConvShape, modes: Iterable[str], direction: str = "forward", peaks: Peaks | None = None) -> str:

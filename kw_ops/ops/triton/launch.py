@@ -193,7 +193,7 @@ def choose_mode(layer: _Layer, element_size: int, direction: str = "forward") ->
     with the peaks of KW_OPS_PEAKS (measured by benchmarks/gpu_check.py) or the H100 SXM datasheet.
     KW_OPS_TRITON_MODE overrides (and is checked against MODES).
     """
-    return cost_model.forced_mode() or cost_model.choose_mode(layer.cost_shape(element_size), MODES, direction)
+    return cost_model.triton_prediction(layer.cost_shape(element_size), direction).mode
 
 
 def _resolve_mode(mode: str | None, layer: _Layer, element_size: int, direction: str) -> str:
