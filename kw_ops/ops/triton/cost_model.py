@@ -501,13 +501,24 @@ def wgrad_slice_rows(shape: ConvShape, peaks: Peaks | None = None, budget: int |
     through DRAM, but x is re-read by fewer tiles), the one with the least predicted time."""
     if budget is not None:
         return _fit_rows(shape, budget)
+    return _least_time_slice_rows(shape, peaks or default_peaks(), _sizing())
+
+
+@functools.lru_cache(maxsize=4096)
+def _least_time_slice_rows(shape: ConvShape, peaks: Peaks, sizing: tuple) -> int:
     fit = _fit_rows(shape, KERNEL_CHUNK_BYTES)
     tiled = min(shape.rows, -(-fit // CHANNEL_TILE) * CHANNEL_TILE)
-    peaks = peaks or default_peaks()
 
     def seconds(rows):
         return sum(w.seconds(peaks, shape.element_size) for w in _sliced_wgrad(shape, peaks, rows))
     return min((fit, tiled), key=seconds)
+
+
+def _sizing() -> tuple:
+    """The module's sizing constants: part of the key of every memoised choice (wgrad_slice_rows, blocked_plan,
+    triton_prediction: each runs on every Triton call), so a changed constant is a new key, never a stale answer."""
+    return (KERNEL_CHUNK_BYTES, BLOCK_BYTES, BLOCK_MAX_BYTES, BLOCK_ALIGN, WGRAD_ROW_ALIGN, POSITION_TILE, CHANNEL_TILE,
+            MIX_ROW_TILE, MATMUL_TILE, MIX_ONCE_CHANNEL_TILE, SPLIT_K_TARGET_PROGRAMS, SPLIT_K_MIN_LEN, SPLIT_K_ALIGN)
 
 
 def _sliced_wgrad(shape: ConvShape, peaks: Peaks, rows: int) -> list[Work]:
@@ -620,7 +631,11 @@ def blocked_plan(shape: ConvShape, direction: str, peaks: Peaks | None = None,
     of DRAM, larger ones cost fewer launches (two per block) and fewer re-reads of the input."""
     if budget is not None:
         return _fit_block(shape, direction, budget)
-    peaks = peaks or default_peaks()
+    return _least_time_plan(shape, direction, peaks or default_peaks(), _sizing())
+
+
+@functools.lru_cache(maxsize=4096)
+def _least_time_plan(shape: ConvShape, direction: str, peaks: Peaks, sizing: tuple) -> tuple[int, int]:
     units, _ = _block_units(shape, direction)
     plans, grow = [], block_budget(peaks)
     while grow <= max(BLOCK_MAX_BYTES, block_budget(peaks)) and (not plans or plans[-1] != (units, shape.batch)):
@@ -735,8 +750,13 @@ def forced_mode() -> str | None:
 def triton_prediction(shape: ConvShape, direction: str = "forward", peaks: Peaks | None = None) -> Prediction:
     """The pass in the mode the Triton launcher runs (launch.choose_mode, and the dispatcher's op:triton estimate):
     KW_OPS_TRITON_MODE's, else the cheapest of KERNEL_MODES; where that mode cannot run the shape (blocked on a
-    grouped layer), two_phase."""
-    forced = forced_mode()
+    grouped layer), two_phase. Memoised: the launcher asks on every call."""
+    return _triton_prediction(shape, direction, peaks or default_peaks(), forced_mode(), _sizing())
+
+
+@functools.lru_cache(maxsize=4096)
+def _triton_prediction(shape: ConvShape, direction: str, peaks: Peaks, forced: str | None,
+                       sizing: tuple) -> Prediction:
     found = predict_all(shape, (forced,) if forced else KERNEL_MODES, direction, peaks)
     found = found or predict_all(shape, ("two_phase",), direction, peaks)
     return min(found.values(), key=lambda p: p.seconds)
