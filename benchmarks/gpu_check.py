@@ -516,8 +516,7 @@ def _blocked_premise_phases(launch, layer, x4, attn, cells, y4, precision, buffe
     runs them with chunk_bytes = buffer_bytes."""
     rows, chunk, numel = launch._blocks(layer, x4.element_size(), "forward", buffer_bytes)
     buffer = launch._empty((numel,), cells.dtype, cells.device)
-    blocks = [(r0, min(rows, layer.c_out - r0), b0, min(layer.batch, b0 + chunk))
-              for r0 in range(0, layer.c_out, rows) for b0 in range(0, layer.batch, chunk)]
+    blocks = list(launch._block_steps(layer.c_out, rows, layer.batch, chunk))
 
     def mix_block(r0, count, b0, b1):
         return launch._mix(attn[b0:b1], cells, layer, precision, buffer, block=(r0, count, 0, layer.c_in))

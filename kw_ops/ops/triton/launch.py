@@ -213,29 +213,31 @@ def _blocks(layer: _Layer, element_size: int, direction: str, chunk_bytes: int |
     return width, chunk, chunk * width * per_unit
 
 
+def _block_steps(units: int, width: int, batch: int, chunk: int):
+    """(first unit, units, b0, b1) of every block of the blocked mode: units (cell rows or columns) outer, chunks of
+    samples inner, the order the cost model counts (a block's warehouse slice stays in L2 across its chunks)."""
+    for u0 in range(0, units, width):
+        for b0 in range(0, batch, chunk):
+            yield u0, min(width, units - u0), b0, min(batch, b0 + chunk)
+
+
 def _forward_blocked(x4, attn, cells, bias, y4, layer: _Layer, precision: str, chunk_bytes: int | None):
     """The forward by blocks of cell rows (the output channels go*c_out + rows, every go): per block and chunk of
     samples, the block's kernels mixed into one reused buffer and consumed at once by the conv."""
     rows, chunk, numel = _blocks(layer, x4.element_size(), "forward", chunk_bytes)
     buffer = _empty((numel,), cells.dtype, cells.device)
-    for r0 in range(0, layer.c_out, rows):
-        count = min(rows, layer.c_out - r0)
-        for b0 in range(0, layer.batch, chunk):
-            b1 = min(layer.batch, b0 + chunk)
-            weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(r0, count, 0, layer.c_in))
-            _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision, rows=(r0, count))
+    for r0, count, b0, b1 in _block_steps(layer.c_out, rows, layer.batch, chunk):
+        weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(r0, count, 0, layer.c_in))
+        _launch_forward(x4[b0:b1], weights, bias, y4[b0:b1], layer, precision, rows=(r0, count))
 
 
 def _dx_blocked(dy4, attn, cells, dx4, layer: _Layer, precision: str, chunk_bytes: int | None):
     """dx by blocks of cell columns (the input channels gi*c_in + columns, every gi), as `_forward_blocked`."""
     cols, chunk, numel = _blocks(layer, dy4.element_size(), "dx", chunk_bytes)
     buffer = _empty((numel,), cells.dtype, cells.device)
-    for q0 in range(0, layer.c_in, cols):
-        count = min(cols, layer.c_in - q0)
-        for b0 in range(0, layer.batch, chunk):
-            b1 = min(layer.batch, b0 + chunk)
-            weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(0, layer.c_out, q0, count))
-            _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision, cols=(q0, count))
+    for q0, count, b0, b1 in _block_steps(layer.c_in, cols, layer.batch, chunk):
+        weights = _mix(attn[b0:b1], cells, layer, precision, buffer, block=(0, layer.c_out, q0, count))
+        _launch_dx(dy4[b0:b1], weights, dx4[b0:b1], layer, precision, cols=(q0, count))
 
 
 def _chunk(layer: _Layer, element_size: int, chunk_bytes: int | None) -> int:
