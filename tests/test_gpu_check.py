@@ -218,10 +218,9 @@ def test_a_crash_or_a_hang_in_an_isolated_stage_costs_one_named_case(gpu_check, 
     assert summary.startswith("isolation_check: 5/5 items, 2 failed") and "in 3 child process(es)" in summary
 
 
-def test_the_premise_phases_compute_the_layer_through_one_reused_buffer(gpu_check):
-    """Under the interpreter (CPU, float32): mixing then convolving chunk by chunk through one buffer smaller than
-    the batch's kernels (three chunks, the last ragged) gives the op's output; mix-all then conv-all does not
-    (the buffer holds only the last chunk's kernels), which is why `both` interleaves them."""
+def _interpreted_premise(gpu_check, buffer_bytes: int, blocked: bool):
+    """premise_phases on a small layer (8 -> 16 channels 3x3 on 5x5, cells 8 x 8, GO = 2, batch 5) in float32 on
+    CPU under the interpreter: (phases, y they write, the torch path's output)."""
     pytest.importorskip("triton")
     from kw_ops.ops.torch_impl import kw_conv_torch
     from kw_ops.ops.triton import interpreting
@@ -230,10 +229,17 @@ def test_the_premise_phases_compute_the_layer_through_one_reused_buffer(gpu_chec
         pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
     spec = {"channels": 8, "out": 16, "size": (5, 5), "kernel": (3, 3), "stride": (1, 1), "padding": (1, 1),
             "dilation": (1, 1), "groups": 1, "n": 5, "m": 18, "cell": (8, 8, 1, 1), "bias": False, "layer": "t"}
+    phases, y, (x, attn, warehouse, geometry) = gpu_check.premise_phases(spec, 5, buffer_bytes, torch.float32, "cpu",
+                                                                         blocked=blocked)
+    return phases, y, kw_conv_torch(x, attn, warehouse, None, *geometry)
+
+
+def test_the_premise_phases_compute_the_layer_through_one_reused_buffer(gpu_check):
+    """Under the interpreter (CPU, float32): mixing then convolving chunk by chunk through one buffer smaller than
+    the batch's kernels (three chunks, the last ragged) gives the op's output; mix-all then conv-all does not
+    (the buffer holds only the last chunk's kernels), which is why `both` interleaves them."""
     kernel_bytes = 16 * 8 * 9 * 4
-    phases, y, (x, attn, warehouse, geometry) = gpu_check.premise_phases(spec, 5, 2 * kernel_bytes, torch.float32,
-                                                                         "cpu")
-    expected = kw_conv_torch(x, attn, warehouse, None, *geometry)
+    phases, y, expected = _interpreted_premise(gpu_check, 2 * kernel_bytes, blocked=False)
     phases["both"]()
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     y.zero_()
@@ -247,18 +253,8 @@ def test_the_blocked_premise_phases_compute_the_layer_block_by_block(gpu_check):
     """Under the interpreter: the blocked mode's phases through one buffer of two cell rows for all samples (four
     blocks of the 8 cell rows, GO = 2) give the op's output when interleaved; mix-all then conv-all leaves only the
     last block's kernels (cell rows 6 and 7: channels 6, 7, 14, 15) right."""
-    pytest.importorskip("triton")
-    from kw_ops.ops.torch_impl import kw_conv_torch
-    from kw_ops.ops.triton import interpreting
-
-    if not interpreting():
-        pytest.skip("needs TRITON_INTERPRET=1 (conftest sets it where CUDA is absent)")
-    spec = {"channels": 8, "out": 16, "size": (5, 5), "kernel": (3, 3), "stride": (1, 1), "padding": (1, 1),
-            "dilation": (1, 1), "groups": 1, "n": 5, "m": 18, "cell": (8, 8, 1, 1), "bias": False, "layer": "t"}
     row_bytes = 5 * (16 * 8 * 9 // 8) * 4     # one cell row of every sample's kernel, float32
-    phases, y, (x, attn, warehouse, geometry) = gpu_check.premise_phases(spec, 5, 2 * row_bytes, torch.float32,
-                                                                         "cpu", blocked=True)
-    expected = kw_conv_torch(x, attn, warehouse, None, *geometry)
+    phases, y, expected = _interpreted_premise(gpu_check, 2 * row_bytes, blocked=True)
     phases["both"]()
     torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-4)
     y.zero_()
