@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, replace
 __all__ = ["Peaks", "ConvShape", "Work", "Prediction", "MODES", "KERNEL_MODES", "MODELLED_ONLY", "DIRECTIONS",
            "H100_SXM_DATASHEET", "H200_SXM_DATASHEET", "PEAKS_ENV", "KERNEL_CHUNK_BYTES", "default_peaks", "load_peaks",
            "save_peaks", "predict", "predict_all", "choose_mode", "triton_prediction", "forced_mode", "split_k_len",
-           "wgrad_slice_rows", "blocked_plan", "block_budget"]
+           "wgrad_slice_rows", "blocked_plan", "block_budget", "block_units"]
 
 DIRECTIONS = ("forward", "dx", "wgrad")
 PEAKS_ENV = "KW_OPS_PEAKS"
@@ -600,7 +600,7 @@ def block_budget(peaks: Peaks) -> int:
     return int(min(BLOCK_BYTES, peaks.l2_bytes // 3))
 
 
-def _block_units(shape: ConvShape, direction: str) -> tuple[int, int]:
+def block_units(shape: ConvShape, direction: str) -> tuple[int, int]:
     """(units, elements of one sample's kernel per unit) of a blocked pass: the forward blocks cell rows (each
     P / c_out weights of a sample's kernel: GO output channels), dx cell columns (P / c_in: GI input channels)."""
     units = shape.rows if direction == "forward" else shape.cols
@@ -611,7 +611,7 @@ def _fit_block(shape: ConvShape, direction: str, budget: int) -> tuple[int, int]
     """(width, samples per chunk): the widest block of units whose kernels for every sample fit `budget` (a multiple
     of BLOCK_ALIGN when at least that many fit, at most all units); one unit per block and the samples that fit
     where not even one unit fits for every sample (at least 1)."""
-    units, per_unit = _block_units(shape, direction)
+    units, per_unit = block_units(shape, direction)
     unit_bytes = shape.bytes_of(per_unit)
     width = budget // max(1, shape.batch * unit_bytes)
     if width >= 1:
@@ -636,7 +636,7 @@ def blocked_plan(shape: ConvShape, direction: str, peaks: Peaks | None = None,
 
 @functools.lru_cache(maxsize=4096)
 def _least_time_plan(shape: ConvShape, direction: str, peaks: Peaks, sizing: tuple) -> tuple[int, int]:
-    units, _ = _block_units(shape, direction)
+    units, _ = block_units(shape, direction)
     plans, grow = [], block_budget(peaks)
     while grow <= max(BLOCK_MAX_BYTES, block_budget(peaks)) and (not plans or plans[-1] != (units, shape.batch)):
         plan = _fit_block(shape, direction, grow)
@@ -656,7 +656,7 @@ def _blocked_phases(shape: ConvShape, direction: str, peaks: Peaks, plan: tuple[
     from DRAM once when it fits L2 beside one block, else once per slice, and from L2 again by every further
     channel tile of every slice."""
     width, chunk = plan
-    units, per_unit = _block_units(shape, direction)
+    units, per_unit = block_units(shape, direction)
     slices, chunks = math.ceil(units / width), math.ceil(shape.batch / chunk)
     blocks = slices * chunks
     kernels = shape.batch * shape.kernel_bytes

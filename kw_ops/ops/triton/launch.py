@@ -208,9 +208,9 @@ def _resolve_mode(mode: str | None, layer: _Layer, element_size: int, direction:
 def _blocks(layer: _Layer, element_size: int, direction: str, chunk_bytes: int | None):
     """The blocked mode's (width, samples per chunk, buffer elements): cost_model.blocked_plan on this call
     (chunk_bytes caps one block's kernels); width in cell rows (forward) or cell columns (dx)."""
-    width, chunk = cost_model.blocked_plan(layer.cost_shape(element_size), direction, budget=chunk_bytes)
-    per_unit = layer.weight_numel // (layer.c_out if direction == "forward" else layer.c_in)
-    return width, chunk, chunk * width * per_unit
+    shape = layer.cost_shape(element_size)
+    width, chunk = cost_model.blocked_plan(shape, direction, budget=chunk_bytes)
+    return width, chunk, chunk * width * cost_model.block_units(shape, direction)[1]
 
 
 def _block_steps(units: int, width: int, batch: int, chunk: int):
