@@ -45,6 +45,15 @@ def _describe_dispatch(args, model) -> int:
     if args.device not in ("cpu", "cuda"):
         print(f"kw_ops describe: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
         return 2
+    from .ops.backends import requested_backend
+    from .ops.triton.cost_model import forced_mode
+
+    try:   # the environment's choices (KW_OPS_BACKEND, KW_OPS_TRITON_MODE), checked before any layer is decided
+        requested_backend()
+        forced_mode()
+    except ValueError as error:
+        print(f"kw_ops describe: {error}", file=sys.stderr)
+        return 2
     print(f"{args.model}: " + dispatch_table(model, args.batch, args.size, args.train, args.device, args.dtype))
     return 0
 

@@ -32,6 +32,14 @@ def test_describe_unknown_model_is_a_clear_error():
     assert code == 2 and "no_such_model" in out
 
 
+@pytest.mark.parametrize("variable, value", [("KW_OPS_BACKEND", "bogus"), ("KW_OPS_TRITON_MODE", "fused")])
+def test_describe_dispatch_with_a_bad_environment_setting_is_one_line(monkeypatch, capsys, variable, value):
+    monkeypatch.setenv(variable, value)
+    assert main(["describe", "resnet18_kw1x", "--dispatch", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kw_ops describe: ") and variable in err and repr(value) in err and "\n" not in err
+
+
 def test_describe_prints_the_papers_count_beside_the_measured_one():
     code, out = _run("describe", "resnet18_kw1x_layer_sharing")
     assert code == 0, out
